@@ -1,0 +1,1 @@
+"""The ``lorakit`` command line (installed as ``lorakit.cli``)."""

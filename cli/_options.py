@@ -1,0 +1,45 @@
+"""Options shared by every verb, defined once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+F = Callable[..., Any]
+
+output_option = click.option(
+    "-o", "--output", required=True, type=click.Path(), help="Output file or directory (written atomically)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan from the headers; compute nothing.")
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N."
+)
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "float64"]), default="auto",
+    show_default=True, help="Output dtype; auto keeps the input's.",
+)
+to_option = click.option(
+    "--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), default=None,
+    help="Output format (default: the first input's).",
+)
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True, help="Read .bin/.pt pickles (weights_only=True). Only for files you trust."
+)
+
+
+def common_output(f: F) -> F:
+    """``-o``, ``--to``, ``--dtype``, ``--json``, ``--quiet``, ``--dry-run``: what every producing verb takes."""
+    for opt in reversed([output_option, to_option, dtype_option, json_option, quiet_option, dry_run_option]):
+        f = opt(f)
+    return f
+
+
+def torch_dtype(name: str) -> Any:
+    """``--dtype`` value → torch dtype (``None`` for ``auto``)."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)

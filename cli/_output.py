@@ -1,0 +1,68 @@
+"""Printing: reports as rich tables or JSON on stdout; progress bars and notes on stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lorakit.report import Report
+
+T = TypeVar("T")
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.3e}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def emit(report: Report, *, as_json: bool = False, quiet: bool = False, max_rows: int | None = None) -> None:
+    """Print a report: JSON (complete) or a table (rows elided beyond ``max_rows``) with summary and notes."""
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+        return
+    if quiet:
+        return
+    if report.rows:
+        table = Table(title=report.title, title_justify="left", show_edge=False, pad_edge=False)
+        for i, c in enumerate(report.columns):
+            table.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+        rows = report.rows
+        if max_rows is not None and len(rows) > max_rows:
+            half = max_rows // 2
+            rows = [*rows[:half], ["…"] * len(report.columns), *rows[-half:]]
+        for r in rows:
+            table.add_row(*(fmt(v) for v in r))
+        stdout.print(table)
+    else:
+        stdout.print(report.title)
+    for k, v in report.summary.items():
+        stdout.print(f"  {k.replace('_', ' ')}: {fmt(v)}")
+    for n in report.notes:
+        stderr.print(f"note: {n}", style="yellow")
+
+
+def progress(items: Iterable[T], total: int, description: str, *, quiet: bool = False) -> Iterator[T]:
+    """Iterate with a progress bar and ETA on stderr (hidden with ``--quiet`` or when not a terminal)."""
+    if quiet or not stderr.is_terminal:
+        yield from items
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

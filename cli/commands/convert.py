@@ -1,0 +1,30 @@
+"""``lorakit convert IN -o OUT --to FORMAT``: rewrite an adapter in another format, ΔW and scales kept."""
+
+from __future__ import annotations
+
+import click
+
+from lorakit.cli._options import allow_pickle_option, json_option, output_option, quiet_option
+
+
+@click.command(epilog="""\b
+Examples:
+  lorakit convert style.safetensors --to peft -o style-peft/
+  lorakit convert style-peft/ --to kohya -o style.safetensors
+""")
+@click.argument("adapter")
+@output_option
+@click.option("--to", "to_format", type=click.Choice(["peft", "kohya", "diffusers"]), required=True,
+              help="Target format.")
+@json_option
+@quiet_option
+@allow_pickle_option
+def command(adapter: str, output: str, to_format: str, as_json: bool, quiet: bool, allow_pickle: bool) -> None:
+    """Convert an adapter between formats (exact: ΔW and every module's scale are preserved)."""
+    from lorakit.cli._output import emit
+    from lorakit.io.resolve import resolve_input
+    from lorakit.ops.convert import convert
+
+    src = resolve_input(adapter, allow_pickle=allow_pickle)
+    report = convert(src, output, to_format, allow_pickle=allow_pickle)
+    emit(report, as_json=as_json, quiet=quiet)

@@ -1,0 +1,64 @@
+"""The front door: :func:`load` any adapter, :func:`save` it in any format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lorakit.adapter import Adapter
+from lorakit.errors import FormatError
+from lorakit.formats import detect, get_format
+from lorakit.formats.base import Source
+from lorakit.io.atomic import check_output_path
+from lorakit.io.resolve import resolve_input
+from lorakit.provenance import provenance_metadata
+
+
+def load(path: str | Path, *, format: str | None = None, allow_pickle: bool = False, **options: Any) -> Adapter:
+    """Read an adapter lazily (headers now, tensors on access).
+
+    Args:
+        path: a file, a PEFT directory, ``hf://org/repo[@rev][/file]`` or ``org/repo``.
+        format: skip detection and read as this format.
+        allow_pickle: read ``.bin``/``.pt`` pickles (with ``torch.load(weights_only=True)``). Off by default.
+        options: format-specific reading options (kohya: ``keymap``).
+
+    Raises:
+        FormatError: (and subclasses) naming the file and module for anything unreadable.
+    """
+    local = resolve_input(path, allow_pickle=allow_pickle)
+    source = Source.open(local, allow_pickle=allow_pickle)
+    fmt = get_format(format) if format else detect(source)
+    return fmt.read(source, **options)  # type: ignore[call-arg]
+
+
+def default_output_format(adapter: Adapter) -> str:
+    """The format to write when none is asked for: the source's, when it is writable, else PEFT."""
+    from lorakit.formats import FORMATS
+
+    name = adapter.meta.source_format
+    writable = {f.name for f in FORMATS if f.writable}
+    return name if name in writable else "peft"
+
+
+def save(
+    adapter: Adapter,
+    path: str | Path,
+    *,
+    format: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    inputs: tuple[str | Path, ...] = (),
+) -> Path:
+    """Write ``adapter`` atomically, module by module, in ``format`` (default: its source format).
+
+    The file's metadata gets ``lorakit.provenance`` (lorakit version, operation, parameters, input sha256).
+    ``inputs`` are refused as outputs before anything is written.
+    """
+    out = check_output_path(path, inputs)
+    fmt = get_format(format or default_output_format(adapter))
+    if not fmt.writable:
+        raise FormatError(f"lorakit cannot write the {fmt.name} format", file=out)
+    meta = {**(metadata or {}), **provenance_metadata(provenance or adapter.meta.provenance)}
+    return fmt.write(adapter, out, meta)

@@ -1,0 +1,139 @@
+"""One adapted module's low-rank factors.
+
+Convention, everywhere in lorakit::
+
+    ΔW = scale · B @ A        B: (out, r)    A: (r, in)    ΔW: (out, in)
+
+Conv layers are flattened to 2-D for the algebra: ``A`` is stored as ``(r, in·kh·kw)`` and ``kernel`` keeps
+``(kh, kw)`` so writers can restore the 4-D shapes. Embedding LoRA (PEFT ``lora_embedding_A/B``) uses the same
+convention with ``in = num_embeddings``, ``out = embedding_dim``; the base weight it applies to is ΔWᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from lorakit.errors import NonFiniteError, ShapeMismatchError
+
+LayerKind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoraFactors:
+    """The factors of one module: ``ΔW = scale · B @ A``.
+
+    Args:
+        A: down factor, ``(r, in)`` (conv: ``(r, in·kh·kw)``).
+        B: up factor, ``(out, r)``.
+        scale: the effective scale (α/r, α/√r for rsLoRA, 1.0 where no alpha is stored), already resolved.
+        kernel: ``(kh, kw)`` for conv layers, ``None`` otherwise.
+        kind: the kind of base layer (``linear``, ``conv`` or ``embedding``).
+        magnitude: the DoRA magnitude vector ``(out,)``, carried through but not part of ΔW.
+        extras: other per-module tensors a format stores (e.g. PEFT ``lora_B.bias``), carried through.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+    kernel: tuple[int, int] | None = None
+    kind: LayerKind = "linear"
+    magnitude: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.A.ndim != 2 or self.B.ndim != 2:
+            raise ShapeMismatchError(
+                f"factors must be 2-D, got A {tuple(self.A.shape)} and B {tuple(self.B.shape)}"
+            )
+        if self.A.shape[0] != self.B.shape[1]:
+            raise ShapeMismatchError(
+                f"A and B ranks differ: A is {tuple(self.A.shape)} (rank {self.A.shape[0]}), "
+                f"B is {tuple(self.B.shape)} (rank {self.B.shape[1]})",
+                expected=self.B.shape[1],
+                actual=self.A.shape[0],
+            )
+        if not math.isfinite(self.scale):
+            raise NonFiniteError(f"scale is {self.scale}")
+        if self.kind == "conv" and self.kernel is None:
+            object.__setattr__(self, "kernel", (1, 1))
+
+    # ---- shapes -------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the flattened ΔW (``in·kh·kw`` for conv)."""
+        return int(self.A.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the flattened ΔW, ``(out, in)``."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def num_params(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    # ---- values -------------------------------------------------------------------------------------
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense flattened ΔW ``(out, in)`` in ``dtype``. Cost O(out·in·r); use only when needed."""
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def norm(self) -> float:
+        """‖ΔW‖_F in factored form: ``|s|·sqrt(Σ (BᵀB) ⊙ (AAᵀ))``, O((out + in)·r²), no dense ΔW."""
+        A, B = self.A.double(), self.B.double()
+        gram = (B.T @ B) * (A @ A.T)
+        return abs(self.scale) * float(gram.sum().clamp_min(0).sqrt())
+
+    def with_(self, **changes: object) -> LoraFactors:
+        """A copy with some fields replaced (factors are validated again)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def scaled(self, weight: float) -> LoraFactors:
+        """``weight · ΔW``, exact: only the scale changes."""
+        return self.with_(scale=self.scale * float(weight))
+
+    def folded(self, dtype: torch.dtype | None = None) -> LoraFactors:
+        """Scale folded into the factors evenly (``√|s|`` into each, the sign into B); scale becomes 1."""
+        root = math.sqrt(abs(self.scale))
+        sign = -1.0 if self.scale < 0 else 1.0
+        dt = dtype or self.dtype
+        return self.with_(
+            A=(self.A.to(torch.float32) * root).to(dt), B=(self.B.to(torch.float32) * (root * sign)).to(dt), scale=1.0
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraFactors:
+        """Factors moved and/or cast; the DoRA magnitude and extras move along (dtype kept for them)."""
+        return self.with_(
+            A=self.A.to(device=device, dtype=dtype),
+            B=self.B.to(device=device, dtype=dtype),
+            magnitude=None if self.magnitude is None else self.magnitude.to(device=device),
+            extras={k: v.to(device=device) for k, v in self.extras.items()},
+        )
+
+    def check_finite(self, *, file: str | None = None, module: str | None = None) -> None:
+        """Raise :class:`NonFiniteError` naming the factor if A or B holds NaN or Inf."""
+        for name, t in (("A", self.A), ("B", self.B)):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise NonFiniteError(f"factor {name} contains {bad}", file=file, module=module)
+
+    def conv_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The 4-D shapes ``(A, B)`` a conv layer stores: ``(r, in, kh, kw)`` and ``(out, r, 1, 1)``."""
+        assert self.kernel is not None
+        kh, kw = self.kernel
+        return (self.rank, self.in_features // (kh * kw), kh, kw), (self.out_features, self.rank, 1, 1)

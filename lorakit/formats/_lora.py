@@ -1,0 +1,111 @@
+"""Building lazy adapters from grouped tensor keys: the part every LoRA-style reader shares.
+
+A reader groups its keys by module into roles (``A``, ``B``, ``alpha``, ``magnitude``, ``mid``, ``bias``),
+decides each module's scale and name, and hands the groups here. Shapes, ranks and kinds come from the header;
+tensors are read when a module is indexed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
+from lorakit.errors import FormatError, ShapeMismatchError
+from lorakit.factors import LayerKind, LoraFactors
+from lorakit.formats.base import Source
+
+Roles = Mapping[str, str]  # role -> tensor key
+
+
+def module_info(source: Source, name: str, roles: Roles, scale: float, kind: LayerKind | None = None) -> ModuleInfo:
+    """Header-only facts of one module; raises :class:`ShapeMismatchError` for factors that cannot pair."""
+    store = source.store
+    if "A" not in roles or "B" not in roles:
+        missing = "A (down)" if "A" not in roles else "B (up)"
+        raise FormatError(f"factor {missing} is missing", file=source.path, module=name)
+    a, b = store.shape(roles["A"]), store.shape(roles["B"])
+    if len(a) not in (2, 4) or len(b) not in (2, 4):
+        raise ShapeMismatchError(f"factors must be 2-D or 4-D, got A {a} and B {b}", file=source.path, module=name)
+    kernel: tuple[int, int] | None = None
+    in_features = math.prod(a[1:])
+    if "mid" in roles:
+        mid = store.shape(roles["mid"])
+        kernel = (mid[2], mid[3])
+        in_features = a[1] * mid[2] * mid[3]
+    elif len(a) == 4:
+        kernel = (a[2], a[3])
+    if a[0] != b[1]:
+        raise ShapeMismatchError(
+            f"A and B ranks differ: A {a} has rank {a[0]}, B {b} has rank {b[1]}", file=source.path, module=name
+        )
+    if kind is None:
+        kind = "conv" if kernel is not None else "linear"
+    return ModuleInfo(
+        name, b[0], in_features, a[0], scale, store.dtype(roles["A"]), kind, kernel, "magnitude" in roles
+    )
+
+
+def load_factors(source: Source, info: ModuleInfo, roles: Roles) -> LoraFactors:
+    """Read one module's tensors and return its factors (conv flattened, Tucker ``mid`` folded into A)."""
+    store = source.store
+    A, B = store.get(roles["A"]), store.get(roles["B"])
+    r = A.shape[0]
+    if "mid" in roles:
+        # ΔW[o,i,h,w] = Σ_{m,n} B[o,m] mid[m,n,h,w] A[n,i]: fold mid into A, exactly, at rank r.
+        mid = store.get(roles["mid"])
+        A = torch.einsum("mnhw,ni->mihw", mid.to(torch.float32), A.reshape(r, -1).to(torch.float32)).to(A.dtype)
+    A = A.reshape(r, -1)
+    B = B.reshape(B.shape[0], -1)
+    magnitude = store.get(roles["magnitude"]) if "magnitude" in roles else None
+    extras = {"bias": store.get(roles["bias"])} if "bias" in roles else {}
+    f = LoraFactors(A, B, info.scale, info.kernel, info.kind, magnitude, extras)
+    f.check_finite(file=str(source.path), module=info.name)
+    return f
+
+
+def build_adapter(
+    source: Source,
+    groups: Mapping[str, Roles],
+    *,
+    scale_of: Callable[[str, Roles, int], float],
+    name_of: Callable[[str], str] = lambda k: k,
+    kind_of: Callable[[str, Roles], LayerKind | None] = lambda _k, _r: None,
+    meta: AdapterMeta,
+) -> Adapter:
+    """A lazy adapter over ``groups`` (stem → roles).
+
+    Args:
+        scale_of: ``(stem, roles, rank) → effective scale``.
+        name_of: stem → module name in the adapter.
+        kind_of: stem → layer kind, or ``None`` to infer it from the shapes.
+    """
+    infos: dict[str, ModuleInfo] = {}
+    loaders: dict[str, Callable[[], LoraFactors]] = {}
+    for stem, roles in groups.items():
+        name = name_of(stem)
+        if name in infos:
+            raise FormatError(f"two tensor groups map to the same module (second: {stem!r})", file=source.path,
+                              module=name)
+        if "A" not in roles or "B" not in roles:
+            raise FormatError(
+                f"factor {'A (down)' if 'A' not in roles else 'B (up)'} is missing", file=source.path, module=name
+            )
+        rank = source.store.shape(roles["A"])[0]
+        info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
+        infos[name] = info
+        loaders[name] = lambda info=info, roles=roles: load_factors(source, info, roles)
+    return Adapter(loaders, meta, infos)
+
+
+def read_alpha(source: Source, key: str) -> float | None:
+    """A scalar alpha tensor's value; ``None`` when it is 0 (kohya's 'alpha = rank' convention)."""
+    t = source.store.get(key)
+    if t.numel() != 1:
+        raise FormatError(f"alpha {key!r} is not a scalar (shape {tuple(t.shape)})", file=source.path)
+    v = float(t.float().item())
+    if not math.isfinite(v):
+        raise FormatError(f"alpha {key!r} is {v}", file=source.path)
+    return v if v != 0 else None

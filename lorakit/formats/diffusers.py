@@ -1,0 +1,144 @@
+"""diffusers LoRA files: one ``*.safetensors`` whose keys start with a component (``unet.``, ``transformer.``,
+``text_encoder.``, ``text_encoder_2.``, ``prior.``...).
+
+Read: the PEFT-style keys (``.lora_A.weight``/``.lora_B.weight``) and the older variants (``.lora.down.weight``,
+``_lora.down.weight`` with ``.processor.``, ``.lora_linear_layer.down.weight``). Scale: from
+``__metadata__["lora_adapter_metadata"]`` (per-component LoraConfig) when present, else from kohya-converted
+``.alpha`` keys, else 1.0.
+
+Write: PEFT-style keys, the factors unchanged, and ``lora_adapter_metadata`` carrying ``r``/``lora_alpha`` and
+their patterns per component, so every module keeps its exact scale. Only module names that start with a
+component are unambiguous here; others are refused with a pointer to the PEFT format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.errors import FormatError, KeyMappingError
+from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats.base import Source, group_by_module
+from lorakit.formats.peft import peft_scale
+from lorakit.io.writer import SafetensorsWriter
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
+SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora.down.weight": "A",
+    ".lora.up.weight": "B",
+    "_lora.down.weight": "A",
+    "_lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A",
+    ".lora_linear_layer.up.weight": "B",
+    ".lora_magnitude_vector": "magnitude",
+    ".alpha": "alpha",
+}
+META_KEY = "lora_adapter_metadata"
+
+
+def component_of(name: str) -> str | None:
+    head = name.split(".", 1)[0]
+    return head if head in COMPONENTS else None
+
+
+def module_name(stem: str) -> str:
+    """Normalise old-style stems: ``….processor.to_q`` → ``….to_q``, ``to_out`` → ``to_out.0``."""
+    name = stem.replace(".processor.", ".")
+    if ".processor." in stem and name.endswith(".to_out"):
+        name += ".0"
+    return name
+
+
+class DiffusersFormat:
+    name = "diffusers"
+    description = "diffusers single file (component-prefixed keys, e.g. unet.…lora_A.weight)"
+    writable = True
+
+    def sniff(self, source: Source) -> bool:
+        keys = source.keys
+        if not keys or any(k.endswith(".lora_down.weight") for k in keys):
+            return False
+        lora = [k for k in keys if any(k.endswith(s) for s, role in SUFFIXES.items() if role in "AB")]
+        return bool(lora) and all(component_of(k) for k in lora)
+
+    def read(self, source: Source) -> Adapter:
+        groups = group_by_module(source.keys, SUFFIXES)
+        groups = {s: r for s, r in groups.items() if "A" in r or "B" in r}
+        notes: list[str] = []
+        configs: dict[str, dict[str, Any]] = {}
+        if META_KEY in source.metadata:
+            try:
+                flat = json.loads(source.metadata[META_KEY])
+            except ValueError as e:
+                raise FormatError(f"metadata {META_KEY} is not valid JSON", file=source.path) from e
+            for k, v in flat.items():
+                comp, _, field = k.partition(".")
+                configs.setdefault(comp, {})[field] = v
+        no_alpha: list[str] = []
+
+        def scale_of(stem: str, roles: Roles, rank: int) -> float:
+            name = module_name(stem)
+            comp = component_of(name)
+            if comp in configs:
+                return peft_scale(configs[comp], name[len(comp) + 1:], rank)[0]
+            if "alpha" in roles:
+                alpha = read_alpha(source, roles["alpha"])
+                if alpha is not None:
+                    return alpha / rank
+            no_alpha.append(name)
+            return 1.0
+
+        meta = AdapterMeta(
+            source_format=self.name, source_path=str(source.path), format_config=configs, metadata=source.metadata
+        )
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=module_name, meta=meta)
+        if no_alpha:
+            notes.append(f"{len(no_alpha)} module(s) store no alpha: scale 1.0 applies (diffusers convention)")
+        return adapter.with_meta(notes=tuple(notes))
+
+    def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
+        by_comp: dict[str, list[str]] = {}
+        for name in adapter:
+            comp = component_of(name)
+            if comp is None:
+                raise KeyMappingError(
+                    f"module {name!r} has no diffusers component prefix (unet., transformer., text_encoder....)",
+                    module=name, hint="write --to peft for language-model adapters",
+                )
+            by_comp.setdefault(comp, []).append(name)
+        flat: dict[str, Any] = {}
+        for comp, names in by_comp.items():
+            ranks = {n: adapter.info(n).rank for n in names}
+            alphas = {n: adapter.info(n).scale * adapter.info(n).rank for n in names}
+            r = Counter(ranks.values()).most_common(1)[0][0]
+            alpha = Counter(alphas.values()).most_common(1)[0][0]
+            strip = len(comp) + 1
+            cfg = {
+                "r": r,
+                "lora_alpha": alpha,
+                "rank_pattern": {n[strip:]: k for n, k in ranks.items() if k != r},
+                "alpha_pattern": {n[strip:]: a for n, a in alphas.items() if not math.isclose(a, alpha)},
+                "target_modules": sorted(n[strip:] for n in names),
+                "use_dora": any(adapter.info(n).has_magnitude for n in names),
+            }
+            flat.update({f"{comp}.{k}": v for k, v in cfg.items()})
+        meta = {"format": "pt", **metadata, META_KEY: json.dumps(flat, sort_keys=True)}
+        with SafetensorsWriter(path, meta) as w:
+            for name in adapter:
+                f = adapter[name]
+                A, B = f.A, f.B
+                if f.kind == "conv":
+                    a_shape, b_shape = f.conv_shapes()
+                    A, B = A.reshape(a_shape), B.reshape(b_shape)
+                w.add(f"{name}.lora_A.weight", A)
+                w.add(f"{name}.lora_B.weight", B)
+                if f.magnitude is not None:
+                    w.add(f"{name}.lora_magnitude_vector", f.magnitude)
+        return path

@@ -1,0 +1,151 @@
+"""kohya / sd-scripts LoRA (and LyCORIS LoCon): ``<stem>.lora_down.weight``, ``<stem>.lora_up.weight``,
+``<stem>.alpha`` (0-d), optional ``<stem>.lora_mid.weight`` (Tucker conv) and ``<stem>.dora_scale``.
+
+Scale: ``alpha / r`` with ``r = lora_down.shape[0]``; a missing alpha, or alpha 0, means ``alpha = r`` (scale 1).
+
+Names: ``stem = prefix + "_" + module_path.replace(".", "_")`` loses information, so module names are
+recovered, in order of preference, from
+
+1. ``lorakit.module_names`` in the file's metadata (written by lorakit: converts back exactly);
+2. a key map (see :mod:`lorakit.formats.keymaps`) for a known architecture or a base model config;
+3. otherwise the stem itself is the module name (the adapter still merges with other kohya files).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.errors import FormatError, KeyMappingError
+from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats.base import Source, group_by_module
+from lorakit.io.writer import SafetensorsWriter
+
+SUFFIXES = {
+    ".lora_down.weight": "A",
+    ".lora_up.weight": "B",
+    ".lora_mid.weight": "mid",
+    ".alpha": "alpha",
+    ".dora_scale": "magnitude",
+}
+NAMES_KEY = "lorakit.module_names"
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
+# Component prefixes of diffusers-style module names and their kohya counterparts.
+COMPONENT_TO_KOHYA = {
+    "unet.": "lora_unet_",
+    "transformer.": "lora_unet_",
+    "text_encoder.": "lora_te1_",
+    "text_encoder_2.": "lora_te2_",
+    "text_encoder_3.": "lora_te3_",
+}
+
+
+def kohya_stem(module: str) -> str:
+    """The kohya stem of a module name: component prefix mapped, every ``.`` replaced by ``_``."""
+    for comp, prefix in COMPONENT_TO_KOHYA.items():
+        if module.startswith(comp):
+            return prefix + module[len(comp):].replace(".", "_")
+    if module.startswith(KOHYA_PREFIXES):
+        return module
+    return "lora_" + module.replace(".", "_")
+
+
+class KohyaFormat:
+    name = "kohya"
+    description = "kohya / sd-scripts single file (lora_down / lora_up / alpha), also LyCORIS LoCon"
+    writable = True
+
+    def sniff(self, source: Source) -> bool:
+        return any(k.endswith(".lora_down.weight") for k in source.keys)
+
+    def read(self, source: Source, keymap: Mapping[str, str] | None = None) -> Adapter:
+        groups = group_by_module(source.keys, SUFFIXES)
+        notes: list[str] = []
+        names: dict[str, str] = {}
+        if NAMES_KEY in source.metadata:
+            try:
+                names = json.loads(source.metadata[NAMES_KEY])
+            except ValueError as e:
+                raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
+        elif keymap is not None:
+            names = dict(keymap)
+            unmapped = sorted(s for s in groups if s not in names)
+            if unmapped:
+                raise KeyMappingError(
+                    f"{len(unmapped)} kohya module(s) not in the key map, e.g. {unmapped[0]!r}",
+                    file=source.path, key=unmapped[0],
+                    hint="check --base / --arch: the file may be for another architecture",
+                )
+        else:
+            notes.append("module names are kohya stems (no key map given); pass --arch or --base to map them")
+        missing_alpha = []
+
+        def scale_of(stem: str, roles: Roles, rank: int) -> float:
+            alpha = read_alpha(source, roles["alpha"]) if "alpha" in roles else None
+            if alpha is None:
+                missing_alpha.append(stem)
+                return 1.0
+            return alpha / rank
+
+        used = {k for roles in groups.values() for k in roles.values()}
+        passthrough = {k: (lambda k=k: source.store.get(k)) for k in source.keys if k not in used}
+        meta = AdapterMeta(
+            base_model=source.metadata.get("ss_sd_model_name") or source.metadata.get("modelspec.architecture"),
+            source_format=self.name,
+            source_path=str(source.path),
+            format_config={k: v for k, v in source.metadata.items() if k != NAMES_KEY},
+            metadata=source.metadata,
+            passthrough=passthrough,
+        )
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: names.get(s, s), meta=meta)
+        if not len(adapter):
+            raise FormatError("no LoRA modules (lora_down/lora_up pairs) found", file=source.path)
+        if missing_alpha:
+            notes.append(
+                f"{len(missing_alpha)} module(s) store no alpha: kohya's convention applies (alpha = rank, scale 1.0)"
+            )
+        return adapter.with_meta(notes=tuple(notes))
+
+    def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
+        stems: dict[str, str] = {}
+        for name in adapter:
+            stem = kohya_stem(name)
+            if stem in stems.values():
+                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=name, key=stem)
+            stems[name] = stem
+        carried = dict(adapter.meta.format_config) if adapter.meta.source_format == "kohya" else {}
+        ranks = {adapter.info(n).rank for n in adapter}
+        alphas = {adapter.info(n).scale * adapter.info(n).rank for n in adapter}
+        meta = {
+            **carried,
+            "ss_network_module": carried.get("ss_network_module", "networks.lora"),
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": (lambda a: str(int(a)) if float(a).is_integer() else str(a))(alphas.pop())
+            if len(alphas) == 1 else "Dynamic",
+            **metadata,
+            NAMES_KEY: json.dumps({stems[n]: n for n in adapter}),
+        }
+        import torch
+
+        with SafetensorsWriter(path, meta) as w:
+            for name in adapter:
+                f = adapter[name]
+                stem = stems[name]
+                A, B = f.A, f.B
+                if f.kind == "conv":
+                    a_shape, b_shape = f.conv_shapes()
+                    A, B = A.reshape(a_shape), B.reshape(b_shape)
+                w.add(f"{stem}.lora_down.weight", A)
+                w.add(f"{stem}.lora_up.weight", B)
+                # alpha = s·r keeps the effective scale: every reader computes alpha / rows(lora_down).
+                w.add(f"{stem}.alpha", torch.tensor(f.scale * f.rank, dtype=torch.float32))
+                if f.magnitude is not None:
+                    mag = f.magnitude
+                    w.add(f"{stem}.dora_scale", mag.reshape(-1, 1) if mag.ndim == 1 else mag)
+            if adapter.meta.source_format == "kohya":
+                for k, load in adapter.meta.passthrough.items():
+                    w.add(k, load())
+        return path
+

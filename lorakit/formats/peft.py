@@ -1,0 +1,228 @@
+"""PEFT LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` in a directory.
+
+Keys: ``base_model.model.<module>.lora_A.weight`` ``(r, in[, kh, kw])``, ``….lora_B.weight``
+``(out, r[, 1, 1])``, ``….lora_magnitude_vector`` (DoRA, ``(out,)``), ``….lora_embedding_A/B`` (embeddings,
+``A (r, num_embeddings)``, ``B (dim, r)``), ``….lora_B.bias`` (``lora_bias``). Anything else (``modules_to_save``,
+trainable tokens) is carried through untouched.
+
+Scale per module (PEFT ``LoraModel`` semantics): the first ``rank_pattern``/``alpha_pattern`` key ``p`` with
+``re.match(rf"(.*\\.)?({p})$", module)`` overrides ``r``/``lora_alpha``; ``s = α/r`` or ``α/√r`` with
+``use_rslora``. The rank is taken from the tensor; where the config disagrees, a note says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.errors import FormatError
+from lorakit.formats._lora import Roles, build_adapter
+from lorakit.formats.base import Source, group_by_module
+from lorakit.io.atomic import atomic_output
+from lorakit.io.writer import SafetensorsWriter
+
+PREFIX = "base_model.model."
+# A single-file PEFT adapter written by lorakit carries its adapter_config.json here.
+CONFIG_META_KEY = "lorakit.peft_config"
+SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+# Config keys that mark a LoRA variant whose ΔW is not scale·B@A.
+VARIANT_KEYS = ("alora_invocation_tokens", "use_bdlora", "kasa_config", "velora_config", "monteclora_config")
+DEFAULT_CONFIG: dict[str, Any] = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "revision": None,
+    "inference_mode": True,
+    "r": 8,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "init_lora_weights": True,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "target_modules": [],
+}
+
+
+def _strip_adapter_name(key: str) -> str:
+    """``….lora_A.default.weight`` → ``….lora_A.weight``; ``….lora_embedding_A.default`` → ``….lora_embedding_A``."""
+    key = re.sub(r"\.(lora_[AB])\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
+    return re.sub(r"\.(lora_embedding_[AB]|lora_magnitude_vector)\.(?!weight$)[^.]+$", r".\1", key)
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
+    """PEFT's pattern lookup: the first key ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)``."""
+    for p, v in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return v
+    return None
+
+
+def peft_scale(config: Mapping[str, Any], module: str, rank: int) -> tuple[float, str | None]:
+    """Effective scale of ``module`` under a PEFT config, and a note when the config's rank is not the tensor's."""
+    r_cfg = pattern_value(config.get("rank_pattern") or {}, module) or config.get("r", 8)
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module)
+    if alpha is None:
+        alpha = config.get("lora_alpha", 8)
+    note = None
+    if int(r_cfg) != rank:
+        note = f"config says rank {r_cfg} for {module} but the tensors have rank {rank}; the tensors win"
+    denom = math.sqrt(rank) if config.get("use_rslora") else rank
+    return float(alpha) / denom, note
+
+
+class PeftFormat:
+    name = "peft"
+    description = "PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
+    writable = True
+
+    def sniff(self, source: Source) -> bool:
+        if source.config is None and CONFIG_META_KEY in source.metadata:
+            return True
+        if source.config is not None:
+            return str(source.config.get("peft_type", "")).upper() == "LORA"
+        return any(k.startswith(PREFIX) and (".lora_A." in k or ".lora_embedding_A" in k) for k in source.keys)
+
+    def read(self, source: Source) -> Adapter:
+        config = dict(source.config or {})
+        notes: list[str] = []
+        if source.config is None and CONFIG_META_KEY in source.metadata:
+            try:
+                config = json.loads(source.metadata[CONFIG_META_KEY])
+                source.config = config
+            except ValueError as e:
+                raise FormatError(f"metadata {CONFIG_META_KEY} is not valid JSON", file=source.path) from e
+        if source.config is None:
+            notes.append("no adapter_config.json: no alpha stored, so scale 1.0 applies (alpha = rank)")
+            config = {"r": None, "lora_alpha": None}
+        for key in VARIANT_KEYS:
+            if config.get(key):
+                raise FormatError(f"PEFT LoRA variant ({key}) is not plain LoRA and is not supported",
+                                  file=source.config_path)
+        keys = source.keys
+        # Unstripped in-memory keys (`.lora_A.default.weight`) occur in the wild: strip the adapter name.
+        renamed = {_strip_adapter_name(k): k for k in keys}
+        groups_renamed = group_by_module(list(renamed), SUFFIXES)
+        groups = {stem: {role: renamed[k] for role, k in roles.items()} for stem, roles in groups_renamed.items()}
+        used = {k for roles in groups.values() for k in roles.values()}
+        passthrough = {k: (lambda k=k: source.store.get(k)) for k in keys if k not in used}
+
+        def name_of(stem: str) -> str:
+            return stem[len(PREFIX):] if stem.startswith(PREFIX) else stem
+
+        def scale_of(stem: str, roles: Roles, rank: int) -> float:
+            if source.config is None:
+                return 1.0
+            s, note = peft_scale(config, name_of(stem), rank)
+            if note:
+                notes.append(note)
+            return s
+
+        def kind_of(stem: str, roles: Roles) -> Any:
+            return "embedding" if roles["A"].endswith("lora_embedding_A") else None
+
+        meta = AdapterMeta(
+            base_model=config.get("base_model_name_or_path"),
+            source_format=self.name,
+            source_path=str(source.path),
+            format_config=config,
+            metadata=source.metadata,
+            passthrough=passthrough,
+        )
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=name_of, kind_of=kind_of, meta=meta)
+        if not len(adapter):
+            raise FormatError("no LoRA modules (lora_A/lora_B pairs) found", file=source.path)
+        return adapter.with_meta(notes=tuple(dict.fromkeys(notes)))
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def config_for(self, adapter: Adapter) -> dict[str, Any]:
+        """A PEFT config whose rank/alpha (patterns) reproduce every module's effective scale exactly."""
+        src = dict(adapter.meta.format_config) if adapter.meta.source_format == "peft" else {}
+        config = {**DEFAULT_CONFIG, **{k: v for k, v in src.items() if v is not None}}
+        use_rslora = bool(config.get("use_rslora"))
+        infos = adapter.infos()
+        ranks = {n: i.rank for n, i in infos.items()}
+        alphas = {n: i.scale * (math.sqrt(i.rank) if use_rslora else i.rank) for n, i in infos.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+        alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+        config.update(
+            r=r,
+            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+            rank_pattern={n: k for n, k in ranks.items() if k != r},
+            alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
+            target_modules=sorted({n for n, i in infos.items()}),
+            use_dora=any(i.has_magnitude for i in infos.values()),
+            base_model_name_or_path=adapter.meta.base_model or config.get("base_model_name_or_path"),
+            layers_to_transform=None,
+            layers_pattern=None,
+            peft_type="LORA",
+        )
+        if any(i.kind == "embedding" for i in infos.values()):
+            config["target_modules"] = sorted(infos)
+        if adapter.meta.source_format != "peft":
+            config["modules_to_save"] = None
+        return config
+
+    def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
+        """A directory (``adapter_config.json`` + ``adapter_model.safetensors``), or, for a ``.safetensors``
+        path, one file with PEFT keys and the config in its metadata (``lorakit.peft_config``)."""
+        config = self.config_for(adapter)
+        if path.suffix == ".safetensors":
+            self._write_weights(adapter, path, config, metadata, config_in_metadata=True)
+            return path
+        with atomic_output(path, directory=True) as tmp:
+            self._write_weights(adapter, tmp / "adapter_model.safetensors", config, metadata)
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def _write_weights(
+        self, adapter: Adapter, path: Path, config: dict[str, Any], metadata: Mapping[str, str],
+        config_in_metadata: bool = False,
+    ) -> None:
+        with SafetensorsWriter(path, {"format": "pt", **metadata}) as w:
+            for name in adapter:
+                f = adapter[name]
+                key = PREFIX + name
+                A, B = f.A, f.B
+                if f.kind == "conv":
+                    a_shape, b_shape = f.conv_shapes()
+                    A, B = A.reshape(a_shape), B.reshape(b_shape)
+                if f.kind == "embedding":
+                    w.add(f"{key}.lora_embedding_A", A)
+                    w.add(f"{key}.lora_embedding_B", B)
+                else:
+                    w.add(f"{key}.lora_A.weight", A)
+                    w.add(f"{key}.lora_B.weight", B)
+                if f.magnitude is not None:
+                    mag = f.magnitude
+                    if f.kind != "conv" and mag.numel() == f.out_features:
+                        mag = mag.reshape(-1)
+                    w.add(f"{key}.lora_magnitude_vector", mag)
+                if "bias" in f.extras:
+                    w.add(f"{key}.lora_B.bias", f.extras["bias"])
+                    config["lora_bias"] = True
+            if adapter.meta.source_format == "peft":
+                for k, load in adapter.meta.passthrough.items():
+                    w.add(k, load())
+            if config_in_metadata:
+                w.metadata[CONFIG_META_KEY] = json.dumps(config, sort_keys=True)

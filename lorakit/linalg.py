@@ -1,0 +1,187 @@
+"""The numerical core: exact SVD of low-rank sums without dense matrices, and the randomized SVD.
+
+Everything here is device-agnostic (CPU or CUDA, same code), computes in float32 or wider whatever the stored
+dtype, and accepts leading batch dimensions (modules of equal shape stacked) wherever torch.linalg does.
+
+Factored SVD (QR-core). For ΔW = Σ_i s_i·B_i @ A_i with total rank R = Σ r_i::
+
+    B_cat = [s_1·B_1, …, s_n·B_n]   (out, R)        A_cat = [A_1; …; A_n]   (R, in)
+    B_cat = Q_B R_B,  A_catᵀ = Q_A R_A                 (reduced QR)
+    R_B R_Aᵀ = U_c Σ V_cᵀ                              (small core: ≤ R×R)
+    ΔW = (Q_B U_c) Σ (Q_A V_c)ᵀ                        (exact thin SVD)
+
+Cost O((out + in)·R² + R³) instead of O(out·in·min(out, in)) for a dense SVD; memory O((out + in)·R).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.errors import NumericalError, RankError
+from lorakit.factors import LoraFactors
+
+
+def compute_dtype(*tensors: torch.Tensor, at_least: torch.dtype = torch.float32) -> torch.dtype:
+    """float32, or float64 if any input is float64 (fp16/bf16 SVDs fail or lose accuracy)."""
+    dt = at_least
+    for t in tensors:
+        if t.dtype == torch.float64:
+            dt = torch.float64
+    return dt
+
+
+@dataclass(frozen=True)
+class SVD:
+    """A thin SVD ``M = U @ diag(S) @ Vh``; ``U (…, out, k)``, ``S (…, k)`` descending, ``Vh (…, k, in)``."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[-1])
+
+    def truncate(self, k: int) -> SVD:
+        """The best rank-``k`` approximation (Eckart–Young); ``k`` ≥ rank returns ``self``."""
+        if k >= self.rank:
+            return self
+        return SVD(self.U[..., :k], self.S[..., :k], self.Vh[..., :k, :])
+
+    def energy(self) -> torch.Tensor:
+        """Σσ², i.e. ‖M‖_F²."""
+        return (self.S.double() ** 2).sum(-1)
+
+    def tail_error(self, k: int) -> float:
+        """Relative Frobenius error of the rank-``k`` truncation: sqrt(Σ_{i>k} σ_i² / Σ σ_i²)."""
+        s2 = self.S.double() ** 2
+        total = float(s2.sum())
+        return math.sqrt(float(s2[k:].sum()) / total) if total > 0 else 0.0
+
+    def to_factors(self, dtype: torch.dtype | None = None, **extras: object) -> LoraFactors:
+        """LoRA factors with singular values folded evenly: ``B = U·√S``, ``A = √S·Vh``, scale 1."""
+        root = self.S.clamp_min(0).sqrt()
+        B = self.U * root.unsqueeze(-2)
+        A = root.unsqueeze(-1) * self.Vh
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        return LoraFactors(A, B, 1.0, **extras)  # type: ignore[arg-type]
+
+    def dense(self) -> torch.Tensor:
+        return (self.U * self.S.unsqueeze(-2)) @ self.Vh
+
+
+def _qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.linalg.qr(x, mode="reduced")
+
+
+def factored_svd(
+    Bs: Sequence[torch.Tensor] | torch.Tensor,
+    As: Sequence[torch.Tensor] | torch.Tensor,
+    scales: Sequence[float] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> SVD:
+    """Exact thin SVD of ``Σ_i scales[i]·Bs[i] @ As[i]`` by the QR-core construction (see module docstring).
+
+    Args:
+        Bs: up factors ``(…, out, r_i)`` (or one tensor).
+        As: down factors ``(…, r_i, in)`` (or one tensor).
+        scales: one scale per term (default 1).
+        dtype: compute dtype (default float32, float64 if an input is float64).
+
+    Returns:
+        An :class:`SVD` of rank ``min(out, in, R)``; zero singular values are kept (truncate to drop them).
+    """
+    if isinstance(Bs, torch.Tensor):
+        Bs, As = [Bs], [As]  # type: ignore[list-item]
+    scales = list(scales) if scales is not None else [1.0] * len(Bs)
+    dt = dtype or compute_dtype(*Bs, *As)  # type: ignore[arg-type]
+    B = torch.cat([b.to(dt) * s for b, s in zip(Bs, scales)], dim=-1)
+    A = torch.cat([a.to(dt) for a in As], dim=-2)
+    if not bool(torch.isfinite(B).all()) or not bool(torch.isfinite(A).all()):
+        raise NumericalError("non-finite values in the factors")
+    Qb, Rb = _qr(B)
+    Qa, Ra = _qr(A.transpose(-1, -2))
+    core = Rb @ Ra.transpose(-1, -2)
+    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
+    return SVD(Qb @ Uc, S, Vhc @ Qa.transpose(-1, -2))
+
+
+def svd_of(f: LoraFactors, *, dtype: torch.dtype | None = None) -> SVD:
+    """Exact thin SVD of one module's ``scale·B @ A`` (flattened)."""
+    return factored_svd([f.B], [f.A], [f.scale], dtype=dtype)
+
+
+def canonical(f: LoraFactors, *, dtype: torch.dtype | None = None, drop_zeros: bool = False) -> LoraFactors:
+    """The canonical SVD form of a module: orthogonal columns of B and rows of A, ``B = U√S``, ``A = √S Vᵀ``,
+    scale 1, same ΔW. With ``drop_zeros``, directions with σ ≤ eps·σ_max are removed (exact up to rounding).
+
+    Units (rank-1 pairs) of this form do not depend on the arbitrary basis of the training run.
+    """
+    svd = svd_of(f, dtype=dtype)
+    if drop_zeros and svd.rank:
+        tol = float(svd.S[0]) * torch.finfo(svd.S.dtype).eps * max(f.shape)
+        svd = svd.truncate(max(1, int((svd.S > tol).sum())))
+    out = svd.to_factors(dtype=f.dtype if dtype is None else dtype)
+    return out.with_(kernel=f.kernel, kind=f.kind, magnitude=f.magnitude, extras=f.extras)
+
+
+def check_rank(rank: int, shape: tuple[int, int], *, module: str | None = None) -> None:
+    """Raise :class:`RankError` unless ``1 ≤ rank ≤ min(out, in)``."""
+    if rank < 1 or rank > min(shape):
+        raise RankError(f"rank {rank} is outside [1, {min(shape)}] for a {shape[0]}x{shape[1]} layer", module=module)
+
+
+# ---- randomized SVD ---------------------------------------------------------------------------------------
+MatMul = Callable[[torch.Tensor], torch.Tensor]
+
+
+def randomized_svd(
+    M: torch.Tensor | None = None,
+    rank: int = 16,
+    *,
+    matmul: MatMul | None = None,
+    rmatmul: MatMul | None = None,
+    shape: tuple[int, int] | None = None,
+    oversample: int = 10,
+    n_iter: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> SVD:
+    """Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) of a dense ``M`` or an implicit operator.
+
+    Range finder on ``rank + oversample`` Gaussian probes with ``n_iter`` power iterations (re-orthonormalised
+    each step), then an exact SVD of the small projection.
+
+    Args:
+        M: the dense matrix ``(out, in)``; or give ``matmul(X) = M @ X``, ``rmatmul(Y) = Mᵀ @ Y`` and ``shape``.
+        rank: number of singular triplets returned.
+        seed: the Gaussian probes' seed (results are reproducible).
+
+    Cost: O(out·in·(rank + oversample)·(2·n_iter + 2)) for dense ``M``; memory O((out + in)·(rank + p)).
+    """
+    if M is not None:
+        M = M.to(dtype)
+        shape = (M.shape[0], M.shape[1])
+        matmul = M.__matmul__
+        rmatmul = lambda Y: M.T @ Y  # noqa: E731
+        device = M.device
+    assert matmul is not None and rmatmul is not None and shape is not None
+    out, inn = shape
+    k = min(rank + oversample, out, inn)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(inn, k, generator=gen, dtype=dtype).to(device)
+    Q, _ = _qr(matmul(omega))
+    for _ in range(n_iter):
+        Z, _ = _qr(rmatmul(Q))
+        Q, _ = _qr(matmul(Z))
+    Bt = rmatmul(Q)  # (in, k) = (Qᵀ M)ᵀ
+    Ub, S, Vh = torch.linalg.svd(Bt.T, full_matrices=False)
+    r = min(rank, S.shape[-1])
+    return SVD((Q @ Ub)[:, :r], S[:r], Vh[:r])

@@ -1,0 +1,30 @@
+"""Format conversion: read any format, write another; exact (factors and scales unchanged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.api import load, save
+from lorakit.io.atomic import check_output_path
+from lorakit.provenance import make_provenance
+from lorakit.report import Report
+
+
+def convert(source: str | Path, output: str | Path, to_format: str, *, allow_pickle: bool = False) -> Report:
+    """Convert ``source`` to ``to_format`` at ``output``; returns what was written.
+
+    Non-LoRA tensors (PEFT ``modules_to_save``...) survive only a same-format rewrite; a note says so.
+    """
+    check_output_path(output, [source])
+    adapter = load(source, allow_pickle=allow_pickle)
+    prov = make_provenance("convert", {"to": to_format}, [source])
+    save(adapter, output, format=to_format, provenance=prov, inputs=(source,))
+    report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
+    report.summary = {"modules": len(adapter), "parameters": adapter.num_params, "output": str(output)}
+    if adapter.meta.passthrough and adapter.meta.source_format != to_format:
+        report.notes.append(
+            f"{len(adapter.meta.passthrough)} non-LoRA tensor(s) (e.g. modules_to_save) have no place in "
+            f"{to_format} and were left out"
+        )
+    report.notes.extend(adapter.meta.notes)
+    return report

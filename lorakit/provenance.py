@@ -1,0 +1,53 @@
+"""Provenance: what lorakit did to produce a file, stored in its metadata as ``lorakit.provenance`` (JSON)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_KEY = "lorakit.provenance"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, or of every file in a directory (sorted by name, names included)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def make_provenance(
+    operation: str, parameters: Mapping[str, Any] | None = None, inputs: Sequence[str | Path] = ()
+) -> dict[str, Any]:
+    """The provenance record of one operation: version, operation, parameters, inputs with their sha256."""
+    from lorakit import __version__
+
+    return {
+        "lorakit_version": __version__,
+        "operation": operation,
+        "parameters": dict(parameters or {}),
+        "inputs": [{"path": Path(p).name, "sha256": file_sha256(p)} for p in inputs if Path(p).exists()],
+    }
+
+
+def provenance_metadata(provenance: Mapping[str, Any] | None) -> dict[str, str]:
+    return {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True, default=str)} if provenance else {}
+
+
+def read_provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(PROVENANCE_KEY)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
