@@ -1,0 +1,123 @@
+"""What every benchmark records: the machine, the versions, wall time and peak memory of a command.
+
+Peak memory of a child process is sampled with psutil (resident set, the process and its children) every few
+milliseconds; in-process peaks use ``resource.getrusage`` high-water marks, which never go down, so every
+measurement that needs its own peak runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks"
+OUT = ROOT / "bench-out"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of every package a benchmark compares against."""
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "safetensors", "numpy", "peft", "transformers", "huggingface_hub", "lorakit"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine() -> dict[str, str | int]:
+    """CPU model, cores, memory and the accelerator (if any)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, str | int] = {"cpu": cpu, "cores": os.cpu_count() or 0, "os": platform.platform()}
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only"
+    except ImportError:
+        pass
+    return info
+
+
+def header_markdown() -> str:
+    m, v = machine(), versions()
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('memory_gb', '?')} GB, device: {m.get('device')}. "
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "."
+    )
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, interval: float = 0.005) -> Measured:
+    """Run ``cmd``; return wall time and the peak resident memory of it and its children."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        try:
+            p = psutil.Process(proc.pid)
+            while not stop.is_set():
+                try:
+                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                    peak = max(peak, rss)
+                except psutil.Error:
+                    pass
+                time.sleep(interval)
+        except psutil.Error:
+            return
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    return Measured(elapsed, peak / 2**20, proc.returncode, out, err)
+
+
+def python_cmd(module_or_code: str, *args: str, code: bool = False) -> list[str]:
+    return [sys.executable, "-c", module_or_code, *args] if code else [sys.executable, "-m", module_or_code, *args]
+
+
+def timed(fn, *args, repeat: int = 1, **kwargs):  # type: ignore[no-untyped-def]
+    """(best wall seconds over ``repeat`` calls, last result)."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - t0)
+    return best, result
