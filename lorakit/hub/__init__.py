@@ -7,10 +7,10 @@ offline mode (``HF_HUB_OFFLINE``) at call time and passes them to the client exp
 
 from lorakit.hub.pull import PulledFile, PullResult, hub_origin, pull, resolve_spec
 from lorakit.hub.push import PushResult, push
-from lorakit.hub.search import SearchHit, search
+from lorakit.hub.search import SearchHit, search, search_report
 from lorakit.hub.spec import HubSpec, parse_spec, safe_repo_path
 
 __all__ = [
     "HubSpec", "PullResult", "PulledFile", "PushResult", "SearchHit", "hub_origin", "parse_spec", "pull", "push",
-    "resolve_spec", "safe_repo_path", "search",
+    "resolve_spec", "safe_repo_path", "search", "search_report",
 ]

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +128,11 @@ def hub_errors(s: HubSettings, repo_id: str, revision: str | None = None, filena
                 hint="free some space, or pull to another disk with -o DIR (or set HF_HUB_CACHE)",
             ) from e
         raise
+
+
+def show_progress(enabled: bool) -> None:
+    """Turn ``huggingface_hub``'s download bars on or off (process-wide; the CLI hides them for --quiet/--json)."""
+    utils = importlib.import_module("huggingface_hub.utils")
+    with warnings.catch_warnings():  # HF_HUB_DISABLE_PROGRESS_BARS=1 wins, and says so in a warning
+        warnings.simplefilter("ignore")
+        (utils.enable_progress_bars if enabled else utils.disable_progress_bars)()

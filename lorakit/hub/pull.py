@@ -10,6 +10,7 @@ from the cache (``local_files_only``), checked against the blob names that are s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import re
@@ -21,6 +22,7 @@ from lorakit.errors import HubError, UnsafeFileError
 from lorakit.formats.base import PICKLE_SUFFIXES
 from lorakit.hub._client import HubSettings, api, hf, hub_errors, settings
 from lorakit.hub.spec import HubSpec, join_inside, parse_spec, safe_repo_path
+from lorakit.report import Report
 
 CONFIG_NAME = "adapter_config.json"
 CARD_NAME = "README.md"
@@ -61,6 +63,20 @@ class PullResult:
     root: Path
     files: list[PulledFile] = field(default_factory=list)
     offline: bool = False
+
+    def report(self) -> Report:
+        """Per file: size, sha256 and how it was checked; the summary says where the adapter is."""
+        where = f"{self.repo_id}@{self.revision}" + (f" ({self.commit[:12]})" if self.commit else "")
+        verb = "would pull" if any(f.verified == "planned" for f in self.files) else "pulled"
+        r = Report(title=f"{verb} {where}" + (" from the cache (offline)" if self.offline else ""),
+                   columns=["file", "size", "sha256", "verified"])
+        for f in self.files:
+            r.add_row(f.path_in_repo, f.size, f.sha256[:16] or "-", f.verified)
+        r.summary = {"repo": self.repo_id, "revision": self.revision, "commit": self.commit,
+                     "folder": str(self.root)}
+        with contextlib.suppress(HubError):
+            r.summary["adapter"] = str(self.adapter_path)
+        return r
 
     @property
     def adapter_path(self) -> Path:
@@ -221,6 +237,7 @@ def pull(
     endpoint: str | None = None,
     token: str | None = None,
     cache_dir: str | Path | None = None,
+    dry_run: bool = False,
 ) -> PullResult:
     """Download an adapter's files from the Hub into the cache (or ``output``), verified.
 
@@ -230,6 +247,7 @@ def pull(
         offline: use only the cache; default from ``HF_HUB_OFFLINE``.
         allow_pickle: fetch ``.bin``/``.pt`` weights when a repo has no safetensors.
         endpoint, token, cache_dir: override the environment (see :func:`lorakit.hub._client.settings`).
+        dry_run: list and select the files, download nothing (``verified`` is ``planned``).
 
     Raises:
         HubError: repo, revision or file not found; gated or private; network down; hash mismatch; unsafe name.
@@ -251,6 +269,10 @@ def pull(
         return PullResult(parsed.repo_id, revision, commit, root, files, offline=True)
     commit, listing = _listing(s, parsed)
     chosen = select_files(listing, parsed, allow_pickle=allow_pickle)
+    if dry_run:  # the plan: what would be fetched and where, from the listing alone
+        root = out or s.cache_dir / f"models--{parsed.repo_id.replace('/', '--')}" / "snapshots" / commit
+        planned = [PulledFile(f.path, join_inside(root, f.path), f.size, f.sha256 or "", "planned") for f in chosen]
+        return PullResult(parsed.repo_id, revision, commit, root, planned)
     root = _download(s, parsed, revision, [f.path for f in chosen], out, offline=False)
     files = [_verify(f, join_inside(root, f.path)) for f in chosen]
     result = PullResult(parsed.repo_id, revision, commit, root, files)

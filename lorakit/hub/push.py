@@ -22,6 +22,7 @@ from lorakit.errors import FormatError, HubError
 from lorakit.hub._client import api, hub_errors, settings
 from lorakit.hub.spec import check_repo_id
 from lorakit.provenance import file_sha256
+from lorakit.report import Report
 
 CONFIG_NAME = "adapter_config.json"
 # Metadata values that hold the uploader's paths in kohya and PEFT files.
@@ -39,6 +40,19 @@ class PushResult:
     url: str
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
     sanitized: list[str] = field(default_factory=list)
+    card: str = ""
+
+    def report(self) -> Report:
+        done = self.commit is not None
+        r = Report(title=f"{'pushed to' if done else 'would push to'} {self.repo_id}@{self.revision}",
+                   columns=["file", "size", "sha256"])
+        for name, (size, sha) in sorted(self.files.items()):
+            r.add_row(name, size, sha[:16])
+        r.add_row("README.md", len(self.card.encode()), "(model card)")
+        r.summary = {"repo": self.repo_id, "revision": self.revision, "commit": self.commit, "url": self.url or None}
+        if self.sanitized:
+            r.notes.append(f"local paths removed from: {', '.join(self.sanitized)}")
+        return r
 
 
 def is_local_path(value: Any) -> bool:
@@ -130,6 +144,7 @@ def push(
     commit_message: str | None = None,
     endpoint: str | None = None,
     token: str | None = None,
+    dry_run: bool = False,
 ) -> PushResult:
     """Publish the adapter at ``path`` (file or PEFT folder) to ``repo_id`` with a model card.
 
@@ -138,6 +153,7 @@ def push(
         repo_id: ``org/name``; created if missing (``private`` applies only then).
         revision: a branch to commit to (created from ``main`` if missing); default ``main``.
         base_model: the base model's Hub id, when the adapter's own record is missing or a local path.
+        dry_run: stage the files and write the card, contact nothing; ``card`` holds the card's text.
 
     Raises:
         HubError: offline, no token/permission, or the Hub refused the upload.
@@ -151,7 +167,7 @@ def push(
     if not src.exists():
         raise FormatError("no such file or directory", file=src)
     s = settings(endpoint=endpoint, token=token)
-    if s.offline:
+    if s.offline and not dry_run:
         raise HubError("cannot push in offline mode", hint="unset HF_HUB_OFFLINE (or drop --offline)")
     adapter = lorakit.load(src)
     fmt = adapter.meta.source_format or "peft"
@@ -178,6 +194,9 @@ def push(
         card = build_card(repo_id=repo_id, fmt=fmt, base_model=base, provenance=adapter.meta.provenance or None,
                           files=files)
         card.save(stage / "README.md")
+        card_text = (stage / "README.md").read_text(encoding="utf-8")
+        if dry_run:
+            return PushResult(repo_id, branch, None, "", files, sorted(set(sanitized)), card_text)
         client = api(s)
         with hub_errors(s, repo_id, branch):
             client.create_repo(repo_id, private=private, exist_ok=True)
@@ -188,7 +207,7 @@ def push(
                 commit_message=commit_message or f"Upload {fmt} LoRA adapter with lorakit",
             )
     return PushResult(repo_id, branch, getattr(info, "oid", None), str(getattr(info, "commit_url", "")), files,
-                      sorted(set(sanitized)))
+                      sorted(set(sanitized)), card_text)
 
 
 __all__ = ["PushResult", "copy_sanitized_safetensors", "push"]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lorakit.hub._client import api, hub_errors, settings
+from lorakit.report import Report
 
 EXPAND = ["downloads", "likes", "lastModified", "tags", "library_name", "siblings"]
 
@@ -77,3 +78,13 @@ def search(
         files = [x.rfilename for x in (m.siblings or [])]
         hits.append(SearchHit(m.id, m.downloads, m.likes, updated, guess_format(files, m.tags or [])))
     return hits
+
+
+def search_report(hits: Sequence[SearchHit], *, base_model: str | None = None, query: str | None = None) -> Report:
+    """The hits as a table: repo, downloads, likes, updated, format."""
+    what = " ".join(x for x in (f"for {base_model}" if base_model else "", f"matching {query!r}" if query else "") if x)
+    r = Report(title=f"{len(hits)} adapter(s) on the Hub {what}".rstrip(),
+               columns=["repo", "downloads", "likes", "updated", "format"])
+    for h in hits:
+        r.add_row(h.repo_id, h.downloads, h.likes, h.updated, h.format)
+    return r

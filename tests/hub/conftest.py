@@ -47,6 +47,7 @@ def hub_env(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))  # no stored login
     return cache
 
 
@@ -86,6 +87,19 @@ def kohya_repo_files(seed: int = 1, name: str = "style.safetensors") -> dict[str
     files = _save_to_bytes(a, name, "kohya")
     files["sample.png"] = b"\x89PNG not fetched"
     return files
+
+
+def go_offline(monkeypatch) -> None:
+    """Offline mode as a user sets it: ``HF_HUB_OFFLINE=1`` (lorakit reads it per call; the client per import)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def blobs(cache: Path) -> list[Path]:
+    """Every complete blob in a Hugging Face cache."""
+    return [p for p in cache.glob("models--*/blobs/*") if not p.name.endswith(".incomplete")]
 
 
 @pytest.fixture
