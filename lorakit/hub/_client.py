@@ -82,6 +82,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def hub_errors(s: HubSettings, repo_id: str, revision: str | None = None, filename: str | None = None) -> Iterator[None]:
     """Translate ``huggingface_hub`` and network errors into one-line :class:`HubError` messages with a hint."""
+    hf()  # the missing extra is named before anything else
     E = importlib.import_module("huggingface_hub.errors")
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:

@@ -21,7 +21,7 @@ from typing import Any
 from lorakit.errors import FormatError, HubError
 from lorakit.hub._client import api, hub_errors, settings
 from lorakit.hub.spec import check_repo_id
-from lorakit.provenance import file_sha256
+from lorakit.provenance import file_sha256, read_provenance
 from lorakit.report import Report
 
 CONFIG_NAME = "adapter_config.json"
@@ -191,8 +191,9 @@ def push(
                 raise FormatError(f"refusing to publish {f.suffix} pickles; convert to safetensors first",
                                   file=f, hint="lorakit convert FILE --allow-pickle --to peft -o OUT/")
         files = {p.name: (p.stat().st_size, file_sha256(p)) for p in sorted(stage.iterdir())}
-        card = build_card(repo_id=repo_id, fmt=fmt, base_model=base, provenance=adapter.meta.provenance or None,
-                          files=files)
+        # Readers leave `meta.provenance` empty; the record lives in the file's metadata.
+        provenance = adapter.meta.provenance or read_provenance(adapter.meta.metadata)
+        card = build_card(repo_id=repo_id, fmt=fmt, base_model=base, provenance=provenance, files=files)
         card.save(stage / "README.md")
         card_text = (stage / "README.md").read_text(encoding="utf-8")
         if dry_run:
