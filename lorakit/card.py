@@ -77,7 +77,8 @@ def _provenance_text(provenance: Mapping[str, Any] | None) -> str:
     if not provenance:
         return "No lorakit operation recorded: the adapter was uploaded as it was given."
     params = provenance.get("parameters") or {}
-    lines = [f"- operation: `{provenance.get('operation', '?')}` (lorakit {provenance.get('lorakit_version', '?')})"]
+    op, version = provenance.get("operation", "?"), provenance.get("lorakit_version", "?")
+    lines = [f"- operation: `{op}` (lorakit {version})"]
     lines.append(f"- parameters: `{json.dumps(params, sort_keys=True, default=str)}`")
     if "seed" in params:
         lines.append(f"- seed: `{params['seed']}`")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from lorakit.cli._options import allow_pickle_option, dry_run_option, json_option, quiet_option
 
 
@@ -30,6 +29,7 @@ def command(repo: str, output: str | None, offline: bool | None, allow_pickle: b
             dry_run: bool) -> None:
     """Download an adapter from the Hugging Face Hub and print where it is."""
     from lorakit.cli._output import emit
+
     from lorakit.hub import pull
     from lorakit.hub._client import show_progress
 

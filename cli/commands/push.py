@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from lorakit.cli._options import dry_run_option, json_option, quiet_option
 
 
@@ -30,6 +29,7 @@ def command(adapter: str, repo: str, private: bool, revision: str | None, base_m
             message: str | None, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Publish an adapter file or folder to a Hugging Face Hub repo."""
     from lorakit.cli._output import emit
+
     from lorakit.hub import push
 
     result = push(adapter, repo, private=private, revision=revision, base_model=base_model,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-
 from lorakit.cli._options import json_option
 
 
@@ -20,6 +19,7 @@ Examples:
 def command(base_model: str | None, query: str | None, tags: tuple[str, ...], limit: int, as_json: bool) -> None:
     """Find adapters on the Hugging Face Hub: repo, downloads, likes, last update, format."""
     from lorakit.cli._output import emit
+
     from lorakit.hub import search, search_report
 
     hits = search(base_model=base_model, query=query, tags=tags, limit=limit)

@@ -21,7 +21,9 @@ from lorakit._deps import require
 from lorakit.errors import HubError, OutputError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-OFFLINE_HINT = "check your connection, or pass --offline (or set HF_HUB_OFFLINE=1) to use what is already cached"
+OFFLINE_HINT = (
+    "check your connection, or pass --offline (or set HF_HUB_OFFLINE=1) to use what is already cached"
+)
 
 
 def hf() -> ModuleType:
@@ -80,7 +82,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextlib.contextmanager
-def hub_errors(s: HubSettings, repo_id: str, revision: str | None = None, filename: str | None = None) -> Iterator[None]:
+def hub_errors(
+    s: HubSettings, repo_id: str, revision: str | None = None, filename: str | None = None
+) -> Iterator[None]:
     """Translate ``huggingface_hub`` and network errors into one-line :class:`HubError` messages with a hint."""
     hf()  # the missing extra is named before anything else
     E = importlib.import_module("huggingface_hub.errors")
@@ -107,7 +111,8 @@ def hub_errors(s: HubSettings, repo_id: str, revision: str | None = None, filena
     except E.LocalEntryNotFoundError as e:
         if s.offline:
             raise HubError(
-                f"{where}{'/' + filename if filename else ''} is not in the local cache {s.cache_dir} (offline mode)",
+                f"{where}{'/' + filename if filename else ''} is not in the local cache {s.cache_dir} "
+                "(offline mode)",
                 hint="pull it once with network access (unset HF_HUB_OFFLINE, drop --offline)",
             ) from e
         raise HubError(f"cannot reach {s.endpoint} and {where} is not cached", hint=OFFLINE_HINT) from e

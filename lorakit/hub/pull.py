@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lorakit.errors import HubError, UnsafeFileError
-from lorakit.formats.base import PICKLE_SUFFIXES
+from lorakit.formats.base import PICKLE_SUFFIXES, WEIGHT_NAMES
 from lorakit.hub._client import HubSettings, api, hf, hub_errors, settings
 from lorakit.hub.spec import HubSpec, join_inside, parse_spec, safe_repo_path
 from lorakit.report import Report
@@ -83,8 +83,9 @@ class PullResult:
         """The weights file that :func:`lorakit.load` reads (it finds ``adapter_config.json`` beside
         ``adapter_model.safetensors`` itself)."""
         weights = [f for f in self.files if f.path_in_repo.endswith((".safetensors", *PICKLE_SUFFIXES))]
-        if len(weights) == 1:
-            return weights[0].local
+        standard = [f for f in weights if PurePosixPath(f.path_in_repo).name in WEIGHT_NAMES]
+        if len(weights) == 1 or len(standard) == 1:  # PEFT/diffusers names win, as in a local folder
+            return (standard or weights)[0].local
         if not weights:
             raise HubError(f"no adapter weights were pulled from {self.repo_id}")
         names = ", ".join(sorted(f.path_in_repo for f in weights))
@@ -121,10 +122,13 @@ def select_files(listing: list[RemoteFile], spec: HubSpec, *, allow_pickle: bool
     folder = ""
     if spec.path is not None:
         if spec.path in by_path:  # one file: it, plus its folder's config and the repo card
+            if spec.path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+                raise UnsafeFileError(f"{spec.path} in {spec.repo_id} is a pickle; not fetched")
             chosen = [by_path[spec.path]]
             folder_of = str(PurePosixPath(spec.path).parent)
             prefix = "" if folder_of == "." else folder_of + "/"
-            chosen += [by_path[n] for n in (prefix + CONFIG_NAME, CARD_NAME) if n in by_path and n != spec.path]
+            beside = (prefix + CONFIG_NAME, CARD_NAME)
+            chosen += [by_path[n] for n in beside if n in by_path and n != spec.path]
             return chosen
         folder = spec.path.rstrip("/") + "/"
         if not any(p.startswith(folder) for p in by_path):
@@ -132,7 +136,8 @@ def select_files(listing: list[RemoteFile], spec: HubSpec, *, allow_pickle: bool
                 f"file {spec.path!r} is not in {spec.repo_id}@{spec.revision or 'main'}",
                 hint=f"files there: {', '.join(sorted(by_path)[:8]) or 'none'}",
             )
-    here = {p[len(folder):]: f for p, f in by_path.items() if p.startswith(folder) and "/" not in p[len(folder):]}
+    inside = {p[len(folder):]: f for p, f in by_path.items() if p.startswith(folder)}
+    here = {n: f for n, f in inside.items() if "/" not in n}
     weights = [f for n, f in here.items() if fnmatch.fnmatchcase(n, "*.safetensors")]
     if not weights:
         pickles = [f for n, f in here.items()
@@ -271,7 +276,8 @@ def pull(
     chosen = select_files(listing, parsed, allow_pickle=allow_pickle)
     if dry_run:  # the plan: what would be fetched and where, from the listing alone
         root = out or s.cache_dir / f"models--{parsed.repo_id.replace('/', '--')}" / "snapshots" / commit
-        planned = [PulledFile(f.path, join_inside(root, f.path), f.size, f.sha256 or "", "planned") for f in chosen]
+        planned = [PulledFile(f.path, join_inside(root, f.path), f.size, f.sha256 or "", "planned")
+                   for f in chosen]
         return PullResult(parsed.repo_id, revision, commit, root, planned)
     root = _download(s, parsed, revision, [f.path for f in chosen], out, offline=False)
     files = [_verify(f, join_inside(root, f.path)) for f in chosen]
@@ -291,7 +297,9 @@ def record_origin(result: PullResult) -> None:
     _ORIGINS[result.root.absolute()] = {"repo": result.repo_id, "revision": result.commit or result.revision}
 
 
-_CACHE_RE = re.compile(r"models--(?P<org>[\w.-]+?)--(?P<name>[\w.-]+)/snapshots/(?P<commit>[0-9a-f]{40})(?:/(?P<path>.+))?$")
+_CACHE_RE = re.compile(
+    r"models--(?P<org>[\w.-]+?)--(?P<name>[\w.-]+)/snapshots/(?P<commit>[0-9a-f]{40})(?:/(?P<path>.+))?$"
+)
 
 
 def hub_origin(path: str | Path) -> dict[str, Any] | None:

@@ -49,7 +49,8 @@ class PushResult:
         for name, (size, sha) in sorted(self.files.items()):
             r.add_row(name, size, sha[:16])
         r.add_row("README.md", len(self.card.encode()), "(model card)")
-        r.summary = {"repo": self.repo_id, "revision": self.revision, "commit": self.commit, "url": self.url or None}
+        r.summary = {"repo": self.repo_id, "revision": self.revision, "commit": self.commit,
+                     "url": self.url or None}
         if self.sanitized:
             r.notes.append(f"local paths removed from: {', '.join(self.sanitized)}")
         return r

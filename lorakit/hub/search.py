@@ -80,9 +80,12 @@ def search(
     return hits
 
 
-def search_report(hits: Sequence[SearchHit], *, base_model: str | None = None, query: str | None = None) -> Report:
+def search_report(
+    hits: Sequence[SearchHit], *, base_model: str | None = None, query: str | None = None
+) -> Report:
     """The hits as a table: repo, downloads, likes, updated, format."""
-    what = " ".join(x for x in (f"for {base_model}" if base_model else "", f"matching {query!r}" if query else "") if x)
+    parts = (f"for {base_model}" if base_model else "", f"matching {query!r}" if query else "")
+    what = " ".join(x for x in parts if x)
     r = Report(title=f"{len(hits)} adapter(s) on the Hub {what}".rstrip(),
                columns=["repo", "downloads", "likes", "updated", "format"])
     for h in hits:

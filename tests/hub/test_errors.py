@@ -65,8 +65,9 @@ def test_file_not_in_repo(fake_hub, hub_env, cli):
 def test_file_missing_on_the_server_is_mapped(fake_hub, hub_env):
     """The client's own EntryNotFound (listing and server disagree) maps to the same message."""
     fake_hub.add_repo("org/a", peft_repo_files())
-    from lorakit.hub._client import hub_errors, settings
     import huggingface_hub
+
+    from lorakit.hub._client import hub_errors, settings
 
     s = settings()
     with pytest.raises(HubError, match="file 'gone.json' is not in org/a"):

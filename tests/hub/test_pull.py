@@ -166,6 +166,9 @@ def test_pickles_are_refused_unless_asked(fake_hub, hub_env, cli):
     code, _, err = cli("pull", "org/p")
     assert code == 1 and "only pickled weights" in err and "--allow-pickle" in err
     assert resolve_gets(fake_hub, "org/p") == set()
+    code, _, err = cli("pull", "hf://org/p/adapter_model.bin")
+    assert code == 1 and "is a pickle" in err
+    assert resolve_gets(fake_hub, "org/p") == set()
     code, _, err = cli("pull", "org/p", "--allow-pickle", "--quiet")
     assert code == 0, err
     assert resolve_gets(fake_hub, "org/p") == {"adapter_model.bin"}
@@ -177,3 +180,16 @@ def test_dry_run_downloads_nothing(fake_hub, hub_env, cli):
     assert code == 0, err
     assert "would pull" in out and "adapter_model.safetensors" in out
     assert resolve_gets(fake_hub, "org/a") == set() and not hub_env.exists()
+
+
+def test_standard_weight_name_wins_over_extra_files(fake_hub, hub_env):
+    files = peft_repo_files(seed=8)
+    files["other.safetensors"] = kohya_repo_files()["style.safetensors"]
+    fake_hub.add_repo("org/a", files)
+    result = pull("org/a")
+    assert result.adapter_path.name == "adapter_model.safetensors"
+    assert_adapters_close(lorakit.load("org/a"), random_adapter(SHAPES, rank=4, seed=8))
+    fake_hub.add_repo("org/two", {"a.safetensors": files["other.safetensors"], "b.safetensors": files["other.safetensors"]})
+    with pytest.raises(HubError, match="several adapter files"):
+        lorakit.load("hf://org/two")
+    assert lorakit.load("hf://org/two/b.safetensors").meta.source_format == "kohya"
