@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import FormatError, HubError
-from lorakit.hub._client import api, hub_errors, settings
+from lorakit.hub._client import api, hf, hub_errors, settings
 from lorakit.hub.spec import check_repo_id
 from lorakit.provenance import file_sha256, read_provenance
 from lorakit.report import Report
@@ -200,6 +200,9 @@ def push(
         if dry_run:
             return PushResult(repo_id, branch, None, "", files, sorted(set(sanitized)), card_text)
         client = api(s)
+        if not (s.token or hf().get_token()):
+            raise HubError(f"publishing to {repo_id} needs a Hub token with write access",
+                           hint="set HF_TOKEN (or run `hf auth login`)")
         with hub_errors(s, repo_id, branch):
             client.create_repo(repo_id, private=private, exist_ok=True)
             if branch != "main":

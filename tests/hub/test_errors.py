@@ -110,5 +110,8 @@ def test_push_without_token(hub_env, fake_hub, cli, monkeypatch, tmp_path):
     lorakit.save(random_adapter(SHAPES, rank=2), f, format="kohya")
     monkeypatch.delenv("HF_TOKEN")
     msg, hint = _fails(cli, "push", f, "me/a")
-    assert "me/a" in msg and "HF_TOKEN" in hint
-    assert "me/a" not in fake_hub.repos
+    assert "publishing to me/a needs a Hub token" in msg and "HF_TOKEN" in hint
+    assert "me/a" not in fake_hub.repos and fake_hub.requests == []
+    monkeypatch.setenv("HF_TOKEN", "hf_not_this_users")  # a token the Hub rejects
+    msg, hint = _fails(cli, "push", f, "me/a")
+    assert "me/a" in msg and "HF_TOKEN" in hint and "me/a" not in fake_hub.repos
