@@ -193,3 +193,16 @@ def test_standard_weight_name_wins_over_extra_files(fake_hub, hub_env):
     with pytest.raises(HubError, match="several adapter files"):
         lorakit.load("hf://org/two")
     assert lorakit.load("hf://org/two/b.safetensors").meta.source_format == "kohya"
+
+
+def test_offline_reuses_an_output_folder(fake_hub, hub_env, tmp_path, monkeypatch):
+    files = peft_repo_files(seed=2)
+    fake_hub.add_repo("org/a", files)
+    out = tmp_path / "mine"
+    pull("org/a", output=out)
+    fake_hub.requests.clear()
+    go_offline(monkeypatch)
+    again = pull("org/a", output=out)
+    assert again.offline and fake_hub.requests == []
+    assert {f.path_in_repo for f in again.files} == ADAPTER_FILES
+    assert again.adapter_path.read_bytes() == files["adapter_model.safetensors"]
