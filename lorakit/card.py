@@ -49,8 +49,11 @@ lorakit inspect hf://{repo_id}
 
 
 def is_hub_id(name: str | None) -> bool:
-    """True for ``org/name``-like ids (not local paths), which the Hub can link as ``base_model``."""
-    if not name or name.startswith(("/", "~", ".", "\\")) or ":" in name:
+    """True for ``org/name``-like ids (not local paths or checkpoint file names such as kohya's
+    ``ss_sd_model_name``), which the Hub can link as ``base_model``."""
+    if not name or name.startswith(("/", "~", ".", "\\")) or ":" in name or "\\" in name:
+        return False
+    if name.lower().endswith((".ckpt", ".safetensors", ".pt", ".pth", ".bin")):
         return False
     parts = name.split("/")
     return len(parts) in (1, 2) and all(parts)

@@ -168,7 +168,7 @@ def _listing(s: HubSettings, spec: HubSpec) -> tuple[str, list[RemoteFile]]:
         entries = client.list_repo_tree(spec.repo_id, revision=commit or spec.revision, recursive=True)
         files = [
             RemoteFile(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None)
-            for e in entries if type(e).__name__ == "RepoFile"
+            for e in entries if isinstance(e, hf().RepoFile)  # folders carry no content
         ]
     for f in files:
         safe_repo_path(f.path)  # a hostile listing is refused before anything is downloaded

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lorakit.errors import HubError
+from lorakit.io.resolve import HUB_SCHEME
 
-HUB_SCHEME = "hf://"
 # The Hub's own rule (huggingface_hub validate_repo_id): `ns/name`, word characters, `-` and `.`, no `--`/`..`.
 _REPO_PART = r"[\w.-]{1,96}"
 _REPO_RE = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")

@@ -102,3 +102,11 @@ def test_dry_run_uploads_nothing(fake_hub, hub_env, tmp_path, cli):
     assert code == 0, err
     assert "would push to me/k@main" in out and "me/k" not in fake_hub.repos
     assert fake_hub.requests == []
+
+
+def test_is_hub_id():
+    from lorakit.card import is_hub_id
+
+    assert is_hub_id("meta-llama/Llama-3.1-8B") and is_hub_id("gpt2")
+    for bad in (None, "", "/home/me/llama", "~/m", "./m", "C:\\m", "v1-5-pruned.ckpt", "a/b/c", "sd/x.safetensors"):
+        assert not is_hub_id(bad)
