@@ -121,7 +121,7 @@ def hub_errors(
             f"file {filename!r} is not in {where}" if filename else f"a file is missing from {where}",
             hint=f"list the repo's files at {s.endpoint}/{repo_id}/tree/{revision or 'main'}",
         ) from e
-    except E.OfflineModeIsEnabled as e:
+    except getattr(E, "OfflineModeIsEnabled", ConnectionError) as e:  # not in every release's errors module
         raise HubError(f"offline mode is enabled, so {s.endpoint} was not contacted", hint=OFFLINE_HINT) from e
     except _transport_errors() as e:
         raise HubError(f"cannot reach {s.endpoint}: {e}", hint=OFFLINE_HINT) from e

@@ -115,6 +115,15 @@ def _entry(path: str, data: bytes) -> dict[str, Any]:
     return e
 
 
+def _sibling(path: str, data: bytes) -> dict[str, Any]:
+    """A ``siblings`` item as the Hub sends it with ``blobs=true`` (size, blob id, LFS sha256 under ``sha256``)."""
+    e = _entry(path, data)
+    s: dict[str, Any] = {"rfilename": path, "size": e["size"], "blobId": e["oid"]}
+    if "lfs" in e:
+        s["lfs"] = {"sha256": e["lfs"]["oid"], "size": e["size"], "pointerSize": 134}
+    return s
+
+
 def _tree_entries(tree: dict[str, bytes]) -> list[dict[str, Any]]:
     dirs = sorted({"/".join(p.split("/")[:i]) for p in tree for i in range(1, p.count("/") + 1)})
     out = [{"type": "directory", "path": d, "oid": git_sha1(d.encode()), "size": 0} for d in dirs]
@@ -234,7 +243,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 "gated": "auto" if repo.gated else False, "tags": repo.tags, "downloads": repo.downloads,
                 "likes": repo.likes, "lastModified": repo.last_modified,
                 "library_name": next((t for t in repo.tags if t in ("peft", "diffusers")), None),
-                "siblings": [{"rfilename": p} for p in sorted(tree)],
+                "siblings": [_sibling(p, tree[p]) for p in sorted(tree)],
             }
 
         def _tree(self, repo_id: str, rev: str, prefix: str, query: dict[str, list[str]]) -> None:

@@ -54,3 +54,18 @@ def test_guess_format():
     assert guess_format(["adapter_model.bin"], []) == "pickle"
     assert guess_format([], ["peft"]) == "peft"
     assert guess_format([], []) == "-"
+
+
+def test_fake_model_info_carries_lfs_sha256(fake_hub, hub_env):
+    """The fake answers model_info like the Hub, so clients older than 1.22 (siblings) see the same hashes."""
+    import hashlib
+
+    from lorakit.hub._client import api, settings
+
+    files = peft_repo_files(seed=1)
+    fake_hub.add_repo("org/a", files)
+    info = api(settings()).model_info("org/a", files_metadata=True)
+    sib = {s.rfilename: s for s in info.siblings}
+    weights, config = sib["adapter_model.safetensors"], sib["adapter_config.json"]
+    assert weights.lfs.sha256 == hashlib.sha256(files["adapter_model.safetensors"]).hexdigest()
+    assert config.lfs is None and config.size == len(files["adapter_config.json"])
