@@ -206,3 +206,16 @@ def test_offline_reuses_an_output_folder(fake_hub, hub_env, tmp_path, monkeypatc
     assert again.offline and fake_hub.requests == []
     assert {f.path_in_repo for f in again.files} == ADAPTER_FILES
     assert again.adapter_path.read_bytes() == files["adapter_model.safetensors"]
+
+
+def test_peft_adapter_in_a_subfolder(fake_hub, hub_env):
+    files = peft_repo_files(seed=5)
+    fake_hub.add_repo("org/multi", {"README.md": files["README.md"],
+                                    "style/adapter_config.json": files["adapter_config.json"],
+                                    "style/adapter_model.safetensors": files["adapter_model.safetensors"],
+                                    "other/adapter_model.safetensors": b"never fetched"})
+    loaded = lorakit.load("hf://org/multi/style")
+    assert loaded.meta.base_model == "org/base"  # the config beside the weights was used
+    assert_adapters_close(loaded, random_adapter(SHAPES, rank=4, seed=5))
+    assert resolve_gets(fake_hub, "org/multi") == {"README.md", "style/adapter_config.json",
+                                                    "style/adapter_model.safetensors"}
