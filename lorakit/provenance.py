@@ -35,8 +35,16 @@ def make_provenance(
         "lorakit_version": __version__,
         "operation": operation,
         "parameters": dict(parameters or {}),
-        "inputs": [{"path": Path(p).name, "sha256": file_sha256(p)} for p in inputs if Path(p).exists()],
+        "inputs": [input_record(p) for p in inputs if Path(p).exists()],
     }
+
+
+def input_record(path: str | Path) -> dict[str, Any]:
+    """``{"path": name, "sha256": …}``, plus ``repo``/``revision``/``path_in_repo`` for files pulled from the Hub
+    (recognised without importing ``huggingface_hub``)."""
+    from lorakit.hub.pull import hub_origin
+
+    return {"path": Path(path).name, "sha256": file_sha256(path), **(hub_origin(path) or {})}
 
 
 def provenance_metadata(provenance: Mapping[str, Any] | None) -> dict[str, str]:
