@@ -17,10 +17,12 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
 from lorakit.errors import FormatError, KeyMappingError
+from lorakit.factors import LoraFactors
 from lorakit.formats._lora import Roles, build_adapter, read_alpha
 from lorakit.formats.base import Source, group_by_module
+from lorakit.formats.keymaps import KeyMap, Split, arch_keymap, base_keymap, detect_arch, split_factors
 from lorakit.io.writer import SafetensorsWriter
 
 SUFFIXES = {
@@ -52,6 +54,88 @@ def kohya_stem(module: str) -> str:
     return "lora_" + module.replace(".", "_")
 
 
+Names = dict[str, "str | Split"]  # stem -> module name, or the modules a fused stem splits into
+
+
+def name_or_stem(names: Names, stem: str) -> str:
+    """The adapter name of a stem before splitting (split stems keep their stem until :func:`apply_splits`)."""
+    target = names.get(stem, stem)
+    return target if isinstance(target, str) else stem
+
+
+def resolve_names(
+    source: Source,
+    stems: list[str],
+    *,
+    keymap: Mapping[str, str] | KeyMap | None = None,
+    arch: str | None = None,
+    base: str | Path | None = None,
+) -> tuple[Names, list[str]]:
+    """Module names for kohya ``stems``, and notes saying how they were found.
+
+    Order: ``lorakit.module_names`` metadata (exact, written by lorakit); an explicit ``keymap``, ``base`` model
+    config or ``arch`` (every stem must map, else :class:`KeyMappingError`); the architecture detected from
+    ``ss_base_model_version`` or the stems (used only if every stem maps); otherwise the stems themselves.
+    """
+    file = str(source.path)
+    if NAMES_KEY in source.metadata:
+        try:
+            stored = json.loads(source.metadata[NAMES_KEY])
+        except ValueError as e:
+            raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
+        return dict(stored), []
+    explicit = keymap is not None or arch is not None or base is not None
+    km: KeyMap | None = None
+    if isinstance(keymap, KeyMap):
+        km = keymap
+    elif keymap is not None:
+        km = KeyMap("the given key map", names=dict(keymap))
+    elif base is not None:
+        km = base_keymap(base)
+    elif arch is not None:
+        km = arch_keymap(arch)
+    else:
+        detected = detect_arch(stems, source.metadata)
+        km = arch_keymap(detected) if detected else None
+    if km is None:
+        return {}, ["module names are kohya stems (architecture not recognised); pass --arch or --base to map them"]
+    if explicit:
+        return {s: km.resolve(s, file=file) for s in stems}, [f"module names mapped by the {km.arch} key map"]
+    unmapped = [s for s in stems if s not in km or s in km.ambiguous]
+    if unmapped:
+        return {}, [
+            f"looks like {km.arch}, but {len(unmapped)} stem(s) are not in its key map (e.g. {unmapped[0]!r}); "
+            "module names are kohya stems; pass --arch or --base to map them"
+        ]
+    return {s: km.resolve(s, file=file) for s in stems}, [f"module names mapped by the {km.arch} key map (detected)"]
+
+
+def apply_splits(adapter: Adapter, names: Names, *, file: str | None = None) -> Adapter:
+    """Replace every fused module (a stem mapped to a :class:`Split`) by its exact per-projection parts.
+
+    Fused modules are read now (their parts' ranks depend on whether the up factor is block-diagonal); the
+    others stay lazy.
+    """
+    splits = {s: t for s, t in names.items() if isinstance(t, Split)}
+    if not splits:
+        return adapter
+    modules: dict[str, LoraFactors | object] = {}
+    infos: dict[str, ModuleInfo] = {}
+    for name in adapter:
+        if name in splits:
+            for part, f in split_factors(adapter[name], splits[name], file=file, module=name).items():
+                if part in modules:
+                    raise FormatError("two tensor groups map to the same module", file=file, module=part)
+                modules[part] = f
+                infos[part] = ModuleInfo.of(part, f)
+        else:
+            if name in modules:
+                raise FormatError("two tensor groups map to the same module", file=file, module=name)
+            modules[name] = lambda name=name: adapter[name]
+            infos[name] = adapter.info(name)
+    return Adapter(modules, adapter.meta, infos)  # type: ignore[arg-type]
+
+
 class KohyaFormat:
     name = "kohya"
     description = "kohya / sd-scripts single file (lora_down / lora_up / alpha), also LyCORIS LoCon"
@@ -60,27 +144,12 @@ class KohyaFormat:
     def sniff(self, source: Source) -> bool:
         return any(k.endswith(".lora_down.weight") for k in source.keys)
 
-    def read(self, source: Source, keymap: Mapping[str, str] | None = None) -> Adapter:
+    def read(self, source: Source, keymap: Mapping[str, str] | KeyMap | None = None, arch: str | None = None,
+             base: str | Path | None = None) -> Adapter:
+        """Read a kohya file; ``keymap`` / ``arch`` / ``base`` name its modules (see :func:`resolve_names`)."""
         groups = group_by_module(source.keys, SUFFIXES)
-        notes: list[str] = []
-        names: dict[str, str] = {}
-        if NAMES_KEY in source.metadata:
-            try:
-                names = json.loads(source.metadata[NAMES_KEY])
-            except ValueError as e:
-                raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
-        elif keymap is not None:
-            names = dict(keymap)
-            unmapped = sorted(s for s in groups if s not in names)
-            if unmapped:
-                raise KeyMappingError(
-                    f"{len(unmapped)} kohya module(s) not in the key map, e.g. {unmapped[0]!r}",
-                    file=source.path, key=unmapped[0],
-                    hint="check --base / --arch: the file may be for another architecture",
-                )
-        else:
-            notes.append("module names are kohya stems (no key map given); pass --arch or --base to map them")
-        missing_alpha = []
+        names, notes = resolve_names(source, list(groups), keymap=keymap, arch=arch, base=base)
+        missing_alpha: list[str] = []
 
         def scale_of(stem: str, roles: Roles, rank: int) -> float:
             alpha = read_alpha(source, roles["alpha"]) if "alpha" in roles else None
@@ -99,9 +168,11 @@ class KohyaFormat:
             metadata=source.metadata,
             passthrough=passthrough,
         )
-        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: names.get(s, s), meta=meta)
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: name_or_stem(names, s),
+                                meta=meta)
         if not len(adapter):
             raise FormatError("no LoRA modules (lora_down/lora_up pairs) found", file=source.path)
+        adapter = apply_splits(adapter, names, file=str(source.path))
         if missing_alpha:
             notes.append(
                 f"{len(missing_alpha)} module(s) store no alpha: kohya's convention applies (alpha = rank, scale 1.0)"
