@@ -428,35 +428,91 @@ def base_keymap(path: str | Path) -> KeyMap:
 # ---- splitting fused modules ----------------------------------------------------------------------------
 def split_factors(f: LoraFactors, split: Split, *, file: str | None = None,
                   module: str | None = None) -> dict[str, LoraFactors]:
-    """Exact per-module LoRAs of a fused one: part ``p`` has ΔW_p = ΔW[rows of p].
+    """Exact per-module LoRAs of a fused one: part ``p`` has ``ΔW_p = ΔW[rows of p] = s·B[rows of p] @ A``.
 
-    If the up factor is block-diagonal with equal blocks (sd-scripts ``split_qkv``: down ``(n·r, in)``, up
-    zero off the diagonal), part ``p`` keeps only its own rank-``r`` block; otherwise the down factor is shared:
-    each part gets the whole ``A`` and the rows of ``B``. The scale is the file's (``alpha / rows(down)``).
+    The down factor is shared (copying it to every part, never slicing it, is what keeps a fused LoRA exact);
+    each part then drops the rank columns its rows of ``B`` do not use, which is exact too. So sd-scripts'
+    ``split_qkv`` layout (down ``(n·r, in)``, up block-diagonal) gives each part its own rank-``r`` block, and a
+    part whose rows are all zero (written by :func:`fuse_factors` for a module the adapter lacks) is left out.
+    The scale is the file's, ``alpha / rows(down)``.
     """
     if f.out_features != split.rows:
         raise KeyMappingError(
             f"fused module has {f.out_features} output rows, expected {split.rows} for {len(split.parts)} parts",
             file=file, module=module, hint="the file may be for a Flux variant with other sizes: pass --base",
         )
-    n, r = len(split.parts), f.rank
-    blocks: list[tuple[int, int]] | None = None
-    if r % n == 0 and r >= n and all(len(rng) == 1 for _, rng in split.parts):
-        k = r // n
-        blocks = [(p * k, (p + 1) * k) for p in range(n)]
-        for p, (_, ((a, b),)) in enumerate(split.parts):
-            mask = torch.ones(r, dtype=torch.bool)
-            mask[blocks[p][0]:blocks[p][1]] = False
-            if bool(f.B[a:b][:, mask].any()):
-                blocks = None
-                break
     out: dict[str, LoraFactors] = {}
-    for p, (name, ranges) in enumerate(split.parts):
+    for name, ranges in split.parts:
         B = torch.cat([f.B[a:b] for a, b in ranges])
+        used = B.ne(0).any(dim=0)
+        if not bool(used.any()):
+            continue
         A = f.A
-        if blocks is not None:
-            c0, c1 = blocks[p]
-            A, B = A[c0:c1], B[:, c0:c1]
+        if not bool(used.all()):
+            A, B = A[used], B[:, used]
         mag = None if f.magnitude is None else torch.cat([f.magnitude.reshape(-1)[a:b] for a, b in ranges])
         out[name] = f.with_(A=A.contiguous(), B=B.contiguous(), magnitude=mag)
     return out
+
+
+# ---- writing: the stems an architecture's own tools expect ----------------------------------------------
+def writer_stems(arch: str) -> tuple[dict[str, str], dict[str, Split]]:
+    """``module name → kohya stem`` as sd-scripts names it for ``arch`` (SGM stems for SDXL, BFL stems for
+    Flux, ``lora_te_`` for SD1/SD2), and the fused stems whose parts :func:`fuse_factors` joins (Flux)."""
+    km = arch_keymap(arch)
+    preferred: dict[str, str] = {}
+    if arch == "sdxl":
+        for sgm_block, block, rel in unet_blocks(SDXL_UNET):
+            for r in rel:
+                if sgm_block is not None:
+                    preferred["unet." + block + r] = stem_of("lora_unet_", sgm_block + _SGM_RESNET.get(r, r))
+    for stem, name in km.names.items():  # first stem added wins: the architecture's own naming
+        preferred.setdefault(name, stem)
+    return preferred, dict(km.splits)
+
+
+def write_arch(names: Sequence[str], metadata: Mapping[str, str]) -> str | None:
+    """The architecture whose kohya naming to write: from metadata, else the one whose module list holds
+    every ``unet.`` / ``transformer.`` name (and, for SDXL vs SD1, only one of them does)."""
+    found = detect_arch([], metadata)
+    if found:
+        return found
+    tr = [n for n in names if n.startswith("transformer.")]
+    if tr and all(n in writer_stems("flux")[0] for n in tr):
+        return "flux"
+    unet = [n for n in names if n.startswith("unet.")]
+    if unet:
+        in_xl = all(n in writer_stems("sdxl")[0] for n in unet)
+        in_sd1 = all(n in writer_stems("sd1")[0] for n in unet)
+        if in_xl != in_sd1:
+            return "sdxl" if in_xl else "sd1"
+    return None
+
+
+def fuse_factors(parts: Mapping[str, LoraFactors], split: Split) -> LoraFactors | None:
+    """One fused LoRA holding ``parts`` (a subset of ``split``'s modules), exactly: the downs stacked
+    ``(Σ r_p, in)``, the up block-diagonal with each part's rows placed where the fused module has them, part
+    scales folded into the up relative to a common scale ``s`` (written as ``alpha = s·Σ r_p``, which is what
+    readers divide by). ``None`` when the parts do not fit (other sizes, DoRA, conv)."""
+    present = [(n, rng, parts[n]) for n, rng in split.parts if n in parts]
+    if not present:
+        return None
+    ins = {f.in_features for _, _, f in present}
+    if len(ins) != 1 or any(f.kind != "linear" or f.magnitude is not None or f.extras for _, _, f in present):
+        return None
+    if any(f.out_features != sum(b - a for a, b in rng) for _, rng, f in present):
+        return None
+    scale = max((abs(f.scale) for _, _, f in present), default=1.0) or 1.0
+    dt = present[0][2].A.dtype
+    R = sum(f.rank for _, _, f in present)
+    B = torch.zeros(split.rows, R, dtype=torch.float32 if dt in (torch.float16, torch.bfloat16) else dt)
+    col = 0
+    for _, ranges, f in present:
+        Bp = f.B.to(B.dtype) * (f.scale / scale)
+        row = 0
+        for a, b in ranges:
+            B[a:b, col:col + f.rank] = Bp[row:row + (b - a)]
+            row += b - a
+        col += f.rank
+    A = torch.cat([f.A.to(B.dtype) for _, _, f in present])
+    return LoraFactors(A.to(dt), B.to(dt), scale)

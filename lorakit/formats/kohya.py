@@ -14,7 +14,7 @@ recovered, in order of preference, from
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
@@ -22,7 +22,17 @@ from lorakit.errors import FormatError, KeyMappingError
 from lorakit.factors import LoraFactors
 from lorakit.formats._lora import Roles, build_adapter, read_alpha
 from lorakit.formats.base import Source, group_by_module
-from lorakit.formats.keymaps import KeyMap, Split, arch_keymap, base_keymap, detect_arch, split_factors
+from lorakit.formats.keymaps import (
+    KeyMap,
+    Split,
+    arch_keymap,
+    base_keymap,
+    detect_arch,
+    fuse_factors,
+    split_factors,
+    write_arch,
+    writer_stems,
+)
 from lorakit.io.writer import SafetensorsWriter
 
 SUFFIXES = {
@@ -78,12 +88,28 @@ def resolve_names(
     ``ss_base_model_version`` or the stems (used only if every stem maps); otherwise the stems themselves.
     """
     file = str(source.path)
+    stored: dict[str, str] = {}
     if NAMES_KEY in source.metadata:
         try:
-            stored = json.loads(source.metadata[NAMES_KEY])
+            stored = dict(json.loads(source.metadata[NAMES_KEY]))
         except ValueError as e:
             raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
-        return dict(stored), []
+        stems = [s for s in stems if s not in stored]
+        if not stems:
+            return dict(stored), []
+    names, notes = _map_stems(source, stems, keymap=keymap, arch=arch, base=base)
+    return {**stored, **names}, notes
+
+
+def _map_stems(
+    source: Source,
+    stems: list[str],
+    *,
+    keymap: Mapping[str, str] | KeyMap | None,
+    arch: str | None,
+    base: str | Path | None,
+) -> tuple[Names, list[str]]:
+    file = str(source.path)
     explicit = keymap is not None or arch is not None or base is not None
     km: KeyMap | None = None
     if isinstance(keymap, KeyMap):
@@ -180,30 +206,51 @@ class KohyaFormat:
         return adapter.with_meta(notes=tuple(notes))
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
-        stems: dict[str, str] = {}
-        for name in adapter:
-            stem = kohya_stem(name)
-            if stem in stems.values():
-                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=name, key=stem)
-            stems[name] = stem
+        """Write kohya stems as the architecture's own tools name them (SGM for SDXL, BFL for Flux, with Flux
+        q/k/v and ``linear1`` parts fused back exactly), else ``prefix + name.replace(".", "_")``; the stem →
+        name map is stored in ``lorakit.module_names`` so lorakit reads the names back exactly."""
         carried = dict(adapter.meta.format_config) if adapter.meta.source_format == "kohya" else {}
-        ranks = {adapter.info(n).rank for n in adapter}
-        alphas = {adapter.info(n).scale * adapter.info(n).rank for n in adapter}
+        arch = write_arch(list(adapter), {**carried, **metadata})
+        preferred, fusions = writer_stems(arch) if arch else ({}, {})
+        # (stem, loader, module name or None for fused modules)
+        items: list[tuple[str, Callable[[], LoraFactors], str | None]] = []
+        fused_names: set[str] = set()
+        for stem, split in fusions.items():
+            names = [n for n, _ in split.parts if n in adapter]
+            if not names:
+                continue
+            f = fuse_factors({n: adapter[n] for n in names}, split)
+            if f is not None:
+                items.append((stem, lambda f=f: f, None))
+                fused_names.update(names)
+        for name in adapter:
+            if name not in fused_names:
+                items.append((preferred.get(name) or kohya_stem(name), lambda name=name: adapter[name], name))
+        seen: dict[str, str] = {}
+        for stem, _, name in items:
+            if stem in seen:
+                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=name or seen[stem],
+                                      key=stem)
+            seen[stem] = name or stem
+        infos = {n: adapter.info(n) for n in adapter if n not in fused_names}
+        ranks = {i.rank for i in infos.values()}
+        alphas = {i.scale * i.rank for i in infos.values()}
+        if fused_names:
+            ranks.add(-1)  # fused modules have their own ranks: report "Dynamic"
         meta = {
             **carried,
             "ss_network_module": carried.get("ss_network_module", "networks.lora"),
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": (lambda a: str(int(a)) if float(a).is_integer() else str(a))(alphas.pop())
-            if len(alphas) == 1 else "Dynamic",
+            if len(alphas) == 1 and not fused_names else "Dynamic",
             **metadata,
-            NAMES_KEY: json.dumps({stems[n]: n for n in adapter}),
+            NAMES_KEY: json.dumps({stem: name for stem, _, name in items if name is not None}),
         }
         import torch
 
         with SafetensorsWriter(path, meta) as w:
-            for name in adapter:
-                f = adapter[name]
-                stem = stems[name]
+            for stem, load, _ in items:
+                f = load()
                 A, B = f.A, f.B
                 if f.kind == "conv":
                     a_shape, b_shape = f.conv_shapes()
@@ -216,7 +263,6 @@ class KohyaFormat:
                     mag = f.magnitude
                     w.add(f"{stem}.dora_scale", mag.reshape(-1, 1) if mag.ndim == 1 else mag)
             if adapter.meta.source_format == "kohya":
-                for k, load in adapter.meta.passthrough.items():
-                    w.add(k, load())
+                for k, load_t in adapter.meta.passthrough.items():
+                    w.add(k, load_t())
         return path
-

@@ -292,3 +292,58 @@ def test_kohya_pickle_refused_unless_allowed(tmp_path, cli):
     assert code == 1 and not (tmp_path / "o").exists()
     a = lorakit.load(path, allow_pickle=True)
     assert_refs(a, {SD1[0][1]: ref})
+
+
+def strip_lorakit_names(src, dst):
+    """The same tensors without ``lorakit.module_names``: what another tool's file looks like."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = {k: v for k, v in (fh.metadata() or {}).items() if k != "lorakit.module_names"}
+    save_file(tensors, str(dst), metadata=meta)
+    return set(tensors)
+
+
+def test_flux_parts_are_fused_back_when_writing_kohya(tmp_path):
+    from lorakit.adapter import Adapter
+
+    d = 3072
+    g = torch.Generator().manual_seed(5)
+    mods = {  # PEFT/diffusers-named Flux modules with different ranks and scales per part
+        "transformer.transformer_blocks.0.attn.to_q": (d, d, 2, 0.5),
+        "transformer.transformer_blocks.0.attn.to_k": (d, d, 3, 2.0),
+        "transformer.transformer_blocks.0.attn.to_v": (d, d, 1, 1.0),
+        "transformer.single_transformer_blocks.2.proj_mlp": (4 * d, d, 2, 1.0),  # alone: other parts are zero
+        "transformer.single_transformer_blocks.2.proj_out": (d, 5 * d, 2, 0.25),
+    }
+    a = Adapter({n: LoraFactors(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g), s)
+                 for n, (o, i, r, s) in mods.items()})
+    out = tmp_path / "k.safetensors"
+    lorakit.save(a, out, format="kohya")
+    plain = tmp_path / "plain.safetensors"
+    keys = strip_lorakit_names(out, plain)
+    assert {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_single_blocks_2_linear1.alpha",
+            "lora_unet_single_blocks_2_linear2.lora_up.weight"} <= keys
+    x = torch.randn(5 * d, 2, generator=g, dtype=D)
+    for path in (out, plain):
+        back = lorakit.load(path)
+        for n in mods:
+            f, ref = back[n], a[n]
+            k = ref.in_features
+            torch.testing.assert_close(f.scale * (f.B.double() @ (f.A.double() @ x[:k])),
+                                       ref.scale * (ref.B.double() @ (ref.A.double() @ x[:k])), rtol=1e-5, atol=1e-4)
+        assert set(back) == set(mods)  # zero parts of the fused linear1 are left out
+        assert [back.info(n).rank for n in mods] == [mods[n][2] for n in mods]  # each part keeps its own rank
+
+
+def test_sdxl_written_with_sgm_stems(tmp_path):
+    path, refs = write(tmp_path / "x.safetensors", SDXL)
+    peft = tmp_path / "p"
+    lorakit.save(lorakit.load(path), peft, format="peft")
+    out = tmp_path / "k.safetensors"
+    lorakit.save(lorakit.load(peft), out, format="kohya")
+    plain = tmp_path / "plain.safetensors"
+    keys = strip_lorakit_names(out, plain)
+    assert {f"{stem}.lora_down.weight" for stem, *_ in SDXL} <= keys
+    assert_refs(lorakit.load(plain), refs, 1e-6)
