@@ -111,8 +111,9 @@ def test_sdxl_input_and_output_blocks_follow_the_diffusers_remap_rule():
             assert km.resolve(f"lora_unet_output_blocks_{i}_1_proj_in") == f"unet.up_blocks.{u}.attentions.{j}.proj_in"
 
 
-def test_roundtrip_through_peft_and_diffusers_keeps_delta_and_alpha(tmp_path):
-    path, refs = write(tmp_path / "sdxl.safetensors", SDXL)
+@pytest.mark.parametrize("table", [SD1, SDXL], ids=["sd1", "sdxl"])
+def test_roundtrip_through_peft_and_diffusers_keeps_delta_and_alpha(tmp_path, table):
+    path, refs = write(tmp_path / "src.safetensors", table)
     a = lorakit.load(path)
     for fmt, out in (("peft", tmp_path / "p"), ("diffusers", tmp_path / "d.safetensors")):
         lorakit.save(a, out, format=fmt)

@@ -245,3 +245,36 @@ def test_lycoris_is_not_writable(tmp_path):
         lorakit.save(a, tmp_path / "y.safetensors", format="lycoris")
     out = lorakit.save(a, tmp_path / "y")  # default: PEFT
     assert lorakit.load(out).meta.source_format == "peft"
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorakit.formats.lycoris import loha_factors, lokr_svd
+from lorakit.linalg import SVD
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 9), inn=st.integers(1, 9), r1=st.integers(1, 4), r2=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_face_splitting_times_khatri_rao_is_the_hadamard_product(out, inn, r1, r2, seed):
+    w1a, w1b, w2a, w2b = rand(out, r1, seed=seed), rand(r1, inn, seed=seed + 1), rand(out, r2, seed=seed + 2), \
+        rand(r2, inn, seed=seed + 3)
+    B, A = loha_factors(w1a, w1b, w2a, w2b)
+    assert B.shape == (out, r1 * r2) and A.shape == (r1 * r2, inn)
+    torch.testing.assert_close(B @ A, (w1a @ w1b) * (w2a @ w2b), rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(a=st.integers(1, 5), c=st.integers(1, 5), b=st.integers(1, 5), d=st.integers(1, 5), k=st.integers(1, 30),
+       seed=st.integers(0, 2**16))
+def test_kron_svd_from_factor_svds(a, c, b, d, k, seed):
+    W1, W2 = rand(a, c, seed=seed), rand(b, d, seed=seed + 1)
+    svd = lambda W: SVD(*torch.linalg.svd(W, full_matrices=False))  # noqa: E731
+    B, A, err = lokr_svd(svd(W1), svd(W2), k)
+    ref = torch.kron(W1, W2)
+    S = torch.linalg.svdvals(ref)
+    kk = min(k, min(a, c) * min(b, d))  # rank(kron) = rank(W1)·rank(W2)
+    assert B.shape[1] == kk
+    best = float((S[kk:] ** 2).sum().sqrt() / S.norm())
+    assert abs(err - best) < 1e-9 and abs(rel_err(B @ A, ref) - best) < 1e-9
