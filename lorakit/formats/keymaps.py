@@ -363,7 +363,7 @@ def transformers_module_names(config: Mapping[str, Any]) -> list[str]:
     """Linear/Conv module names of a transformers model, built from its config on the meta device."""
     from lorakit._deps import require
 
-    transformers = require("transformers", "hub")
+    transformers = require("transformers", "peft")
     cfg_dict = dict(config)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
@@ -478,12 +478,14 @@ def write_arch(names: Sequence[str], metadata: Mapping[str, str]) -> str | None:
     if found:
         return found
     tr = [n for n in names if n.startswith("transformer.")]
-    if tr and all(n in writer_stems("flux")[0] for n in tr):
-        return "flux"
+    if tr:
+        flux = writer_stems("flux")[0]
+        if all(n in flux for n in tr):
+            return "flux"
     unet = [n for n in names if n.startswith("unet.")]
     if unet:
-        in_xl = all(n in writer_stems("sdxl")[0] for n in unet)
-        in_sd1 = all(n in writer_stems("sd1")[0] for n in unet)
+        xl, sd1 = writer_stems("sdxl")[0], writer_stems("sd1")[0]
+        in_xl, in_sd1 = all(n in xl for n in unet), all(n in sd1 for n in unet)
         if in_xl != in_sd1:
             return "sdxl" if in_xl else "sd1"
     return None

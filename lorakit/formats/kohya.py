@@ -23,6 +23,7 @@ from lorakit.factors import LoraFactors
 from lorakit.formats._lora import Roles, build_adapter, read_alpha
 from lorakit.formats.base import Source, group_by_module
 from lorakit.formats.keymaps import (
+    ARCHES,
     KeyMap,
     Split,
     arch_keymap,
@@ -123,6 +124,13 @@ def _map_stems(
     else:
         detected = detect_arch(stems, source.metadata)
         km = arch_keymap(detected) if detected else None
+        if km is not None and any(s not in km for s in stems):
+            # A close relative may fit (SD2's text encoder is deeper than SD1's): take the first that maps all.
+            for other in ARCHES:
+                cand = arch_keymap(other) if other != detected else km
+                if all(s in cand and s not in cand.ambiguous for s in stems):
+                    km = cand
+                    break
     if km is None:
         return {}, ["module names are kohya stems (architecture not recognised); pass --arch or --base to map them"]
     if explicit:

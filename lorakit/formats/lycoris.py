@@ -334,7 +334,7 @@ class LycorisFormat:
                 continue  # only alpha / dora_scale: nothing to apply
             if name in modules:
                 raise FormatError("two tensor groups map to the same module", file=source.path, module=name)
-            peft_scale = _peft_scale(config, name, stem, roles, source) if peft else None
+            peft_scale = _peft_scale(config, name) if peft else None
             alpha = None if peft else alpha_of(stem, roles)
             plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale)
             counts["LoHa" if is_loha else "LoKr"] += 1
@@ -367,7 +367,7 @@ class LycorisFormat:
         return adapter.with_meta(notes=tuple(notes))
 
 
-def _peft_scale(config: Mapping[str, Any] | None, name: str, stem: str, roles: Roles, source: Source) -> float:
+def _peft_scale(config: Mapping[str, Any] | None, name: str) -> float:
     """PEFT LOHA/LOKR: ``alpha / r`` from the config (``alpha``, ``r`` and their patterns), always."""
     from lorakit.formats.peft import pattern_value
 

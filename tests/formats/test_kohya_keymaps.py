@@ -348,3 +348,13 @@ def test_sdxl_written_with_sgm_stems(tmp_path):
     keys = strip_lorakit_names(out, plain)
     assert {f"{stem}.lora_down.weight" for stem, *_ in SDXL} <= keys
     assert_refs(lorakit.load(plain), refs, 1e-6)
+
+
+def test_sd2_text_encoder_depth_is_detected(tmp_path):
+    path, refs = write(tmp_path / "x.safetensors", [
+        SD1[0], ("lora_te_text_model_encoder_layers_22_mlp_fc2", "text_encoder.text_model.encoder.layers.22.mlp.fc2",
+                 8, 12, 2, 1.0, False)])
+    a = lorakit.load(path)  # detected as SD1 from the stems, but only SD2 has 23 text-encoder layers
+    assert_refs(a, refs)
+    with pytest.raises(KeyMappingError, match="layers_22"):
+        lorakit.load(path, arch="sd1")
