@@ -7,8 +7,13 @@ Names: ``stem = prefix + "_" + module_path.replace(".", "_")`` loses information
 recovered, in order of preference, from
 
 1. ``lorakit.module_names`` in the file's metadata (written by lorakit: converts back exactly);
-2. a key map (see :mod:`lorakit.formats.keymaps`) for a known architecture or a base model config;
-3. otherwise the stem itself is the module name (the adapter still merges with other kohya files).
+2. an explicit key map, ``arch`` (``sd1``/``sd2``/``sdxl``/``flux``) or ``base`` config (see
+   :mod:`lorakit.formats.keymaps`): every stem must map, else :class:`KeyMappingError`;
+3. the architecture detected from the metadata or the stems, if its map places every stem;
+4. otherwise the stem itself is the module name (the adapter still merges with other kohya files).
+
+Fused Flux modules (``qkv``, ``linear1``) are split exactly into per-projection modules on reading and fused
+back on writing (:func:`lorakit.formats.keymaps.split_factors` / :func:`~lorakit.formats.keymaps.fuse_factors`).
 """
 
 from __future__ import annotations

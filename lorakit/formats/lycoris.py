@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
-from lorakit.errors import FormatError, LossyOperationWarning, ShapeMismatchError
+from lorakit.errors import FormatError, LorakitError, LossyOperationWarning, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.formats import kohya
 from lorakit.formats._lora import Roles, build_adapter, read_alpha
@@ -133,6 +133,8 @@ def _plan_loha(source: Source, name: str, roles: Roles, alpha: float | None, max
         raise FormatError(f"LoHa module lacks {', '.join(missing)}", file=file, module=name)
     sh = {r: st.shape(roles[r]) for r in LOHA_ROLES if r in roles}
     tucker = "hada_t1" in roles and "hada_t2" in roles
+    if tucker != ("hada_t1" in roles or "hada_t2" in roles):
+        raise FormatError("LoHa Tucker module needs both hada_t1 and hada_t2", file=file, module=name)
     kernel: tuple[int, int] | None = None
     if tucker:
         t1, t2 = sh["hada_t1"], sh["hada_t2"]
@@ -336,7 +338,14 @@ class LycorisFormat:
                 raise FormatError("two tensor groups map to the same module", file=source.path, module=name)
             peft_scale = _peft_scale(config, name) if peft else None
             alpha = None if peft else alpha_of(stem, roles)
-            plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale)
+            try:
+                plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale)
+            except (ValueError, IndexError) as e:
+                if isinstance(e, LorakitError):
+                    raise
+                shapes = {r: source.store.shape(k) for r, k in roles.items()}
+                raise ShapeMismatchError(f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {shapes}",
+                                         file=source.path, module=name) from e
             counts["LoHa" if is_loha else "LoKr"] += 1
             infos[name] = plan.info
             if plan.info.rank < plan.exact_rank:

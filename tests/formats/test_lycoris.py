@@ -278,3 +278,18 @@ def test_kron_svd_from_factor_svds(a, c, b, d, k, seed):
     assert B.shape[1] == kk
     best = float((S[kk:] ** 2).sum().sqrt() / S.norm())
     assert abs(err - best) < 1e-9 and abs(rel_err(B @ A, ref) - best) < 1e-9
+
+
+@pytest.mark.parametrize("key,shape", [("lycoris_m.hada_w1_b", (2, 3, 4)), ("lycoris_m.hada_w2_a", (5, 3))])
+def test_loha_bad_shapes(tmp_path, key, shape):
+    t, _ = loha("lycoris_m", 5, 4, 2, 2.0, seed=5)
+    t[key] = torch.zeros(shape, dtype=D)
+    with pytest.raises(ShapeMismatchError, match="LoHa"):
+        lorakit.load(save(tmp_path / "x.safetensors", t))
+
+
+def test_lokr_wrong_dimensionality(tmp_path):
+    t, _, _, _ = lokr_tensors("lycoris_k", 7, w1_low=True, w2="full")
+    t["lycoris_k.lokr_w1_a"] = torch.zeros(2, 2, 2, dtype=D)
+    with pytest.raises(ShapeMismatchError, match="LoKr"):
+        lorakit.load(save(tmp_path / "x.safetensors", t))
