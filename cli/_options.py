@@ -40,6 +40,11 @@ base_option = click.option(
          "config.json) whose module names kohya stems are mapped to.",
 )
 
+max_rank_option = click.option(
+    "--max-rank", type=click.IntRange(min=1), default=None,
+    help="LoHa/LoKr inputs: truncate their exact LoRA form to this rank (the error is reported).",
+)
+
 
 def keymap_options(f: F) -> F:
     """``--arch`` and ``--base``: how kohya/LyCORIS stems become module names."""

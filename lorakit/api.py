@@ -38,7 +38,7 @@ def load(path: str | Path, *, format: str | None = None, allow_pickle: bool = Fa
     ignored = sorted(k for k in options if k not in accepted)
     adapter = fmt.read(source, **{k: v for k, v in options.items() if k in accepted})  # type: ignore[call-arg]
     if ignored:
-        note = f"option(s) {', '.join(ignored)} ignored: the {fmt.name} format names its modules itself"
+        note = f"option(s) {', '.join(ignored)} ignored: they do not apply to the {fmt.name} format"
         adapter = adapter.with_meta(notes=(*adapter.meta.notes, note))
     return adapter
 

@@ -293,3 +293,19 @@ def test_lokr_wrong_dimensionality(tmp_path):
     t["lycoris_k.lokr_w1_a"] = torch.zeros(2, 2, 2, dtype=D)
     with pytest.raises(ShapeMismatchError, match="LoKr"):
         lorakit.load(save(tmp_path / "x.safetensors", t))
+
+
+def test_cli_convert_with_max_rank_reports_the_error(tmp_path, cli):
+    t, ref = loha("lycoris_m", 9, 8, 3, 3.0, seed=11)
+    src = save(tmp_path / "x.safetensors", t)
+    out = tmp_path / "y.safetensors"
+    with pytest.warns(LossyOperationWarning):
+        code, stdout, err = cli("convert", src, "--to", "kohya", "--max-rank", "2", "-o", out, "--json")
+    assert code == 0, err
+    assert "truncated" in stdout + err
+    f = lorakit.load(out)["lycoris_m"]
+    S = torch.linalg.svdvals(ref)
+    assert f.rank == 2
+    assert abs(rel_err(f.delta(D), ref) - float((S[2:] ** 2).sum().sqrt() / S.norm())) < 1e-5
+    code, _, err = cli("convert", src, "--to", "kohya", "--max-rank", "0", "-o", tmp_path / "z.safetensors")
+    assert code != 0 and not (tmp_path / "z.safetensors").exists()
