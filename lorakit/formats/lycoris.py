@@ -104,7 +104,8 @@ def lokr_svd(w1: SVD, w2: SVD, max_rank: int | None = None) -> tuple[torch.Tenso
     B = torch.einsum("xt,yt->xyt", w1.U[:, i], w2.U[:, j]).reshape(-1, k) * root
     A = torch.einsum("tu,tv->tuv", w1.Vh[i], w2.Vh[j]).reshape(k, -1) * root.unsqueeze(1)
     total = float((S.double() ** 2).sum())
-    err = math.sqrt(max(total - float((S[keep].double() ** 2).sum()), 0.0) / total) if total > 0 else 0.0
+    dropped = float((S[order[k:]].double() ** 2).sum())  # summed directly: no cancellation when little is lost
+    err = math.sqrt(dropped / total) if total > 0 else 0.0
     return B, A, err
 
 
