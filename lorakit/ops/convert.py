@@ -21,7 +21,9 @@ def convert(
     """
     check_output_path(output, [source])
     adapter = load(source, allow_pickle=allow_pickle, **load_options)
-    prov = make_provenance("convert", {"to": to_format}, [source])
+    params = {"to": to_format, **{k: str(v) if isinstance(v, Path) else v for k, v in load_options.items()
+                                  if v is not None and k != "keymap"}}
+    prov = make_provenance("convert", params, [source])
     save(adapter, output, format=to_format, provenance=prov, inputs=(source,))
     report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
     report.summary = {"modules": len(adapter), "parameters": adapter.num_params, "output": str(output)}
