@@ -302,7 +302,9 @@ def arch_keymap(arch: str) -> KeyMap:
     """The key map of a named architecture (``sd1``, ``sd2``, ``sdxl``, ``flux``)."""
     if arch in ("sd1", "sd2"):
         km = unet_keymap(SD1_UNET, arch=arch)
-        km.update(clip_keymap(CLIP_L_LAYERS if arch == "sd1" else OPENCLIP_H_LAYERS, "lora_te_", "text_encoder."))
+        layers = CLIP_L_LAYERS if arch == "sd1" else OPENCLIP_H_LAYERS
+        km.update(clip_keymap(layers, "lora_te_", "text_encoder."))
+        km.update(clip_keymap(layers, "lora_te1_", "text_encoder."))  # as other tools write SD1 files
     elif arch == "sdxl":
         km = unet_keymap(SDXL_UNET, sgm=True, arch=arch)
         km.update(clip_keymap(CLIP_L_LAYERS, "lora_te1_", "text_encoder."))

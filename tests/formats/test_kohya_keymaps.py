@@ -356,5 +356,9 @@ def test_sd2_text_encoder_depth_is_detected(tmp_path):
                  8, 12, 2, 1.0, False)])
     a = lorakit.load(path)  # detected as SD1 from the stems, but only SD2 has 23 text-encoder layers
     assert_refs(a, refs)
+    path1, refs1 = write(tmp_path / "te1.safetensors", [
+        SD1[0], ("lora_te1_text_model_encoder_layers_3_mlp_fc2", "text_encoder.text_model.encoder.layers.3.mlp.fc2",
+                 8, 12, 2, 1.0, False)])
+    assert_refs(lorakit.load(path1), refs1)  # lora_te1_ for an SD1 text encoder (written by other tools)
     with pytest.raises(KeyMappingError, match="layers_22"):
         lorakit.load(path, arch="sd1")
