@@ -30,6 +30,26 @@ allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Read .bin/.pt pickles (weights_only=True). Only for files you trust."
 )
 
+arch_option = click.option(
+    "--arch", type=click.Choice(["sd1", "sd2", "sdxl", "flux"]), default=None,
+    help="Architecture of a kohya/LyCORIS file, to map its stems to module names (default: detected).",
+)
+base_option = click.option(
+    "--base", "base", type=click.Path(exists=True), default=None,
+    help="Base model config (diffusers unet/ or transformer/ config.json, a model directory, or a transformers "
+         "config.json) whose module names kohya stems are mapped to.",
+)
+
+max_rank_option = click.option(
+    "--max-rank", type=click.IntRange(min=1), default=None,
+    help="LoHa/LoKr inputs: truncate their exact LoRA form to this rank (the error is reported).",
+)
+
+
+def keymap_options(f: F) -> F:
+    """``--arch`` and ``--base``: how kohya/LyCORIS stems become module names."""
+    return arch_option(base_option(f))
+
 
 def common_output(f: F) -> F:
     """``-o``, ``--to``, ``--dtype``, ``--json``, ``--quiet``, ``--dry-run``: what every producing verb takes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ def load(path: str | Path, *, format: str | None = None, allow_pickle: bool = Fa
         path: a file, a PEFT directory, ``hf://org/repo[@rev][/file]`` or ``org/repo``.
         format: skip detection and read as this format.
         allow_pickle: read ``.bin``/``.pt`` pickles (with ``torch.load(weights_only=True)``). Off by default.
-        options: format-specific reading options (kohya: ``keymap``).
+        options: format-specific reading options (kohya and LyCORIS: ``arch`` = ``sd1``/``sd2``/``sdxl``/``flux``,
+            ``base`` = a base model config or directory, ``keymap``; LyCORIS: ``max_rank``). ``None`` values are
+            dropped; options the detected format does not take are ignored with a note.
 
     Raises:
         FormatError: (and subclasses) naming the file and module for anything unreadable.
@@ -30,7 +33,14 @@ def load(path: str | Path, *, format: str | None = None, allow_pickle: bool = Fa
     local = resolve_input(path, allow_pickle=allow_pickle)
     source = Source.open(local, allow_pickle=allow_pickle)
     fmt = get_format(format) if format else detect(source)
-    return fmt.read(source, **options)  # type: ignore[call-arg]
+    options = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(fmt.read).parameters
+    ignored = sorted(k for k in options if k not in accepted)
+    adapter = fmt.read(source, **{k: v for k, v in options.items() if k in accepted})  # type: ignore[call-arg]
+    if ignored:
+        note = f"option(s) {', '.join(ignored)} ignored: they do not apply to the {fmt.name} format"
+        adapter = adapter.with_meta(notes=(*adapter.meta.notes, note))
+    return adapter
 
 
 def default_output_format(adapter: Adapter) -> str:

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import allow_pickle_option, json_option
+from lorakit.cli._options import allow_pickle_option, json_option, keymap_options
 
 
 @click.command(epilog="""\b
 Examples:
   lorakit inspect examples/style.safetensors
   lorakit inspect adapter_dir/ --norms --json
+  lorakit inspect sdxl_lora.safetensors --arch sdxl
 """)
 @click.argument("adapter")
 @click.option("--norms", is_flag=True, help="Read the tensors and show ‖ΔW‖_F per module (factored, exact).")
 @click.option("--all", "show_all", is_flag=True, help="Show every module (default: the first and last 20).")
 @json_option
 @allow_pickle_option
-def command(adapter: str, norms: bool, show_all: bool, as_json: bool, allow_pickle: bool) -> None:
+@keymap_options
+def command(adapter: str, norms: bool, show_all: bool, as_json: bool, allow_pickle: bool, arch: str | None,
+            base: str | None) -> None:
     """Show what is inside an adapter, reading only the header unless --norms is given."""
     import lorakit
     from lorakit.cli._output import emit
     from lorakit.describe import describe
 
-    a = lorakit.load(adapter, allow_pickle=allow_pickle)
+    a = lorakit.load(adapter, allow_pickle=allow_pickle, arch=arch, base=base)
     emit(describe(a, norms=norms), as_json=as_json, max_rows=None if show_all else 40)

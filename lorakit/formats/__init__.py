@@ -10,9 +10,11 @@ from lorakit.errors import UnknownFormatError
 from lorakit.formats.base import Format, Source
 from lorakit.formats.diffusers import DiffusersFormat
 from lorakit.formats.kohya import KohyaFormat
+from lorakit.formats.lycoris import LycorisFormat
 from lorakit.formats.peft import PeftFormat
 
-FORMATS: list[Format] = [PeftFormat(), KohyaFormat(), DiffusersFormat()]
+# LyCORIS before PEFT (PEFT LOHA/LOKR configs) and kohya (LoHa/LoKr files may also hold LoCon modules).
+FORMATS: list[Format] = [LycorisFormat(), PeftFormat(), KohyaFormat(), DiffusersFormat()]
 
 
 def get_format(name: str) -> Format:

@@ -7,20 +7,38 @@ Names: ``stem = prefix + "_" + module_path.replace(".", "_")`` loses information
 recovered, in order of preference, from
 
 1. ``lorakit.module_names`` in the file's metadata (written by lorakit: converts back exactly);
-2. a key map (see :mod:`lorakit.formats.keymaps`) for a known architecture or a base model config;
-3. otherwise the stem itself is the module name (the adapter still merges with other kohya files).
+2. an explicit key map, ``arch`` (``sd1``/``sd2``/``sdxl``/``flux``) or ``base`` config (see
+   :mod:`lorakit.formats.keymaps`): every stem must map, else :class:`KeyMappingError`;
+3. the architecture detected from the metadata or the stems, if its map places every stem;
+4. otherwise the stem itself is the module name (the adapter still merges with other kohya files).
+
+Fused Flux modules (``qkv``, ``linear1``) are split exactly into per-projection modules on reading and fused
+back on writing (:func:`lorakit.formats.keymaps.split_factors` / :func:`~lorakit.formats.keymaps.fuse_factors`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
 from lorakit.errors import FormatError, KeyMappingError
+from lorakit.factors import LoraFactors
 from lorakit.formats._lora import Roles, build_adapter, read_alpha
 from lorakit.formats.base import Source, group_by_module
+from lorakit.formats.keymaps import (
+    ARCHES,
+    KeyMap,
+    Split,
+    arch_keymap,
+    base_keymap,
+    detect_arch,
+    fuse_factors,
+    split_factors,
+    write_arch,
+    writer_stems,
+)
 from lorakit.io.writer import SafetensorsWriter
 
 SUFFIXES = {
@@ -52,6 +70,111 @@ def kohya_stem(module: str) -> str:
     return "lora_" + module.replace(".", "_")
 
 
+Names = dict[str, "str | Split"]  # stem -> module name, or the modules a fused stem splits into
+
+
+def name_or_stem(names: Names, stem: str) -> str:
+    """The adapter name of a stem before splitting (split stems keep their stem until :func:`apply_splits`)."""
+    target = names.get(stem, stem)
+    return target if isinstance(target, str) else stem
+
+
+def resolve_names(
+    source: Source,
+    stems: list[str],
+    *,
+    keymap: Mapping[str, str] | KeyMap | None = None,
+    arch: str | None = None,
+    base: str | Path | None = None,
+) -> tuple[Names, list[str]]:
+    """Module names for kohya ``stems``, and notes saying how they were found.
+
+    Order: ``lorakit.module_names`` metadata (exact, written by lorakit); an explicit ``keymap``, ``base`` model
+    config or ``arch`` (every stem must map, else :class:`KeyMappingError`); the architecture detected from
+    ``ss_base_model_version`` or the stems (used only if every stem maps); otherwise the stems themselves.
+    """
+    file = str(source.path)
+    stored: dict[str, str] = {}
+    if NAMES_KEY in source.metadata:
+        try:
+            stored = dict(json.loads(source.metadata[NAMES_KEY]))
+        except ValueError as e:
+            raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
+        stems = [s for s in stems if s not in stored]
+        if not stems:
+            return dict(stored), []
+    names, notes = _map_stems(source, stems, keymap=keymap, arch=arch, base=base)
+    return {**stored, **names}, notes
+
+
+def _map_stems(
+    source: Source,
+    stems: list[str],
+    *,
+    keymap: Mapping[str, str] | KeyMap | None,
+    arch: str | None,
+    base: str | Path | None,
+) -> tuple[Names, list[str]]:
+    file = str(source.path)
+    explicit = keymap is not None or arch is not None or base is not None
+    km: KeyMap | None = None
+    if isinstance(keymap, KeyMap):
+        km = keymap
+    elif keymap is not None:
+        km = KeyMap("the given key map", names=dict(keymap))
+    elif base is not None:
+        km = base_keymap(base)
+    elif arch is not None:
+        km = arch_keymap(arch)
+    else:
+        detected = detect_arch(stems, source.metadata)
+        km = arch_keymap(detected) if detected else None
+        if km is not None and any(s not in km for s in stems):
+            # A close relative may fit (SD2's text encoder is deeper than SD1's): take the first that maps all.
+            for other in ARCHES:
+                cand = arch_keymap(other) if other != detected else km
+                if all(s in cand and s not in cand.ambiguous for s in stems):
+                    km = cand
+                    break
+    if km is None:
+        return {}, ["module names are kohya stems (architecture not recognised); pass --arch or --base to map them"]
+    if explicit:
+        return {s: km.resolve(s, file=file) for s in stems}, [f"module names mapped by the {km.arch} key map"]
+    unmapped = [s for s in stems if s not in km or s in km.ambiguous]
+    if unmapped:
+        return {}, [
+            f"looks like {km.arch}, but {len(unmapped)} stem(s) are not in its key map (e.g. {unmapped[0]!r}); "
+            "module names are kohya stems; pass --arch or --base to map them"
+        ]
+    return {s: km.resolve(s, file=file) for s in stems}, [f"module names mapped by the {km.arch} key map (detected)"]
+
+
+def apply_splits(adapter: Adapter, names: Names, *, file: str | None = None) -> Adapter:
+    """Replace every fused module (a stem mapped to a :class:`Split`) by its exact per-projection parts.
+
+    Fused modules are read now (their parts' ranks depend on whether the up factor is block-diagonal); the
+    others stay lazy.
+    """
+    splits = {s: t for s, t in names.items() if isinstance(t, Split)}
+    if not splits:
+        return adapter
+    modules: dict[str, LoraFactors | object] = {}
+    infos: dict[str, ModuleInfo] = {}
+    for name in adapter:
+        if name in splits:
+            for part, f in split_factors(adapter[name], splits[name], file=file, module=name).items():
+                if part in modules:
+                    raise FormatError("two tensor groups map to the same module", file=file, module=part)
+                modules[part] = f
+                infos[part] = ModuleInfo.of(part, f)
+        else:
+            if name in modules:
+                raise FormatError("two tensor groups map to the same module", file=file, module=name)
+            modules[name] = lambda name=name: adapter[name]
+            infos[name] = adapter.info(name)
+    return Adapter(modules, adapter.meta, infos)  # type: ignore[arg-type]
+
+
 class KohyaFormat:
     name = "kohya"
     description = "kohya / sd-scripts single file (lora_down / lora_up / alpha), also LyCORIS LoCon"
@@ -60,27 +183,12 @@ class KohyaFormat:
     def sniff(self, source: Source) -> bool:
         return any(k.endswith(".lora_down.weight") for k in source.keys)
 
-    def read(self, source: Source, keymap: Mapping[str, str] | None = None) -> Adapter:
+    def read(self, source: Source, keymap: Mapping[str, str] | KeyMap | None = None, arch: str | None = None,
+             base: str | Path | None = None) -> Adapter:
+        """Read a kohya file; ``keymap`` / ``arch`` / ``base`` name its modules (see :func:`resolve_names`)."""
         groups = group_by_module(source.keys, SUFFIXES)
-        notes: list[str] = []
-        names: dict[str, str] = {}
-        if NAMES_KEY in source.metadata:
-            try:
-                names = json.loads(source.metadata[NAMES_KEY])
-            except ValueError as e:
-                raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
-        elif keymap is not None:
-            names = dict(keymap)
-            unmapped = sorted(s for s in groups if s not in names)
-            if unmapped:
-                raise KeyMappingError(
-                    f"{len(unmapped)} kohya module(s) not in the key map, e.g. {unmapped[0]!r}",
-                    file=source.path, key=unmapped[0],
-                    hint="check --base / --arch: the file may be for another architecture",
-                )
-        else:
-            notes.append("module names are kohya stems (no key map given); pass --arch or --base to map them")
-        missing_alpha = []
+        names, notes = resolve_names(source, list(groups), keymap=keymap, arch=arch, base=base)
+        missing_alpha: list[str] = []
 
         def scale_of(stem: str, roles: Roles, rank: int) -> float:
             alpha = read_alpha(source, roles["alpha"]) if "alpha" in roles else None
@@ -99,9 +207,11 @@ class KohyaFormat:
             metadata=source.metadata,
             passthrough=passthrough,
         )
-        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: names.get(s, s), meta=meta)
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: name_or_stem(names, s),
+                                meta=meta)
         if not len(adapter):
             raise FormatError("no LoRA modules (lora_down/lora_up pairs) found", file=source.path)
+        adapter = apply_splits(adapter, names, file=str(source.path))
         if missing_alpha:
             notes.append(
                 f"{len(missing_alpha)} module(s) store no alpha: kohya's convention applies (alpha = rank, scale 1.0)"
@@ -109,30 +219,51 @@ class KohyaFormat:
         return adapter.with_meta(notes=tuple(notes))
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
-        stems: dict[str, str] = {}
-        for name in adapter:
-            stem = kohya_stem(name)
-            if stem in stems.values():
-                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=name, key=stem)
-            stems[name] = stem
+        """Write kohya stems as the architecture's own tools name them (SGM for SDXL, BFL for Flux, with Flux
+        q/k/v and ``linear1`` parts fused back exactly), else ``prefix + name.replace(".", "_")``; the stem →
+        name map is stored in ``lorakit.module_names`` so lorakit reads the names back exactly."""
         carried = dict(adapter.meta.format_config) if adapter.meta.source_format == "kohya" else {}
-        ranks = {adapter.info(n).rank for n in adapter}
-        alphas = {adapter.info(n).scale * adapter.info(n).rank for n in adapter}
+        arch = write_arch(list(adapter), {**carried, **metadata})
+        preferred, fusions = writer_stems(arch) if arch else ({}, {})
+        # (stem, loader, module name or None for fused modules)
+        items: list[tuple[str, Callable[[], LoraFactors], str | None]] = []
+        fused_names: set[str] = set()
+        for stem, split in fusions.items():
+            names = [n for n, _ in split.parts if n in adapter]
+            if not names:
+                continue
+            f = fuse_factors({n: adapter[n] for n in names}, split)
+            if f is not None:
+                items.append((stem, lambda f=f: f, None))
+                fused_names.update(names)
+        for name in adapter:
+            if name not in fused_names:
+                items.append((preferred.get(name) or kohya_stem(name), lambda name=name: adapter[name], name))
+        seen: dict[str, str] = {}
+        for stem, _, name in items:
+            if stem in seen:
+                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=name or seen[stem],
+                                      key=stem)
+            seen[stem] = name or stem
+        infos = {n: adapter.info(n) for n in adapter if n not in fused_names}
+        ranks = {i.rank for i in infos.values()}
+        alphas = {i.scale * i.rank for i in infos.values()}
+        if fused_names:
+            ranks.add(-1)  # fused modules have their own ranks: report "Dynamic"
         meta = {
             **carried,
             "ss_network_module": carried.get("ss_network_module", "networks.lora"),
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": (lambda a: str(int(a)) if float(a).is_integer() else str(a))(alphas.pop())
-            if len(alphas) == 1 else "Dynamic",
+            if len(alphas) == 1 and not fused_names else "Dynamic",
             **metadata,
-            NAMES_KEY: json.dumps({stems[n]: n for n in adapter}),
+            NAMES_KEY: json.dumps({stem: name for stem, _, name in items if name is not None}),
         }
         import torch
 
         with SafetensorsWriter(path, meta) as w:
-            for name in adapter:
-                f = adapter[name]
-                stem = stems[name]
+            for stem, load, _ in items:
+                f = load()
                 A, B = f.A, f.B
                 if f.kind == "conv":
                     a_shape, b_shape = f.conv_shapes()
@@ -145,7 +276,6 @@ class KohyaFormat:
                     mag = f.magnitude
                     w.add(f"{stem}.dora_scale", mag.reshape(-1, 1) if mag.ndim == 1 else mag)
             if adapter.meta.source_format == "kohya":
-                for k, load in adapter.meta.passthrough.items():
-                    w.add(k, load())
+                for k, load_t in adapter.meta.passthrough.items():
+                    w.add(k, load_t())
         return path
-

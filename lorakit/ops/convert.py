@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lorakit.api import load, save
 from lorakit.io.atomic import check_output_path
@@ -10,14 +11,19 @@ from lorakit.provenance import make_provenance
 from lorakit.report import Report
 
 
-def convert(source: str | Path, output: str | Path, to_format: str, *, allow_pickle: bool = False) -> Report:
+def convert(
+    source: str | Path, output: str | Path, to_format: str, *, allow_pickle: bool = False, **load_options: Any
+) -> Report:
     """Convert ``source`` to ``to_format`` at ``output``; returns what was written.
 
+    ``load_options`` go to :func:`lorakit.load` (``arch=``, ``base=`` for kohya/LyCORIS files).
     Non-LoRA tensors (PEFT ``modules_to_save``...) survive only a same-format rewrite; a note says so.
     """
     check_output_path(output, [source])
-    adapter = load(source, allow_pickle=allow_pickle)
-    prov = make_provenance("convert", {"to": to_format}, [source])
+    adapter = load(source, allow_pickle=allow_pickle, **load_options)
+    params = {"to": to_format, **{k: str(v) if isinstance(v, Path) else v for k, v in load_options.items()
+                                  if v is not None and k != "keymap"}}
+    prov = make_provenance("convert", params, [source])
     save(adapter, output, format=to_format, provenance=prov, inputs=(source,))
     report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
     report.summary = {"modules": len(adapter), "parameters": adapter.num_params, "output": str(output)}
