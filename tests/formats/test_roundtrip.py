@@ -1,0 +1,197 @@
+"""Write-then-read returns the same adapter, in every writable format and across formats.
+
+"Same" means: the same module set, ΔW equal in float64, the same effective scale, rank, kind, kernel, factor
+dtype and DoRA magnitude. kohya stores alpha as a float32 scalar, so its scales agree to float32 precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lorakit
+from lorakit import Adapter, LoraFactors
+from lorakit.adapter import AdapterMeta
+from lorakit.io import write_safetensors
+
+# (format, output name): the PEFT format writes a directory, or one file with the config in its metadata.
+TARGETS = [("peft", "out-dir"), ("peft", "out.safetensors"), ("kohya", "out.safetensors"),
+           ("diffusers", "out.safetensors")]
+SCALE_RTOL = {"kohya": 1e-7, "peft": 1e-12, "diffusers": 1e-12}
+
+
+def factors(out: int, inn: int, r: int, *, scale: float, seed: int, kernel=None, dtype=torch.float32,
+            magnitude: bool = False) -> LoraFactors:
+    g = torch.Generator().manual_seed(seed)
+    cols = inn * (kernel[0] * kernel[1] if kernel else 1)
+    A = torch.randn(r, cols, generator=g).to(dtype)
+    B = torch.randn(out, r, generator=g).to(dtype)
+    mag = (torch.rand(out, generator=g) + 0.5).to(dtype) if magnitude else None
+    return LoraFactors(A, B, scale, kernel, "conv" if kernel else "linear", mag)
+
+
+def assert_same(a: Adapter, b: Adapter, scale_rtol: float = 1e-12) -> None:
+    assert list(a) == list(b) or set(a) == set(b), sorted(set(a) ^ set(b))
+    for name in a:
+        fa, fb = a[name], b[name]
+        ia, ib = a.info(name), b.info(name)
+        assert (ia.rank, ia.kind, ia.kernel, ia.dtype, ia.shape) == (ib.rank, ib.kind, ib.kernel, ib.dtype, ib.shape)
+        assert fb.scale == pytest.approx(fa.scale, rel=scale_rtol), name
+        assert ib.scale == fb.scale  # the header-only scale is the one the factors carry
+        assert fb.A.dtype == fa.A.dtype and fb.B.dtype == fa.B.dtype
+        torch.testing.assert_close(fb.delta(torch.float64), fa.delta(torch.float64), rtol=max(scale_rtol, 1e-12),
+                                   atol=0, msg=lambda m, n=name: f"{n}: {m}")
+        assert (fa.magnitude is None) == (fb.magnitude is None), name
+        if fa.magnitude is not None:
+            assert fb.magnitude.dtype == fa.magnitude.dtype
+            torch.testing.assert_close(fb.magnitude.reshape(-1), fa.magnitude.reshape(-1), rtol=0, atol=0)
+
+
+def rich_adapter(dtype=torch.float32) -> Adapter:
+    """Heterogeneous ranks and scales, linear + conv 3x3 + conv 1x1, DoRA on two modules; diffusers-style names."""
+    mods = {
+        "unet.down_blocks.0.attentions.0.proj_in": factors(16, 8, 4, scale=2.0, seed=1, dtype=dtype),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+            factors(12, 16, 8, scale=16 / math.sqrt(8), seed=2, dtype=dtype, magnitude=True),
+        "unet.down_blocks.0.resnets.0.conv1": factors(6, 5, 3, scale=0.37, seed=3, kernel=(3, 3), dtype=dtype),
+        "unet.down_blocks.0.resnets.0.conv_shortcut": factors(6, 5, 2, scale=1.0, seed=4, kernel=(1, 1),
+                                                              dtype=dtype),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj":
+            factors(10, 10, 1, scale=-0.75, seed=5, dtype=dtype, magnitude=True),
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1": factors(20, 10, 5, scale=1 / 3, seed=6, dtype=dtype),
+    }
+    return Adapter(mods, AdapterMeta(base_model="tiny/base"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("fmt", "name"), TARGETS)
+def test_write_read_is_identity(tmp_path, fmt, name, dtype):
+    a = rich_adapter(dtype)
+    out = tmp_path / name
+    lorakit.save(a, out, format=fmt)
+    b = lorakit.load(out)
+    assert b.meta.source_format == fmt
+    assert_same(a, b, SCALE_RTOL[fmt])
+    # Reading what we wrote and writing it again in the same format changes nothing either.
+    again = tmp_path / ("again-" + name)
+    lorakit.save(b, again, format=fmt)
+    assert_same(b, lorakit.load(again), SCALE_RTOL[fmt])
+
+
+def test_no_temporary_files_left(tmp_path):
+    for fmt, name in TARGETS:
+        lorakit.save(rich_adapter(), tmp_path / f"{fmt}-{name}", format=fmt)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def write_peft_dir(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    write_safetensors(path / "adapter_model.safetensors", tensors)
+    return path
+
+
+def peft_tensors(ranks: dict[str, int], out: int = 12, inn: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for name, r in ranks.items():
+        t[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, inn, generator=g)
+        t[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out, r, generator=g)
+    return t
+
+
+RANKS = {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 8,
+         "model.layers.1.self_attn.q_proj": 4, "model.layers.1.mlp.down_proj": 2}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_patterns_and_rslora_survive_every_format(tmp_path, rslora):
+    config = {"r": 8, "lora_alpha": 16, "use_rslora": rslora, "rank_pattern": {"q_proj": 4, "down_proj": 2},
+              "alpha_pattern": {"model.layers.1.self_attn.q_proj": 5, "down_proj": 0.5}}
+    src = lorakit.load(write_peft_dir(tmp_path / "src", config, peft_tensors(RANKS)))
+    root = math.sqrt if rslora else (lambda r: r)
+    expected = {"model.layers.0.self_attn.q_proj": 16 / root(4), "model.layers.0.self_attn.v_proj": 16 / root(8),
+                "model.layers.1.self_attn.q_proj": 5 / root(4), "model.layers.1.mlp.down_proj": 0.5 / root(2)}
+    assert {n: src.info(n).scale for n in src} == pytest.approx(expected, rel=1e-15)
+    for fmt, name in TARGETS:
+        if fmt == "diffusers":
+            continue  # language-model names have no diffusers component; see test_diffusers_refuses_bare_names
+        out = tmp_path / f"{fmt}-{name}"
+        lorakit.save(src, out, format=fmt)
+        assert_same(src, lorakit.load(out), SCALE_RTOL[fmt])
+    written = json.loads((tmp_path / "peft-out-dir" / "adapter_config.json").read_text())
+    assert written["use_rslora"] is rslora
+
+
+def test_cross_format_chain_keeps_delta_and_scale(tmp_path):
+    a = rich_adapter()
+    lorakit.save(a, tmp_path / "a-peft", format="peft")
+    lorakit.save(lorakit.load(tmp_path / "a-peft"), tmp_path / "a.kohya.safetensors", format="kohya")
+    lorakit.save(lorakit.load(tmp_path / "a.kohya.safetensors"), tmp_path / "a.diff.safetensors",
+                 format="diffusers")
+    lorakit.save(lorakit.load(tmp_path / "a.diff.safetensors"), tmp_path / "b-peft", format="peft")
+    b = lorakit.load(tmp_path / "b-peft")
+    assert b.meta.source_format == "peft"
+    assert_same(a, b, SCALE_RTOL["kohya"])
+
+
+def test_diffusers_refuses_bare_names(tmp_path, cli):
+    src = write_peft_dir(tmp_path / "src", {"r": 8, "lora_alpha": 8}, peft_tensors(RANKS))
+    code, _, err = cli("convert", src, "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert code == 1 and "component" in err and "peft" in err
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_kohya_without_alpha_reads_scale_one_and_inspect_says_so(tmp_path, cli):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "noalpha.safetensors"
+    write_safetensors(path, {
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(4, 8, generator=g),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(8, 4, generator=g),
+        "lora_unet_mid_block_attentions_0_proj_out.lora_down.weight": torch.randn(2, 8, generator=g),
+        "lora_unet_mid_block_attentions_0_proj_out.lora_up.weight": torch.randn(8, 2, generator=g),
+        "lora_unet_mid_block_attentions_0_proj_out.alpha": torch.tensor(0.0),  # 0 means "alpha = rank"
+    })
+    a = lorakit.load(path)
+    assert {a.info(n).scale for n in a} == {1.0}
+    assert any("no alpha" in n and "1.0" in n for n in a.meta.notes)
+    code, out, err = cli("inspect", path)
+    assert code == 0 and "no alpha" in err and "scale 1.0" in err
+    code, out, _ = cli("inspect", path, "--json")
+    report = json.loads(out)
+    assert any("no alpha" in n for n in report["notes"]) and report["scales"] == {"1": 2}
+
+
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])
+
+
+@st.composite
+def random_modules(draw):
+    n = draw(st.integers(1, 4))
+    mods = {}
+    for i in range(n):
+        out, inn = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+        kernel = draw(st.sampled_from([None, None, (1, 1), (3, 3), (1, 3)]))
+        r = draw(st.integers(1, 6))
+        scale = draw(st.one_of(st.floats(-100, 100, allow_nan=False).filter(lambda s: abs(s) > 1e-3),
+                               st.sampled_from([1.0, 0.5, 2.0, 16 / math.sqrt(8)])))
+        mods[f"unet.blocks.{i}.proj"] = factors(out, inn, r, scale=scale, seed=i, kernel=kernel,
+                                                dtype=draw(DTYPES), magnitude=draw(st.booleans()))
+    return Adapter(mods)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adapter=random_modules(), target=st.sampled_from(TARGETS))
+def test_round_trip_property(adapter, target):
+    fmt, name = target
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / name
+        lorakit.save(adapter, out, format=fmt)
+        assert_same(adapter, lorakit.load(out).materialize(), SCALE_RTOL[fmt])
