@@ -20,6 +20,25 @@ from lorakit.formats.base import Source
 Roles = Mapping[str, str]  # role -> tensor key
 
 
+def check_pair(source: Source, name: str, roles: Roles) -> None:
+    """Refuse, from the header alone, factor pairs that cannot form ΔW: wrong dimensionality, ranks that
+    differ, zero-size factors (rank 0 or an empty layer dimension)."""
+    a, b = source.store.shape(roles["A"]), source.store.shape(roles["B"])
+    if len(a) not in (2, 4) or len(b) not in (2, 4):
+        raise ShapeMismatchError(f"factors must be 2-D or 4-D, got A {a} and B {b}", file=source.path, module=name)
+    if a[0] != b[1]:
+        raise ShapeMismatchError(
+            f"A and B ranks differ: A {a} has rank {a[0]}, B {b} has rank {b[1]}", file=source.path, module=name,
+            hint="the file is damaged or was written by a buggy tool; re-export the adapter",
+        )
+    if 0 in a or 0 in b:
+        what = "rank 0" if a[0] == 0 else "a zero-size layer dimension"
+        raise ShapeMismatchError(
+            f"zero-size factors ({what}: A {a}, B {b}) cannot hold a LoRA", file=source.path, module=name,
+            hint="the export was empty or damaged; re-export the adapter from the trained model",
+        )
+
+
 def module_info(source: Source, name: str, roles: Roles, scale: float, kind: LayerKind | None = None) -> ModuleInfo:
     """Header-only facts of one module; raises :class:`ShapeMismatchError` for factors that cannot pair."""
     store = source.store
@@ -93,6 +112,7 @@ def build_adapter(
             raise FormatError(
                 f"factor {'A (down)' if 'A' not in roles else 'B (up)'} is missing", file=source.path, module=name
             )
+        check_pair(source, name, roles)
         rank = source.store.shape(roles["A"])[0]
         info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
         infos[name] = info

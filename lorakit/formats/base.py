@@ -17,6 +17,7 @@ from lorakit.io.safetensors_file import SafetensorsFile
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_lora_weights.bin")
+CONFIG_HINT = "repair the file, or save the adapter again (PEFT's save_pretrained writes adapter_config.json)"
 
 
 class TensorStore(Protocol):
@@ -152,9 +153,9 @@ class Source:
             try:
                 config = json.loads(config_path.read_text())
             except (OSError, ValueError) as e:
-                raise FormatError(f"adapter_config.json is not valid JSON: {e}", file=config_path) from e
+                raise FormatError(f"not valid JSON ({e})", file=config_path, hint=CONFIG_HINT) from e
             if not isinstance(config, dict):
-                raise FormatError("adapter_config.json is not a JSON object", file=config_path)
+                raise FormatError("not a JSON object", file=config_path, hint=CONFIG_HINT)
         return cls(p, store, config, config_path)
 
 
