@@ -70,6 +70,18 @@ def _strip_adapter_name(key: str) -> str:
     return re.sub(r"\.(lora_embedding_[AB]|lora_magnitude_vector)\.(?!weight$)[^.]+$", r".\1", key)
 
 
+def clean_alpha(alpha: float) -> int | float:
+    """An alpha re-derived from a scale (``s·r`` or ``s·√r``) without floating-point noise: a value within
+    1e-14 (relative) of a 12-digit decimal is that decimal (``16.000000000000004`` → ``16``,
+    ``0.5000000000000001`` → ``0.5``), so configs stay readable and patterns do not list modules whose alpha
+    differs only by rounding. Integers are returned as ``int``."""
+    alpha = float(alpha)
+    short = float(f"{alpha:.12g}")
+    if abs(short - alpha) <= 1e-14 * abs(alpha):
+        alpha = short
+    return int(alpha) if alpha.is_integer() else alpha
+
+
 def pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
     """PEFT's pattern lookup: the first key ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)``."""
     for p, v in patterns.items():
@@ -162,12 +174,12 @@ class PeftFormat:
         use_rslora = bool(config.get("use_rslora"))
         infos = adapter.infos()
         ranks = {n: i.rank for n, i in infos.items()}
-        alphas = {n: i.scale * (math.sqrt(i.rank) if use_rslora else i.rank) for n, i in infos.items()}
+        alphas = {n: clean_alpha(i.scale * (math.sqrt(i.rank) if use_rslora else i.rank)) for n, i in infos.items()}
         r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
         alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
         config.update(
             r=r,
-            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+            lora_alpha=alpha,
             rank_pattern={n: k for n, k in ranks.items() if k != r},
             alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
             target_modules=sorted({n for n, i in infos.items()}),

@@ -128,6 +128,12 @@ def test_peft_patterns_and_rslora_survive_every_format(tmp_path, rslora):
         assert_same(src, lorakit.load(out), SCALE_RTOL[fmt])
     written = json.loads((tmp_path / "peft-out-dir" / "adapter_config.json").read_text())
     assert written["use_rslora"] is rslora
+    # Alphas re-derived from scales carry no rounding noise: only the real overrides become patterns.
+    assert written["lora_alpha"] == 16 and isinstance(written["lora_alpha"], int)
+    assert written["alpha_pattern"] == {"model.layers.1.self_attn.q_proj": 5, "model.layers.1.mlp.down_proj": 0.5}
+    # The most common rank (4) becomes r; the others are patterns under their full module names.
+    assert written["r"] == 4
+    assert written["rank_pattern"] == {"model.layers.0.self_attn.v_proj": 8, "model.layers.1.mlp.down_proj": 2}
 
 
 def test_cross_format_chain_keeps_delta_and_scale(tmp_path):
