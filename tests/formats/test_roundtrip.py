@@ -201,3 +201,25 @@ def test_round_trip_property(adapter, target):
         out = Path(d) / name
         lorakit.save(adapter, out, format=fmt)
         assert_same(adapter, lorakit.load(out).materialize(), SCALE_RTOL[fmt])
+
+
+def test_inspect_reports_what_was_written(tmp_path, cli):
+    out = tmp_path / "rich.safetensors"
+    lorakit.save(rich_adapter(torch.bfloat16), out, format="kohya")
+    code, text, _ = cli("inspect", out)
+    assert code == 0
+    summary = dict(line.strip().split(": ", 1) for line in text.splitlines() if line.startswith("  "))
+    assert summary["module count"] == "6" and summary["dtypes"] == "bfloat16" and summary["dora"] == "yes"
+    assert summary["ranks"] == "1 (×1), 2 (×1), 3 (×1), 4 (×1), 5 (×1), 8 (×1)"
+    assert summary["kinds"] == "conv 1x1 (×1), conv 3x3 (×1), linear (×4)"
+    assert "{" not in text and "'" not in text  # no Python reprs
+    code, text, _ = cli("inspect", out, "--json", "--norms")
+    report = json.loads(text)
+    assert list(report) == ["title", "format", "base_model", "module_count", "ranks", "scales", "dtypes", "kinds",
+                            "parameters", "dora", "total_norm", "modules", "notes"]
+    assert report["ranks"] == {"1": 1, "2": 1, "3": 1, "4": 1, "5": 1, "8": 1}
+    assert report["scales"]["0.37"] == 1 and report["scales"]["-0.75"] == 1
+    a = lorakit.load(out)
+    for row in report["modules"]:
+        assert row["norm"] == pytest.approx(float(torch.linalg.norm(a[row["module"]].delta(torch.float64))),
+                                            rel=1e-9)
