@@ -130,7 +130,12 @@ class PeftFormat:
         for key in VARIANT_KEYS:
             if config.get(key):
                 raise FormatError(f"PEFT LoRA variant ({key}) is not plain LoRA and is not supported",
-                                  file=source.config_path)
+                                  file=source.config_path or source.path,
+                                  hint="merge it into its base model with PEFT (merge_and_unload) instead")
+        init = str(config.get("init_lora_weights", "")).lower()
+        if init.startswith(("pissa", "olora", "corda")):
+            notes.append(f"init_lora_weights={config['init_lora_weights']}: this adapter applies to the base model "
+                         "as modified at initialisation, not to the original base weights")
         keys = source.keys
         # Unstripped in-memory keys (`.lora_A.default.weight`) occur in the wild: strip the adapter name.
         renamed = {_strip_adapter_name(k): k for k in keys}

@@ -112,6 +112,26 @@ def bad_peft_config(tmp: Path) -> Path:
     return d
 
 
+def peft_dir(tmp: Path, name: str, config: dict, magnitude: torch.Tensor | None = None) -> Path:
+    d = tmp / name
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **config}))
+    tensors = {"base_model.model.model.x.lora_A.weight": torch.ones(2, 3),
+               "base_model.model.model.x.lora_B.weight": torch.ones(4, 2)}
+    if magnitude is not None:
+        tensors["base_model.model.model.x.lora_magnitude_vector"] = magnitude
+    write_safetensors(d / "adapter_model.safetensors", tensors)
+    return d
+
+
+def nan_magnitude(tmp: Path) -> Path:
+    return peft_dir(tmp, "dora-nan", {"use_dora": True}, torch.tensor([1.0, math.nan, 1.0, 1.0]))
+
+
+def peft_variant(tmp: Path) -> Path:
+    return peft_dir(tmp, "alora", {"alora_invocation_tokens": [1, 2]})
+
+
 # name -> (maker, what the error line must say, module named in it or None)
 CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
     "truncated": (truncated, ("truncated",), None),
@@ -125,6 +145,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
     "zero_size": (zero_size, ("rank 0",), "lora_unet_mid_block_proj_in"),
     "duplicate_keys": (duplicate_keys, ("duplicate key",), None),
     "pickle": (pickle_file, ("refusing to unpickle",), None),
+    "nan_magnitude": (nan_magnitude, ("DoRA magnitude contains NaN",), "model.x"),
+    "peft_variant": (peft_variant, ("not plain LoRA",), None),
     "bad_peft_config": (bad_peft_config, ("adapter_config.json: not valid JSON",), None),
 }
 

@@ -223,3 +223,9 @@ def test_inspect_reports_what_was_written(tmp_path, cli):
     for row in report["modules"]:
         assert row["norm"] == pytest.approx(float(torch.linalg.norm(a[row["module"]].delta(torch.float64))),
                                             rel=1e-9)
+
+
+def test_pissa_initialised_adapter_gets_a_note(tmp_path):
+    src = write_peft_dir(tmp_path / "pissa", {"r": 4, "lora_alpha": 4, "init_lora_weights": "pissa_niter_4"},
+                         peft_tensors({"model.layers.0.self_attn.q_proj": 4}))
+    assert any("modified at initialisation" in n for n in lorakit.load(src).meta.notes)
