@@ -229,3 +229,15 @@ def test_pissa_initialised_adapter_gets_a_note(tmp_path):
     src = write_peft_dir(tmp_path / "pissa", {"r": 4, "lora_alpha": 4, "init_lora_weights": "pissa_niter_4"},
                          peft_tensors({"model.layers.0.self_attn.q_proj": 4}))
     assert any("modified at initialisation" in n for n in lorakit.load(src).meta.notes)
+
+
+def test_saving_over_the_source_is_refused(tmp_path):
+    from lorakit.errors import OutputError
+
+    path = tmp_path / "a.safetensors"
+    lorakit.save(rich_adapter(), path, format="kohya")
+    before = path.read_bytes()
+    a = lorakit.load(path)
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        lorakit.save(a, path)
+    assert path.read_bytes() == before
