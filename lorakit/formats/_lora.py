@@ -67,8 +67,35 @@ def module_info(source: Source, name: str, roles: Roles, scale: float, kind: Lay
     )
 
 
-def load_factors(source: Source, info: ModuleInfo, roles: Roles) -> LoraFactors:
-    """Read one module's tensors and return its factors (conv flattened, Tucker ``mid`` folded into A)."""
+def is_per_output(magnitude: torch.Tensor, out_features: int) -> bool:
+    """A DoRA magnitude with one value per output row, leading: ``(out,)``, ``(out, 1)``, ``(out, 1, 1, 1)``.
+    A per-input magnitude (LyCORIS ``wd_on_out=False``: ``(1, in[, 1, 1])``) is not."""
+    return magnitude.ndim >= 1 and magnitude.numel() == out_features and magnitude.shape[0] == out_features
+
+
+def peft_magnitude(f: LoraFactors, file: object = None, module: str | None = None) -> torch.Tensor:
+    """The magnitude in PEFT's stored layout: ``(out,)``, or ``(1, out, 1, 1)`` for conv layers.
+
+    Raises:
+        FormatError: a magnitude that is not per output row (LyCORIS ``wd_on_out=False``), which PEFT cannot
+            represent.
+    """
+    assert f.magnitude is not None
+    if not is_per_output(f.magnitude, f.out_features):
+        raise FormatError(
+            f"DoRA magnitude of shape {tuple(f.magnitude.shape)} is not one value per output row "
+            f"({f.out_features}); PEFT has no per-input DoRA", file=file, module=module,
+            hint="keep this adapter in the kohya/LyCORIS format",
+        )
+    return f.magnitude.reshape(1, -1, 1, 1) if f.kind == "conv" else f.magnitude.reshape(-1)
+
+
+def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitude: bool = False) -> LoraFactors:
+    """Read one module's tensors and return its factors (conv flattened, Tucker ``mid`` folded into A).
+
+    ``flat_magnitude``: the format's DoRA magnitudes are per output row (PEFT, diffusers); store them as
+    ``(out,)``, the layout :class:`LoraFactors` documents.
+    """
     store = source.store
     A, B = store.get(roles["A"]), store.get(roles["B"])
     r = A.shape[0]
@@ -79,6 +106,13 @@ def load_factors(source: Source, info: ModuleInfo, roles: Roles) -> LoraFactors:
     A = A.reshape(r, -1)
     B = B.reshape(B.shape[0], -1)
     magnitude = store.get(roles["magnitude"]) if "magnitude" in roles else None
+    if magnitude is not None and flat_magnitude:
+        if magnitude.numel() != B.shape[0]:
+            raise ShapeMismatchError(
+                f"DoRA magnitude has {magnitude.numel()} values, the layer has {B.shape[0]} outputs",
+                file=source.path, module=info.name,
+            )
+        magnitude = magnitude.reshape(-1)
     extras = {"bias": store.get(roles["bias"])} if "bias" in roles else {}
     f = LoraFactors(A, B, info.scale, info.kernel, info.kind, magnitude, extras)
     f.check_finite(file=str(source.path), module=info.name)
@@ -93,6 +127,7 @@ def build_adapter(
     name_of: Callable[[str], str] = lambda k: k,
     kind_of: Callable[[str, Roles], LayerKind | None] = lambda _k, _r: None,
     meta: AdapterMeta,
+    flat_magnitude: bool = False,
 ) -> Adapter:
     """A lazy adapter over ``groups`` (stem → roles).
 
@@ -100,6 +135,7 @@ def build_adapter(
         scale_of: ``(stem, roles, rank) → effective scale``.
         name_of: stem → module name in the adapter.
         kind_of: stem → layer kind, or ``None`` to infer it from the shapes.
+        flat_magnitude: DoRA magnitudes are per output row in this format: read them as ``(out,)``.
     """
     infos: dict[str, ModuleInfo] = {}
     loaders: dict[str, Callable[[], LoraFactors]] = {}
@@ -116,7 +152,7 @@ def build_adapter(
         rank = source.store.shape(roles["A"])[0]
         info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
         infos[name] = info
-        loaders[name] = lambda info=info, roles=roles: load_factors(source, info, roles)
+        loaders[name] = lambda info=info, roles=roles: load_factors(source, info, roles, flat_magnitude=flat_magnitude)
     return Adapter(loaders, meta, infos)
 
 

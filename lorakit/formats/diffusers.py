@@ -21,7 +21,7 @@ from typing import Any
 
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.errors import FormatError, KeyMappingError
-from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats._lora import Roles, build_adapter, peft_magnitude, read_alpha
 from lorakit.formats.base import Source, group_by_module
 from lorakit.formats.peft import clean_alpha, peft_scale
 from lorakit.io.writer import SafetensorsWriter
@@ -97,7 +97,8 @@ class DiffusersFormat:
         meta = AdapterMeta(
             source_format=self.name, source_path=str(source.path), format_config=configs, metadata=source.metadata
         )
-        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=module_name, meta=meta)
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=module_name, meta=meta,
+                                flat_magnitude=True)
         if no_alpha:
             notes.append(f"{len(no_alpha)} module(s) store no alpha: scale 1.0 applies (diffusers convention)")
         return adapter.with_meta(notes=tuple(notes))
@@ -139,5 +140,5 @@ class DiffusersFormat:
                 w.add(f"{name}.lora_A.weight", A)
                 w.add(f"{name}.lora_B.weight", B)
                 if f.magnitude is not None:
-                    w.add(f"{name}.lora_magnitude_vector", f.magnitude)
+                    w.add(f"{name}.lora_magnitude_vector", peft_magnitude(f, path, name))
         return path

@@ -22,7 +22,7 @@ from typing import Any
 
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.errors import FormatError
-from lorakit.formats._lora import Roles, build_adapter
+from lorakit.formats._lora import Roles, build_adapter, peft_magnitude
 from lorakit.formats.base import Source, group_by_module
 from lorakit.io.atomic import atomic_output
 from lorakit.io.writer import SafetensorsWriter
@@ -166,7 +166,8 @@ class PeftFormat:
             metadata=source.metadata,
             passthrough=passthrough,
         )
-        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=name_of, kind_of=kind_of, meta=meta)
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=name_of, kind_of=kind_of, meta=meta,
+                                flat_magnitude=True)
         if not len(adapter):
             raise FormatError("no LoRA modules (lora_A/lora_B pairs) found", file=source.path)
         return adapter.with_meta(notes=tuple(dict.fromkeys(notes)))
@@ -231,10 +232,7 @@ class PeftFormat:
                     w.add(f"{key}.lora_A.weight", A)
                     w.add(f"{key}.lora_B.weight", B)
                 if f.magnitude is not None:
-                    mag = f.magnitude
-                    if f.kind != "conv" and mag.numel() == f.out_features:
-                        mag = mag.reshape(-1)
-                    w.add(f"{key}.lora_magnitude_vector", mag)
+                    w.add(f"{key}.lora_magnitude_vector", peft_magnitude(f, path, name))
                 if "bias" in f.extras:
                     w.add(f"{key}.lora_B.bias", f.extras["bias"])
                     config["lora_bias"] = True

@@ -155,3 +155,43 @@ def test_gpt2_fan_in_fan_out_round_trip(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(tiny_gpt2(), out).eval()
     assert reloaded.peft_config["default"].fan_in_fan_out
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=1e-5, atol=1e-5)
+
+
+class TinyConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv3 = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(6, 5, 1)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.conv1(torch.relu(self.conv3(x))).mean(dim=(2, 3)))
+
+
+def tiny_convnet():
+    torch.manual_seed(0)
+    return TinyConvNet().eval()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv_lora_3x3_and_1x1_both_ways(tmp_path, use_dora):
+    cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["conv3", "conv1", "head"], use_dora=use_dora,
+                          rank_pattern={"conv1": 2})
+    model = peft.get_peft_model(tiny_convnet(), cfg)
+    randomize_lora(model)
+    model.eval()
+    src = tmp_path / "conv"
+    model.save_pretrained(src)
+    adapter = lorakit.load(src)
+    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(5))
+    for name, layer in peft_layers(model).items():
+        expected = layer.get_delta_weight("default").double()
+        f = adapter[name]
+        assert f.kernel == ((3, 3) if name == "conv3" else (1, 1) if name == "conv1" else None)
+        torch.testing.assert_close(f.delta(torch.float64).reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)
+    # Through kohya and back to PEFT: the same outputs from PEFT's own forward.
+    lorakit.save(adapter, tmp_path / "conv.kohya.safetensors", format="kohya")
+    lorakit.save(lorakit.load(tmp_path / "conv.kohya.safetensors"), tmp_path / "back", format="peft")
+    reloaded = peft.PeftModel.from_pretrained(tiny_convnet(), tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=1e-5, atol=1e-6)

@@ -241,3 +241,24 @@ def test_saving_over_the_source_is_refused(tmp_path):
     with pytest.raises(OutputError, match="would overwrite the input"):
         lorakit.save(a, path)
     assert path.read_bytes() == before
+
+
+def test_dora_magnitude_layouts(tmp_path):
+    """PEFT stores conv magnitudes as (1, out, 1, 1); lorakit holds (out,); a per-input magnitude has no PEFT
+    form and is refused by the PEFT writer."""
+    conv = factors(6, 5, 3, scale=1.0, seed=1, kernel=(3, 3), magnitude=True)
+    a = Adapter({"unet.conv": conv})
+    lorakit.save(a, tmp_path / "p", format="peft")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p" / "adapter_model.safetensors"), framework="pt") as f:
+        assert tuple(f.get_slice("base_model.model.unet.conv.lora_magnitude_vector").get_shape()) == (1, 6, 1, 1)
+    assert tuple(lorakit.load(tmp_path / "p")["unet.conv"].magnitude.shape) == (6,)
+    per_input = Adapter({"unet.lin": factors(6, 6, 2, scale=1.0, seed=2).with_(magnitude=torch.ones(1, 6))})
+    from lorakit.errors import FormatError
+
+    for fmt, name in [("peft", "q"), ("diffusers", "q.safetensors")]:
+        with pytest.raises(FormatError, match="per-input"):
+            lorakit.save(per_input, tmp_path / name, format=fmt)
+        assert not (tmp_path / name).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
