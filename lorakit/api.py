@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,14 @@ def load(path: str | Path, *, format: str | None = None, allow_pickle: bool = Fa
     local = resolve_input(path, allow_pickle=allow_pickle)
     source = Source.open(local, allow_pickle=allow_pickle)
     fmt = get_format(format) if format else detect(source)
+    if options:
+        accepted = set(inspect.signature(fmt.read).parameters) - {"source"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise FormatError(
+                f"the {fmt.name} reader takes no option {', '.join(map(repr, unknown))}"
+                f" (it takes: {', '.join(sorted(accepted)) or 'none'})", file=local,
+            )
     return fmt.read(source, **options)  # type: ignore[call-arg]
 
 

@@ -262,3 +262,11 @@ def test_dora_magnitude_layouts(tmp_path):
             lorakit.save(per_input, tmp_path / name, format=fmt)
         assert not (tmp_path / name).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
+def test_unknown_reader_option_is_a_clear_error(tmp_path):
+    from lorakit.errors import FormatError
+
+    lorakit.save(rich_adapter(), tmp_path / "p", format="peft")
+    with pytest.raises(FormatError, match="takes no option 'keymap'"):
+        lorakit.load(tmp_path / "p", keymap={})
