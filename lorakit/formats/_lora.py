@@ -31,6 +31,15 @@ def check_pair(source: Source, name: str, roles: Roles) -> None:
             f"A and B ranks differ: A {a} has rank {a[0]}, B {b} has rank {b[1]}", file=source.path, module=name,
             hint="the file is damaged or was written by a buggy tool; re-export the adapter",
         )
+    if len(b) == 4 and b[2:] != (1, 1):
+        raise ShapeMismatchError(f"conv factor B {b} must have a 1x1 kernel", file=source.path, module=name)
+    if "mid" in roles:
+        mid = source.store.shape(roles["mid"])
+        if len(mid) != 4 or mid[0] != b[1] or mid[1] != a[0]:
+            raise ShapeMismatchError(
+                f"Tucker core lora_mid {mid} does not fit A {a} and B {b} (expected ({b[1]}, {a[0]}, kh, kw))",
+                file=source.path, module=name,
+            )
     if 0 in a or 0 in b:
         what = "rank 0" if a[0] == 0 else "a zero-size layer dimension"
         raise ShapeMismatchError(
@@ -45,9 +54,8 @@ def module_info(source: Source, name: str, roles: Roles, scale: float, kind: Lay
     if "A" not in roles or "B" not in roles:
         missing = "A (down)" if "A" not in roles else "B (up)"
         raise FormatError(f"factor {missing} is missing", file=source.path, module=name)
+    check_pair(source, name, roles)
     a, b = store.shape(roles["A"]), store.shape(roles["B"])
-    if len(a) not in (2, 4) or len(b) not in (2, 4):
-        raise ShapeMismatchError(f"factors must be 2-D or 4-D, got A {a} and B {b}", file=source.path, module=name)
     kernel: tuple[int, int] | None = None
     in_features = math.prod(a[1:])
     if "mid" in roles:
@@ -56,10 +64,6 @@ def module_info(source: Source, name: str, roles: Roles, scale: float, kind: Lay
         in_features = a[1] * mid[2] * mid[3]
     elif len(a) == 4:
         kernel = (a[2], a[3])
-    if a[0] != b[1]:
-        raise ShapeMismatchError(
-            f"A and B ranks differ: A {a} has rank {a[0]}, B {b} has rank {b[1]}", file=source.path, module=name
-        )
     if kind is None:
         kind = "conv" if kernel is not None else "linear"
     return ModuleInfo(
@@ -101,8 +105,10 @@ def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitu
     r = A.shape[0]
     if "mid" in roles:
         # ΔW[o,i,h,w] = Σ_{m,n} B[o,m] mid[m,n,h,w] A[n,i]: fold mid into A, exactly, at rank r.
+        # Computed in float32 or wider, stored in the file's dtype (half-precision files round the folded A).
         mid = store.get(roles["mid"])
-        A = torch.einsum("mnhw,ni->mihw", mid.to(torch.float32), A.reshape(r, -1).to(torch.float32)).to(A.dtype)
+        ct = torch.promote_types(A.dtype, torch.float32)
+        A = torch.einsum("mnhw,ni->mihw", mid.to(ct), A.reshape(r, -1).to(ct)).to(A.dtype)
     A = A.reshape(r, -1)
     B = B.reshape(B.shape[0], -1)
     magnitude = store.get(roles["magnitude"]) if "magnitude" in roles else None
@@ -148,7 +154,7 @@ def build_adapter(
             raise FormatError(
                 f"factor {'A (down)' if 'A' not in roles else 'B (up)'} is missing", file=source.path, module=name
             )
-        check_pair(source, name, roles)
+        check_pair(source, name, roles)  # before scale_of, which divides by the rank
         rank = source.store.shape(roles["A"])[0]
         info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
         infos[name] = info

@@ -75,6 +75,14 @@ def rank_mismatch(tmp: Path) -> Path:
     return kohya_file(tmp / "ranks.safetensors", a_rank=4, b_rank=3)
 
 
+def bad_tucker(tmp: Path) -> Path:
+    p = tmp / "tucker.safetensors"
+    write_safetensors(p, {"lora_unet_conv_in.lora_down.weight": torch.ones(4, 3, 1, 1),
+                          "lora_unet_conv_in.lora_mid.weight": torch.ones(4, 4),
+                          "lora_unet_conv_in.lora_up.weight": torch.ones(5, 4, 1, 1)})
+    return p
+
+
 def empty(tmp: Path) -> Path:
     p = tmp / "empty.safetensors"
     p.write_bytes(b"")
@@ -140,6 +148,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
     "nan": (nan_factor, ("NaN",), "lora_unet_mid_block_proj_in"),
     "inf": (inf_factor, ("Inf",), "lora_unet_mid_block_proj_in"),
     "rank_mismatch": (rank_mismatch, ("ranks differ",), "lora_unet_mid_block_proj_in"),
+    "bad_tucker": (bad_tucker, ("lora_mid",), "lora_unet_conv_in"),
     "empty": (empty, ("empty file",), None),
     "unknown_format": (unknown_format, ("tried peft", "kohya", "diffusers"), None),
     "zero_size": (zero_size, ("rank 0",), "lora_unet_mid_block_proj_in"),

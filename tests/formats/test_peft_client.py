@@ -15,7 +15,7 @@ import lorakit
 from lorakit.testing import random_adapter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytestmark = pytest.mark.peft
+pytestmark = [pytest.mark.peft, pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -270,3 +270,20 @@ def test_unknown_reader_option_is_a_clear_error(tmp_path):
     lorakit.save(rich_adapter(), tmp_path / "p", format="peft")
     with pytest.raises(FormatError, match="takes no option 'keymap'"):
         lorakit.load(tmp_path / "p", keymap={})
+
+
+def test_tucker_conv_is_folded_exactly_and_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 4, 1, 1, generator=g, dtype=torch.float64)
+    mid = torch.randn(3, 3, 3, 3, generator=g, dtype=torch.float64)
+    B = torch.randn(5, 3, 1, 1, generator=g, dtype=torch.float64)
+    path = tmp_path / "locon.safetensors"
+    write_safetensors(path, {"lora_unet_conv_in.lora_down.weight": A, "lora_unet_conv_in.lora_mid.weight": mid,
+                             "lora_unet_conv_in.lora_up.weight": B, "lora_unet_conv_in.alpha": torch.tensor(1.5)})
+    a = lorakit.load(path)
+    f = a["lora_unet_conv_in"]
+    assert (f.kind, f.kernel, f.rank, f.scale) == ("conv", (3, 3), 3, 0.5)
+    reference = 0.5 * torch.einsum("om,mnhw,ni->oihw", B[:, :, 0, 0], mid, A[:, :, 0, 0])
+    torch.testing.assert_close(f.delta(torch.float64).reshape(5, 4, 3, 3), reference, rtol=1e-12, atol=1e-12)
+    lorakit.save(a, tmp_path / "plain.safetensors", format="kohya")
+    assert_same(a, lorakit.load(tmp_path / "plain.safetensors"), SCALE_RTOL["kohya"])
