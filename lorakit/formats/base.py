@@ -122,7 +122,8 @@ class Source:
         pickle (refused unless ``allow_pickle``)."""
         p = Path(path)
         if not p.exists():
-            raise FormatError("no such file or directory", file=p)
+            raise FormatError("no such file or directory", file=p,
+                              hint="check the path; a Hub repo is written org/name or hf://org/name[@rev]")
         config_path: Path | None = None
         if p.is_dir():
             weights = next((p / n for n in WEIGHT_NAMES if (p / n).is_file()), None)
@@ -133,8 +134,14 @@ class Source:
             if weights is None:
                 pickled = next((p / n for n in PICKLE_NAMES if (p / n).is_file()), None)
                 if pickled is None:
+                    if len(found) > 1:
+                        raise FormatError(
+                            f"directory holds {len(found)} *.safetensors files and no adapter_model.safetensors",
+                            file=p, hint=f"name the adapter file itself, e.g. {p / found[0]}",
+                        )
                     raise FormatError(
-                        "directory holds no adapter weights (adapter_model.safetensors or one *.safetensors)", file=p
+                        "directory holds no adapter weights (adapter_model.safetensors or a *.safetensors file)",
+                        file=p, hint="point at the adapter's directory or at its .safetensors file",
                     )
                 weights = pickled
             if (p / "adapter_config.json").is_file():

@@ -140,6 +140,18 @@ def peft_variant(tmp: Path) -> Path:
     return peft_dir(tmp, "alora", {"alora_invocation_tokens": [1, 2]})
 
 
+def missing_path(tmp: Path) -> Path:
+    return tmp / "nowhere" / "missing.safetensors"
+
+
+def ambiguous_dir(tmp: Path) -> Path:
+    d = tmp / "several"
+    d.mkdir()
+    kohya_file(d / "one.safetensors")
+    kohya_file(d / "two.safetensors")
+    return d
+
+
 # name -> (maker, what the error line must say, module named in it or None)
 CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
     "truncated": (truncated, ("truncated",), None),
@@ -149,6 +161,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
     "inf": (inf_factor, ("Inf",), "lora_unet_mid_block_proj_in"),
     "rank_mismatch": (rank_mismatch, ("ranks differ",), "lora_unet_mid_block_proj_in"),
     "bad_tucker": (bad_tucker, ("lora_mid",), "lora_unet_conv_in"),
+    "missing_path": (missing_path, ("no such file",), None),
+    "ambiguous_dir": (ambiguous_dir, ("2 *.safetensors files",), None),
     "empty": (empty, ("empty file",), None),
     "unknown_format": (unknown_format, ("tried peft", "kohya", "diffusers"), None),
     "zero_size": (zero_size, ("rank 0",), "lora_unet_mid_block_proj_in"),
@@ -162,6 +176,8 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
 
 def digest(path: Path) -> str:
     h = hashlib.sha256()
+    if not path.exists():
+        return "missing"
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if f.is_file():
             h.update(f.read_bytes())
