@@ -287,3 +287,17 @@ def test_tucker_conv_is_folded_exactly_and_round_trips(tmp_path):
     torch.testing.assert_close(f.delta(torch.float64).reshape(5, 4, 3, 3), reference, rtol=1e-12, atol=1e-12)
     lorakit.save(a, tmp_path / "plain.safetensors", format="kohya")
     assert_same(a, lorakit.load(tmp_path / "plain.safetensors"), SCALE_RTOL["kohya"])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adapter=random_modules(), chain=st.lists(st.sampled_from(TARGETS), min_size=2, max_size=4))
+def test_conversion_chain_property(adapter, chain):
+    """Any chain of conversions keeps ΔW, scales, ranks, kernels, dtypes and magnitudes."""
+    current = adapter
+    with tempfile.TemporaryDirectory() as d:
+        for i, (fmt, name) in enumerate(chain):
+            out = Path(d) / f"{i}-{name}"
+            lorakit.save(current, out, format=fmt)
+            current = lorakit.load(out)
+        through_kohya = any(fmt == "kohya" for fmt, _ in chain)
+        assert_same(adapter, current.materialize(), SCALE_RTOL["kohya" if through_kohya else "peft"])
