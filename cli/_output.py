@@ -19,6 +19,12 @@ stderr = Console(stderr=True)
 
 
 def fmt(value: Any) -> str:
+    """A value as table text: floats to 4 significant digits, ``{value: count}`` tallies as ``8 (×16)``,
+    lists comma-separated, booleans as yes/no, ``None`` as ``-``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{fmt(k)} (×{v})" for k, v in value.items()) or "-"
     if isinstance(value, float):
         if value == 0 or not math.isfinite(value):
             return str(value)
@@ -38,14 +44,16 @@ def emit(report: Report, *, as_json: bool = False, quiet: bool = False, max_rows
     if report.rows:
         table = Table(title=report.title, title_justify="left", show_edge=False, pad_edge=False)
         for i, c in enumerate(report.columns):
-            table.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+            table.add_column(c, justify="left" if i == 0 else "right", overflow="fold", no_wrap=i > 0)
         rows = report.rows
         if max_rows is not None and len(rows) > max_rows:
             half = max_rows // 2
             rows = [*rows[:half], ["…"] * len(report.columns), *rows[-half:]]
         for r in rows:
             table.add_row(*(fmt(v) for v in r))
-        stdout.print(table)
+        # Piped output is not wrapped at 80 columns: module names stay whole, one row per line (grep-able).
+        out = stdout if stdout.is_terminal else Console(soft_wrap=True, width=100_000)
+        out.print(table)
     else:
         stdout.print(report.title)
     for k, v in report.summary.items():

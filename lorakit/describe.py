@@ -8,42 +8,59 @@ from __future__ import annotations
 
 from collections import Counter
 
-from lorakit.adapter import Adapter
+from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.report import Report
 
+COLUMNS = ["module", "kind", "shape", "rank", "scale", "dtype"]
 
-def _dtype_name(dtype: object) -> str:
+
+def dtype_name(dtype: object) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def scale_text(scale: float) -> str:
+    """A scale as a stable short string (6 significant digits): ``2``, ``0.5``, ``5.65685``."""
+    return f"{scale:.6g}"
+
+
+def kind_text(info: ModuleInfo) -> str:
+    return info.kind + (f" {info.kernel[0]}x{info.kernel[1]}" if info.kernel else "")
 
 
 def describe(adapter: Adapter, *, norms: bool = False) -> Report:
     """A :class:`Report` with one row per module and the adapter's totals.
 
-    Columns: module, kind, shape (out×in of the flattened ΔW), rank, scale, dtype[, norm].
+    Columns: module, kind, shape (out×in of the flattened ΔW), rank, scale, dtype[, norm = ‖ΔW‖_F].
+    Summary (also the top-level keys of ``--json``): ``format``, ``base_model``, ``module_count``, ``ranks``
+    and ``scales`` (value → number of modules, values as strings, sorted), ``dtypes``, ``kinds``,
+    ``parameters``, ``dora`` and, with norms, ``total_norm`` = sqrt(Σ ‖ΔW‖²).
     """
     meta = adapter.meta
     infos = adapter.infos()
-    columns = ["module", "kind", "out x in", "rank", "scale", "dtype"] + (["‖ΔW‖_F"] if norms else [])
-    report = Report(title=f"{meta.source_path or 'adapter'} ({meta.source_format or 'in-memory'})", columns=columns)
+    report = Report(title=f"{meta.source_path or 'adapter'} ({meta.source_format or 'in-memory'})",
+                    columns=COLUMNS + (["norm"] if norms else []))
     total_sq = 0.0
     for name, info in infos.items():
-        row: list[object] = [name, info.kind + (f" {info.kernel[0]}x{info.kernel[1]}" if info.kernel else ""),
-                             f"{info.out_features}x{info.in_features}", info.rank, info.scale, _dtype_name(info.dtype)]
+        row: list[object] = [name, kind_text(info), f"{info.out_features}x{info.in_features}", info.rank,
+                             info.scale, dtype_name(info.dtype)]
         if norms:
             n = adapter[name].norm()
             total_sq += n * n
             row.append(n)
         report.add_row(*row)
     ranks = Counter(i.rank for i in infos.values())
-    scales = Counter(round(i.scale, 6) for i in infos.values())
+    scales = Counter(i.scale for i in infos.values())
+    scale_counts: Counter[str] = Counter()
+    for s in sorted(scales):
+        scale_counts[scale_text(s)] += scales[s]
     report.summary = {
         "format": meta.source_format,
         "base_model": meta.base_model,
-        "modules": len(infos),
-        "ranks": {str(k): v for k, v in sorted(ranks.items())},
-        "scales": {str(k): v for k, v in sorted(scales.items())},
-        "dtypes": sorted({_dtype_name(i.dtype) for i in infos.values()}),
-        "kinds": dict(Counter(i.kind for i in infos.values())),
+        "module_count": len(infos),
+        "ranks": {str(k): ranks[k] for k in sorted(ranks)},
+        "scales": dict(scale_counts),
+        "dtypes": sorted({dtype_name(i.dtype) for i in infos.values()}),
+        "kinds": dict(sorted(Counter(kind_text(i) for i in infos.values()).items())),
         "parameters": adapter.num_params,
         "dora": any(i.has_magnitude for i in infos.values()),
     }

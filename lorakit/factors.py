@@ -126,11 +126,14 @@ class LoraFactors:
         )
 
     def check_finite(self, *, file: str | None = None, module: str | None = None) -> None:
-        """Raise :class:`NonFiniteError` naming the factor if A or B holds NaN or Inf."""
-        for name, t in (("A", self.A), ("B", self.B)):
+        """Raise :class:`NonFiniteError` naming the tensor if A, B or the DoRA magnitude holds NaN or Inf."""
+        tensors = [("factor A", self.A), ("factor B", self.B)]
+        if self.magnitude is not None:
+            tensors.append(("DoRA magnitude", self.magnitude))
+        for name, t in tensors:
             if t.numel() and not bool(torch.isfinite(t).all()):
                 bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-                raise NonFiniteError(f"factor {name} contains {bad}", file=file, module=module)
+                raise NonFiniteError(f"{name} contains {bad}", file=file, module=module)
 
     def conv_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The 4-D shapes ``(A, B)`` a conv layer stores: ``(r, in, kh, kw)`` and ``(out, r, 1, 1)``."""

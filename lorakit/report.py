@@ -28,9 +28,17 @@ class Report:
         self.rows.append(list(values))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "title": self.title,
-            **self.summary,
-            "modules": [dict(zip(self.columns, r)) for r in self.rows],
-            "notes": self.notes,
-        }
+        """``{"title", **summary, "modules": [row dicts keyed by column], "notes"}``.
+
+        ``modules`` is present only for a report with columns; a summary key may not shadow it (or ``title``,
+        ``notes``): that would silently drop data, so it raises ``ValueError``.
+        """
+        reserved = {"title", "notes"} | ({"modules"} if self.columns else set())
+        clash = reserved & set(self.summary)
+        if clash:
+            raise ValueError(f"report summary keys {sorted(clash)} clash with the JSON layout")
+        out: dict[str, Any] = {"title": self.title, **self.summary}
+        if self.columns:
+            out["modules"] = [dict(zip(self.columns, r)) for r in self.rows]
+        out["notes"] = list(self.notes)
+        return out

@@ -20,15 +20,42 @@ from lorakit.formats.base import Source
 Roles = Mapping[str, str]  # role -> tensor key
 
 
+def check_pair(source: Source, name: str, roles: Roles) -> None:
+    """Refuse, from the header alone, factor pairs that cannot form ΔW: wrong dimensionality, ranks that
+    differ, zero-size factors (rank 0 or an empty layer dimension)."""
+    a, b = source.store.shape(roles["A"]), source.store.shape(roles["B"])
+    if len(a) not in (2, 4) or len(b) not in (2, 4):
+        raise ShapeMismatchError(f"factors must be 2-D or 4-D, got A {a} and B {b}", file=source.path, module=name)
+    if a[0] != b[1]:
+        raise ShapeMismatchError(
+            f"A and B ranks differ: A {a} has rank {a[0]}, B {b} has rank {b[1]}", file=source.path, module=name,
+            hint="the file is damaged or was written by a buggy tool; re-export the adapter",
+        )
+    if len(b) == 4 and b[2:] != (1, 1):
+        raise ShapeMismatchError(f"conv factor B {b} must have a 1x1 kernel", file=source.path, module=name)
+    if "mid" in roles:
+        mid = source.store.shape(roles["mid"])
+        if len(mid) != 4 or mid[0] != b[1] or mid[1] != a[0]:
+            raise ShapeMismatchError(
+                f"Tucker core lora_mid {mid} does not fit A {a} and B {b} (expected ({b[1]}, {a[0]}, kh, kw))",
+                file=source.path, module=name,
+            )
+    if 0 in a or 0 in b:
+        what = "rank 0" if a[0] == 0 else "a zero-size layer dimension"
+        raise ShapeMismatchError(
+            f"zero-size factors ({what}: A {a}, B {b}) cannot hold a LoRA", file=source.path, module=name,
+            hint="the export was empty or damaged; re-export the adapter from the trained model",
+        )
+
+
 def module_info(source: Source, name: str, roles: Roles, scale: float, kind: LayerKind | None = None) -> ModuleInfo:
     """Header-only facts of one module; raises :class:`ShapeMismatchError` for factors that cannot pair."""
     store = source.store
     if "A" not in roles or "B" not in roles:
         missing = "A (down)" if "A" not in roles else "B (up)"
         raise FormatError(f"factor {missing} is missing", file=source.path, module=name)
+    check_pair(source, name, roles)
     a, b = store.shape(roles["A"]), store.shape(roles["B"])
-    if len(a) not in (2, 4) or len(b) not in (2, 4):
-        raise ShapeMismatchError(f"factors must be 2-D or 4-D, got A {a} and B {b}", file=source.path, module=name)
     kernel: tuple[int, int] | None = None
     in_features = math.prod(a[1:])
     if "mid" in roles:
@@ -37,10 +64,6 @@ def module_info(source: Source, name: str, roles: Roles, scale: float, kind: Lay
         in_features = a[1] * mid[2] * mid[3]
     elif len(a) == 4:
         kernel = (a[2], a[3])
-    if a[0] != b[1]:
-        raise ShapeMismatchError(
-            f"A and B ranks differ: A {a} has rank {a[0]}, B {b} has rank {b[1]}", file=source.path, module=name
-        )
     if kind is None:
         kind = "conv" if kernel is not None else "linear"
     return ModuleInfo(
@@ -48,18 +71,54 @@ def module_info(source: Source, name: str, roles: Roles, scale: float, kind: Lay
     )
 
 
-def load_factors(source: Source, info: ModuleInfo, roles: Roles) -> LoraFactors:
-    """Read one module's tensors and return its factors (conv flattened, Tucker ``mid`` folded into A)."""
+def is_per_output(magnitude: torch.Tensor, out_features: int) -> bool:
+    """A DoRA magnitude with one value per output row, leading: ``(out,)``, ``(out, 1)``, ``(out, 1, 1, 1)``.
+    A per-input magnitude (LyCORIS ``wd_on_out=False``: ``(1, in[, 1, 1])``) is not."""
+    return magnitude.ndim >= 1 and magnitude.numel() == out_features and magnitude.shape[0] == out_features
+
+
+def peft_magnitude(f: LoraFactors, file: object = None, module: str | None = None) -> torch.Tensor:
+    """The magnitude in PEFT's stored layout: ``(out,)``, or ``(1, out, 1, 1)`` for conv layers.
+
+    Raises:
+        FormatError: a magnitude that is not per output row (LyCORIS ``wd_on_out=False``), which PEFT cannot
+            represent.
+    """
+    assert f.magnitude is not None
+    if not is_per_output(f.magnitude, f.out_features):
+        raise FormatError(
+            f"DoRA magnitude of shape {tuple(f.magnitude.shape)} is not one value per output row "
+            f"({f.out_features}); PEFT has no per-input DoRA", file=file, module=module,
+            hint="keep this adapter in the kohya/LyCORIS format",
+        )
+    return f.magnitude.reshape(1, -1, 1, 1) if f.kind == "conv" else f.magnitude.reshape(-1)
+
+
+def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitude: bool = False) -> LoraFactors:
+    """Read one module's tensors and return its factors (conv flattened, Tucker ``mid`` folded into A).
+
+    ``flat_magnitude``: the format's DoRA magnitudes are per output row (PEFT, diffusers); store them as
+    ``(out,)``, the layout :class:`LoraFactors` documents.
+    """
     store = source.store
     A, B = store.get(roles["A"]), store.get(roles["B"])
     r = A.shape[0]
     if "mid" in roles:
         # ΔW[o,i,h,w] = Σ_{m,n} B[o,m] mid[m,n,h,w] A[n,i]: fold mid into A, exactly, at rank r.
+        # Computed in float32 or wider, stored in the file's dtype (half-precision files round the folded A).
         mid = store.get(roles["mid"])
-        A = torch.einsum("mnhw,ni->mihw", mid.to(torch.float32), A.reshape(r, -1).to(torch.float32)).to(A.dtype)
+        ct = torch.promote_types(A.dtype, torch.float32)
+        A = torch.einsum("mnhw,ni->mihw", mid.to(ct), A.reshape(r, -1).to(ct)).to(A.dtype)
     A = A.reshape(r, -1)
     B = B.reshape(B.shape[0], -1)
     magnitude = store.get(roles["magnitude"]) if "magnitude" in roles else None
+    if magnitude is not None and flat_magnitude:
+        if magnitude.numel() != B.shape[0]:
+            raise ShapeMismatchError(
+                f"DoRA magnitude has {magnitude.numel()} values, the layer has {B.shape[0]} outputs",
+                file=source.path, module=info.name,
+            )
+        magnitude = magnitude.reshape(-1)
     extras = {"bias": store.get(roles["bias"])} if "bias" in roles else {}
     f = LoraFactors(A, B, info.scale, info.kernel, info.kind, magnitude, extras)
     f.check_finite(file=str(source.path), module=info.name)
@@ -74,6 +133,7 @@ def build_adapter(
     name_of: Callable[[str], str] = lambda k: k,
     kind_of: Callable[[str, Roles], LayerKind | None] = lambda _k, _r: None,
     meta: AdapterMeta,
+    flat_magnitude: bool = False,
 ) -> Adapter:
     """A lazy adapter over ``groups`` (stem → roles).
 
@@ -81,6 +141,7 @@ def build_adapter(
         scale_of: ``(stem, roles, rank) → effective scale``.
         name_of: stem → module name in the adapter.
         kind_of: stem → layer kind, or ``None`` to infer it from the shapes.
+        flat_magnitude: DoRA magnitudes are per output row in this format: read them as ``(out,)``.
     """
     infos: dict[str, ModuleInfo] = {}
     loaders: dict[str, Callable[[], LoraFactors]] = {}
@@ -93,10 +154,11 @@ def build_adapter(
             raise FormatError(
                 f"factor {'A (down)' if 'A' not in roles else 'B (up)'} is missing", file=source.path, module=name
             )
+        check_pair(source, name, roles)  # before scale_of, which divides by the rank
         rank = source.store.shape(roles["A"])[0]
         info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
         infos[name] = info
-        loaders[name] = lambda info=info, roles=roles: load_factors(source, info, roles)
+        loaders[name] = lambda info=info, roles=roles: load_factors(source, info, roles, flat_magnitude=flat_magnitude)
     return Adapter(loaders, meta, infos)
 
 

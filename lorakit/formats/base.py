@@ -17,6 +17,7 @@ from lorakit.io.safetensors_file import SafetensorsFile
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_lora_weights.bin")
+CONFIG_HINT = "repair the file, or save the adapter again (PEFT's save_pretrained writes adapter_config.json)"
 
 
 class TensorStore(Protocol):
@@ -121,7 +122,8 @@ class Source:
         pickle (refused unless ``allow_pickle``)."""
         p = Path(path)
         if not p.exists():
-            raise FormatError("no such file or directory", file=p)
+            raise FormatError("no such file or directory", file=p,
+                              hint="check the path; a Hub repo is written org/name or hf://org/name[@rev]")
         config_path: Path | None = None
         if p.is_dir():
             weights = next((p / n for n in WEIGHT_NAMES if (p / n).is_file()), None)
@@ -132,8 +134,14 @@ class Source:
             if weights is None:
                 pickled = next((p / n for n in PICKLE_NAMES if (p / n).is_file()), None)
                 if pickled is None:
+                    if len(found) > 1:
+                        raise FormatError(
+                            f"directory holds {len(found)} *.safetensors files and no adapter_model.safetensors",
+                            file=p, hint=f"name the adapter file itself, e.g. {p / found[0]}",
+                        )
                     raise FormatError(
-                        "directory holds no adapter weights (adapter_model.safetensors or one *.safetensors)", file=p
+                        "directory holds no adapter weights (adapter_model.safetensors or a *.safetensors file)",
+                        file=p, hint="point at the adapter's directory or at its .safetensors file",
                     )
                 weights = pickled
             if (p / "adapter_config.json").is_file():
@@ -152,9 +160,9 @@ class Source:
             try:
                 config = json.loads(config_path.read_text())
             except (OSError, ValueError) as e:
-                raise FormatError(f"adapter_config.json is not valid JSON: {e}", file=config_path) from e
+                raise FormatError(f"not valid JSON ({e})", file=config_path, hint=CONFIG_HINT) from e
             if not isinstance(config, dict):
-                raise FormatError("adapter_config.json is not a JSON object", file=config_path)
+                raise FormatError("not a JSON object", file=config_path, hint=CONFIG_HINT)
         return cls(p, store, config, config_path)
 
 

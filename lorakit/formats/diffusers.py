@@ -14,7 +14,6 @@ component are unambiguous here; others are refused with a pointer to the PEFT fo
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Any
 
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.errors import FormatError, KeyMappingError
-from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats._lora import Roles, build_adapter, peft_magnitude, read_alpha
 from lorakit.formats.base import Source, group_by_module
-from lorakit.formats.peft import peft_scale
+from lorakit.formats.peft import clean_alpha, peft_scale
 from lorakit.io.writer import SafetensorsWriter
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
@@ -98,7 +97,8 @@ class DiffusersFormat:
         meta = AdapterMeta(
             source_format=self.name, source_path=str(source.path), format_config=configs, metadata=source.metadata
         )
-        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=module_name, meta=meta)
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=module_name, meta=meta,
+                                flat_magnitude=True)
         if no_alpha:
             notes.append(f"{len(no_alpha)} module(s) store no alpha: scale 1.0 applies (diffusers convention)")
         return adapter.with_meta(notes=tuple(notes))
@@ -116,7 +116,7 @@ class DiffusersFormat:
         flat: dict[str, Any] = {}
         for comp, names in by_comp.items():
             ranks = {n: adapter.info(n).rank for n in names}
-            alphas = {n: adapter.info(n).scale * adapter.info(n).rank for n in names}
+            alphas = {n: clean_alpha(adapter.info(n).scale * adapter.info(n).rank) for n in names}
             r = Counter(ranks.values()).most_common(1)[0][0]
             alpha = Counter(alphas.values()).most_common(1)[0][0]
             strip = len(comp) + 1
@@ -124,7 +124,7 @@ class DiffusersFormat:
                 "r": r,
                 "lora_alpha": alpha,
                 "rank_pattern": {n[strip:]: k for n, k in ranks.items() if k != r},
-                "alpha_pattern": {n[strip:]: a for n, a in alphas.items() if not math.isclose(a, alpha)},
+                "alpha_pattern": {n[strip:]: a for n, a in alphas.items() if a != alpha},
                 "target_modules": sorted(n[strip:] for n in names),
                 "use_dora": any(adapter.info(n).has_magnitude for n in names),
             }
@@ -140,5 +140,5 @@ class DiffusersFormat:
                 w.add(f"{name}.lora_A.weight", A)
                 w.add(f"{name}.lora_B.weight", B)
                 if f.magnitude is not None:
-                    w.add(f"{name}.lora_magnitude_vector", f.magnitude)
+                    w.add(f"{name}.lora_magnitude_vector", peft_magnitude(f, path, name))
         return path

@@ -22,7 +22,7 @@ from typing import Any
 
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.errors import FormatError
-from lorakit.formats._lora import Roles, build_adapter
+from lorakit.formats._lora import Roles, build_adapter, peft_magnitude
 from lorakit.formats.base import Source, group_by_module
 from lorakit.io.atomic import atomic_output
 from lorakit.io.writer import SafetensorsWriter
@@ -68,6 +68,18 @@ def _strip_adapter_name(key: str) -> str:
     """``….lora_A.default.weight`` → ``….lora_A.weight``; ``….lora_embedding_A.default`` → ``….lora_embedding_A``."""
     key = re.sub(r"\.(lora_[AB])\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
     return re.sub(r"\.(lora_embedding_[AB]|lora_magnitude_vector)\.(?!weight$)[^.]+$", r".\1", key)
+
+
+def clean_alpha(alpha: float) -> int | float:
+    """An alpha re-derived from a scale (``s·r`` or ``s·√r``) without floating-point noise: a value within
+    1e-14 (relative) of a 12-digit decimal is that decimal (``16.000000000000004`` → ``16``,
+    ``0.5000000000000001`` → ``0.5``), so configs stay readable and patterns do not list modules whose alpha
+    differs only by rounding. Integers are returned as ``int``."""
+    alpha = float(alpha)
+    short = float(f"{alpha:.12g}")
+    if abs(short - alpha) <= 1e-14 * abs(alpha):
+        alpha = short
+    return int(alpha) if alpha.is_integer() else alpha
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
@@ -118,7 +130,12 @@ class PeftFormat:
         for key in VARIANT_KEYS:
             if config.get(key):
                 raise FormatError(f"PEFT LoRA variant ({key}) is not plain LoRA and is not supported",
-                                  file=source.config_path)
+                                  file=source.config_path or source.path,
+                                  hint="merge it into its base model with PEFT (merge_and_unload) instead")
+        init = str(config.get("init_lora_weights", "")).lower()
+        if init.startswith(("pissa", "olora", "corda")):
+            notes.append(f"init_lora_weights={config['init_lora_weights']}: this adapter applies to the base model "
+                         "as modified at initialisation, not to the original base weights")
         keys = source.keys
         # Unstripped in-memory keys (`.lora_A.default.weight`) occur in the wild: strip the adapter name.
         renamed = {_strip_adapter_name(k): k for k in keys}
@@ -149,7 +166,8 @@ class PeftFormat:
             metadata=source.metadata,
             passthrough=passthrough,
         )
-        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=name_of, kind_of=kind_of, meta=meta)
+        adapter = build_adapter(source, groups, scale_of=scale_of, name_of=name_of, kind_of=kind_of, meta=meta,
+                                flat_magnitude=True)
         if not len(adapter):
             raise FormatError("no LoRA modules (lora_A/lora_B pairs) found", file=source.path)
         return adapter.with_meta(notes=tuple(dict.fromkeys(notes)))
@@ -162,12 +180,12 @@ class PeftFormat:
         use_rslora = bool(config.get("use_rslora"))
         infos = adapter.infos()
         ranks = {n: i.rank for n, i in infos.items()}
-        alphas = {n: i.scale * (math.sqrt(i.rank) if use_rslora else i.rank) for n, i in infos.items()}
+        alphas = {n: clean_alpha(i.scale * (math.sqrt(i.rank) if use_rslora else i.rank)) for n, i in infos.items()}
         r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
         alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
         config.update(
             r=r,
-            lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+            lora_alpha=alpha,
             rank_pattern={n: k for n, k in ranks.items() if k != r},
             alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
             target_modules=sorted({n for n, i in infos.items()}),
@@ -214,10 +232,7 @@ class PeftFormat:
                     w.add(f"{key}.lora_A.weight", A)
                     w.add(f"{key}.lora_B.weight", B)
                 if f.magnitude is not None:
-                    mag = f.magnitude
-                    if f.kind != "conv" and mag.numel() == f.out_features:
-                        mag = mag.reshape(-1)
-                    w.add(f"{key}.lora_magnitude_vector", mag)
+                    w.add(f"{key}.lora_magnitude_vector", peft_magnitude(f, path, name))
                 if "bias" in f.extras:
                     w.add(f"{key}.lora_B.bias", f.extras["bias"])
                     config["lora_bias"] = True

@@ -110,9 +110,13 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         raise CorruptFileError(f"cannot read: {e.strerror or e}", file=path) from e
     try:
         text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptFileError("corrupt header: not UTF-8 text (is this a safetensors file?)", file=path) from e
+    try:
         header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CorruptFileError(f"corrupt header: {e}", file=path) from e
+    except ValueError as e:
+        cause = str(e) if str(e).startswith("duplicate key") else f"not valid JSON ({e})"
+        raise CorruptFileError(f"corrupt header: {cause}", file=path) from e
     if not isinstance(header, dict):
         raise CorruptFileError("corrupt header: not a JSON object", file=path)
 
