@@ -64,9 +64,11 @@ def save(
     """Write ``adapter`` atomically, module by module, in ``format`` (default: its source format).
 
     The file's metadata gets ``lorakit.provenance`` (lorakit version, operation, parameters, input sha256).
-    ``inputs`` are refused as outputs before anything is written.
+    ``inputs``, and the file the adapter was read from (``adapter.meta.source_path``: a lazy adapter still reads
+    from it), are refused as outputs before anything is written.
     """
-    out = check_output_path(path, inputs)
+    protected = (*inputs, adapter.meta.source_path) if adapter.meta.source_path else tuple(inputs)
+    out = check_output_path(path, protected)
     fmt = get_format(format or default_output_format(adapter))
     if not fmt.writable:
         raise FormatError(f"lorakit cannot write the {fmt.name} format", file=out)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,4 +142,6 @@ def show_progress(enabled: bool) -> None:
     utils = importlib.import_module("huggingface_hub.utils")
     with warnings.catch_warnings():  # HF_HUB_DISABLE_PROGRESS_BARS=1 wins, and says so in a warning
         warnings.simplefilter("ignore")
-        (utils.enable_progress_bars if enabled else utils.disable_progress_bars)()
+        # Bars only on a terminal: in logs and captured output they are noise.
+        on = enabled and sys.stderr.isatty()
+        (utils.enable_progress_bars if on else utils.disable_progress_bars)()

@@ -164,7 +164,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], str | None]] = {
     "missing_path": (missing_path, ("no such file",), None),
     "ambiguous_dir": (ambiguous_dir, ("2 *.safetensors files",), None),
     "empty": (empty, ("empty file",), None),
-    "unknown_format": (unknown_format, ("tried peft", "kohya", "diffusers"), None),
+    "unknown_format": (unknown_format, ("tried", "peft", "kohya", "diffusers"), None),
     "zero_size": (zero_size, ("rank 0",), "lora_unet_mid_block_proj_in"),
     "duplicate_keys": (duplicate_keys, ("duplicate key",), None),
     "pickle": (pickle_file, ("refusing to unpickle",), None),
