@@ -3,7 +3,7 @@
 The header is parsed and checked by lorakit itself (the checks of the reference reader: size, UTF-8 JSON, no
 duplicate keys, string metadata, known dtypes, exact tiling of the data section, exact file length) so that a
 damaged file fails with a one-line :class:`CorruptFileError` naming the file and the cause, before any tensor is
-read. Tensors are then read one at a time through ``safetensors.safe_open`` (memory-mapped).
+read. Tensors are then read one at a time with ``pread`` into memory they own (see :meth:`SafetensorsFile.get`).
 """
 
 from __future__ import annotations
@@ -186,32 +186,55 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def _open(self) -> Any:
+    def _fd(self) -> int:
         if self._handle is None:
-            from safetensors import safe_open
-
             try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as e:  # the Rust reader found something our checks did not
-                raise CorruptFileError(f"cannot open: {e}", file=self.path) from e
+                self._handle = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise CorruptFileError(f"cannot open: {e.strerror or e}", file=self.path) from e
         return self._handle
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped; the returned tensor owns a copy only if torch makes one)."""
+        """Read one tensor into memory it owns.
+
+        Read with ``pread`` rather than memory-mapped: a mapped file's pages count as resident memory for as long
+        as the mapping lives, so streaming a 70B-sized adapter through a mapping would grow the process to the
+        file's size. Read this way, peak memory stays at the tensors in flight.
+        """
         info = self.tensors[name]
-        if DTYPES[info.dtype][0] is None:
+        dtype = DTYPES[info.dtype][0]
+        if dtype is None:
             raise CorruptFileError(f"tensor {name!r} has dtype {info.dtype}, which torch cannot hold", file=self.path)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buf = bytearray(info.nbytes)
+        view, offset, fd = memoryview(buf), self.data_start + info.begin, self._fd()
         try:
-            return self._open().get_tensor(name)
-        except Exception as e:
-            raise CorruptFileError(f"cannot read tensor {name!r}: {e}", file=self.path) from e
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise CorruptFileError(f"file shrank while reading tensor {name!r}", file=self.path)
+                done += n
+        except OSError as e:
+            raise CorruptFileError(f"cannot read tensor {name!r}: {e.strerror or e}", file=self.path) from e
+        # Safetensors data is little-endian, as is every platform torch supports for this.
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
 
     @property
     def nbytes(self) -> int:
         return os.path.getsize(self.path)
 
     def close(self) -> None:
-        self._handle = None
+        if self._handle is not None:
+            os.close(self._handle)
+            self._handle = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> SafetensorsFile:
         return self
