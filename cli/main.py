@@ -10,12 +10,13 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from typing import Any
 
 import click
 
 from lorakit import __version__
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, LorakitWarning
 
 EPILOG = """\b
 Examples:
@@ -33,6 +34,20 @@ def fail(message: str, hint: str | None = None) -> None:
     click.echo(f"error: {message}", err=True)
     if hint:
         click.echo(f"hint: {hint}", err=True)
+
+
+def _show_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """lorakit's own warnings (lossy steps...) as one ``warning:`` line each; others only under LORAKIT_DEBUG."""
+    seen = set()
+    for w in caught:
+        text = str(w.message)
+        if text in seen:
+            continue
+        seen.add(text)
+        if issubclass(w.category, LorakitWarning):
+            click.echo(f"warning: {text}", err=True)
+        elif _debug():
+            click.echo(f"warning ({w.category.__name__}): {text}", err=True)
 
 
 class LazyGroup(click.Group):
@@ -63,7 +78,11 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = super().invoke(ctx)
+            _show_warnings(caught)
+            return result
         except LorakitError as e:
             if _debug():
                 raise

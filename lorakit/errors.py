@@ -86,6 +86,8 @@ class CorruptFileError(FormatError):
 class UnknownFormatError(FormatError):
     """Content-based detection found no format that fits."""
 
+    default_hint = "is this a full model checkpoint rather than an adapter? `lorakit inspect` reads LoRA adapters"
+
 
 class KeyMappingError(FormatError):
     """A tensor or module name that the key map cannot place."""

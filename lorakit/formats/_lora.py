@@ -119,6 +119,8 @@ def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitu
                 file=source.path, module=info.name,
             )
         magnitude = magnitude.reshape(-1)
+    elif magnitude is not None and is_per_output(magnitude, B.shape[0]):
+        magnitude = magnitude.reshape(-1)  # kohya/LyCORIS (out, 1[, 1, 1]): the same per-row layout
     extras = {"bias": store.get(roles["bias"])} if "bias" in roles else {}
     f = LoraFactors(A, B, info.scale, info.kernel, info.kind, magnitude, extras)
     f.check_finite(file=str(source.path), module=info.name)

@@ -274,7 +274,9 @@ class KohyaFormat:
                 w.add(f"{stem}.alpha", torch.tensor(f.scale * f.rank, dtype=torch.float32))
                 if f.magnitude is not None:
                     mag = f.magnitude
-                    w.add(f"{stem}.dora_scale", mag.reshape(-1, 1) if mag.ndim == 1 else mag)
+                    if mag.ndim == 1:  # per output row: LyCORIS/ComfyUI layout (out, 1) or (out, 1, 1, 1)
+                        mag = mag.reshape(-1, 1, 1, 1) if f.kind == "conv" else mag.reshape(-1, 1)
+                    w.add(f"{stem}.dora_scale", mag)
             if adapter.meta.source_format == "kohya":
                 for k, load_t in adapter.meta.passthrough.items():
                     w.add(k, load_t())
