@@ -91,7 +91,7 @@ def _lloyd(X: torch.Tensor, C: torch.Tensor, x2: torch.Tensor, max_iter: int) ->
             labels = torch.full((n,), -1, dtype=torch.long, device=X.device)  # force another assignment step
     D = _sq_dists(X, C, x2)
     labels = D.argmin(1)
-    inertia = float(D.gather(1, labels[:, None]).sum())
+    inertia = float(((X - C[labels]) ** 2).sum())  # direct, not the expansion (exact 0 for singletons)
     return KMeansResult(C, labels, inertia, it)
 
 
