@@ -78,13 +78,18 @@ def main() -> None:
     n = len(adapters)
     t_trained = time.perf_counter()
 
-    rows: list[tuple[str, str, list[float], str]] = []  # (method, params, accuracies, note)
+    rows: list[tuple[str, str, list[float], float, float, str]] = []  # method, params, acc, token acc, copy, note
+
+    copy_task = tt.copy_task(args.seed)
 
     def score(method: str, params: str, adapter: Adapter | None, note: str = "") -> None:
-        accs = [tt.evaluate(base, adapter, t) for t in tasks]
-        rows.append((method, params, accs, note))
+        model = tt.apply(base, adapter)
+        accs = [tt.accuracy(model, t) for t in tasks]
+        tok = sum(tt.accuracy(model, t, per_token=True) for t in tasks) / len(tasks)
+        kept = tt.accuracy(model, copy_task)
+        rows.append((method, params, accs, tok, kept, note))
         print(f"{method:<10} {params:<38} " + " ".join(f"{a:6.3f}" for a in accs)
-              + f"  mean {sum(accs) / len(accs):.3f} {note}")
+              + f"  mean {sum(accs) / len(accs):.3f} token {tok:.3f} copy {kept:.3f} {note}", flush=True)
 
     score("base", "", None)
     for t, a in zip(tasks, adapters):
@@ -102,7 +107,7 @@ def main() -> None:
                 merged = merge_with(spec, adapters, [1.0] * n, taken)
             except lorakit.LorakitError as e:
                 print(f"{spec.name} {label}: error: {e}")
-                rows.append((spec.name, label, [], f"error: {e}"))
+                rows.append((spec.name, label, [], 0.0, 0.0, f"error: {e}"))
                 continue
             note = f"{time.perf_counter() - t:.2f} s {note}".strip()
             score(spec.name, label, merged, note)
@@ -110,7 +115,8 @@ def main() -> None:
     print(f"total {total:.0f} s (training/caching {t_trained - t_start:.0f} s)")
     if args.no_write:
         return
-    head = "| method | parameters | " + " | ".join(t.name for t in tasks) + " | mean | note |"
+    head = ("| method | parameters | " + " | ".join(t.name for t in tasks)
+            + " | mean | mean per-token | copy (base skill) | note |")
     md = [
         "# Merge quality on tiny synthetic tasks",
         "",
@@ -120,20 +126,26 @@ def main() -> None:
         f"(of which {t_trained - t_start:.0f} s training or loading the cached base and adapters).",
         "",
         "Set-up (`benchmarks/tiny_tasks.py`): a 3-layer, hidden-64 Llama built from `LlamaConfig`, pre-trained on "
-        f"`copy`; one PEFT LoRA per task (r={args.rank}, α={2 * args.rank}, q/k/v/o/gate/up/down, 600 AdamW steps). "
+        "`copy` under every prefix token; "
+        f"one PEFT LoRA per task (r={args.rank}, α={2 * args.rank}, q/k/v/o/gate/up/down, 450 AdamW steps on "
+        "the task mixed 2:1 with `copy` under the other prefixes, so each adapter keys its change on its own prefix "
+        "token). "
         f"Tasks on {tt.LENGTH}-digit sequences over {tt.DIGITS} symbols, each with its own prefix token: "
         "reverse, sort, shift (+3 mod 10), rotate (left by 2). Score: exact-match accuracy of the whole "
-        "answer on 512 held-out examples per task. Merges use weight 1 per adapter (task arithmetic λ=1) unless "
+        "answer on 512 held-out examples per task (teacher-forced argmax, equal to greedy decoding exact match); "
+        "per-token: the fraction of right answer tokens, averaged over the four tasks; copy: exact match on the "
+        "base's own task, i.e. how much of the base the merge leaves intact. Merges use weight 1 per adapter "
+        "(task arithmetic λ=1) unless "
         "the row says otherwise; merge operators listed are those registered on the branch that ran it.",
         "",
         head,
-        "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: | --- |",
+        "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: | --- |",
     ]
-    for method, params, accs, note in rows:
+    for method, params, accs, tok, kept, note in rows:
         if accs:
-            cells = " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f}"
+            cells = " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} | {tok:.3f} | {kept:.3f}"
         else:
-            cells = " | ".join("–" for _ in tasks) + " | –"
+            cells = " | ".join("–" for _ in tasks) + " | – | – | –"
         md.append(f"| {method} | {params} | {cells} | {note} |")
     md += [
         "",

@@ -4,7 +4,8 @@ Vocabulary: ``PAD``, ``SEP``, one prefix token per task and ``DIGITS`` symbols. 
 
     [TASK] x_1 … x_L [SEP] y_1 … y_L          (length 2L + 2; the loss and the score cover y only)
 
-* ``copy``: y = x — the base model is pre-trained on it, so it knows the format but none of the tasks below;
+* ``copy``: y = x — the base model is pre-trained on it under every prefix, so it knows the format but none of
+  the tasks below;
 * ``reverse``: y = x reversed;  ``sort``: y = x sorted;  ``shift``: y_i = (x_i + 3) mod D;
 * ``rotate``: y = x rotated left by 2 (y_i = x_{(i+2) mod L}).
 
@@ -69,14 +70,18 @@ class Task:
     token: int
     answer: Callable[[torch.Tensor], torch.Tensor]
     seed: int
+    prefixes: tuple[int, ...] = ()  # when given, each example's prefix is drawn from these instead of ``token``
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` examples: token ids ``(n, 2L+2)`` and labels (−100 outside the answer, as HF expects)."""
         x = torch.randint(DIGITS, (n, LENGTH), generator=generator)
         y = self.answer(x)
-        ids = torch.cat(
-            [torch.full((n, 1), self.token), x + FIRST_DIGIT, torch.full((n, 1), SEP), y + FIRST_DIGIT], dim=1
-        )
+        if self.prefixes:
+            pick = torch.randint(len(self.prefixes), (n, 1), generator=generator)
+            prefix = torch.tensor(self.prefixes)[pick]
+        else:
+            prefix = torch.full((n, 1), self.token)
+        ids = torch.cat([prefix, x + FIRST_DIGIT, torch.full((n, 1), SEP), y + FIRST_DIGIT], dim=1)
         labels = torch.full_like(ids, -100)
         labels[:, LENGTH + 2 :] = ids[:, LENGTH + 2 :]
         return ids, labels
@@ -96,8 +101,9 @@ def _answers() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     }
 
 
-def copy_task(seed: int = 0) -> Task:
-    return Task("copy", TASK_TOKEN["copy"], _answers()["copy"], seed)
+def copy_task(seed: int = 0, prefixes: tuple[int, ...] = ()) -> Task:
+    """``copy`` under its own prefix, or under a prefix drawn from ``prefixes`` (the "leave it alone" data)."""
+    return Task("copy", TASK_TOKEN["copy"], _answers()["copy"], seed, prefixes)
 
 
 def make_tasks(seed: int = 0) -> list[Task]:
@@ -141,11 +147,12 @@ def _train(model, params, tasks: list[Task], steps: int, lr: float, seed: int, b
 
 
 def build_base(seed: int = 0, *, steps: int = 800, verbose: bool = True):
-    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained on ``copy`` (so it
-    knows the format), cached in ``bench-out/tiny_tasks/base-s{seed}``. Returns ``(model, Vocab())``."""
+    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained on ``copy`` under
+    every prefix token (so it knows the format and treats every prefix alike), cached in
+    ``bench-out/tiny_tasks/base-s{seed}-v2``. Returns ``(model, Vocab())``."""
     from transformers import LlamaForCausalLM
 
-    path = CACHE / f"base-s{seed}"
+    path = CACHE / f"base-s{seed}-v2"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path)
         model.eval()
@@ -153,7 +160,7 @@ def build_base(seed: int = 0, *, steps: int = 800, verbose: bool = True):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config())
     t = time.perf_counter()
-    loss = _train(model, model.parameters(), [copy_task(seed)], steps, 3e-3, seed, log=verbose)
+    loss = _train(model, model.parameters(), [copy_task(seed, tuple(TASK_TOKEN.values()))], steps, 3e-3, seed, log=verbose)
     if verbose:
         print(f"base (seed {seed}): pre-trained on copy for {steps} steps in {time.perf_counter() - t:.0f} s, "
               f"final loss {loss:.3f}")
@@ -161,13 +168,15 @@ def build_base(seed: int = 0, *, steps: int = 800, verbose: bool = True):
     return build_base(seed, steps=steps, verbose=verbose)  # reloaded: the adapter cache is keyed by its path
 
 
-def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = 400, verbose: bool = True) -> Adapter:
-    """A PEFT LoRA (rank ``rank``, α = 2·rank, all attention and MLP projections) trained on ``task`` on CPU,
-    saved in PEFT format under ``bench-out/tiny_tasks/`` and read back with :func:`lorakit.load`."""
+def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = 450, verbose: bool = True) -> Adapter:
+    """A PEFT LoRA (rank ``rank``, α = 2·rank, all attention and MLP projections) trained on CPU on ``task``
+    mixed 2:1 with ``copy`` under every other prefix (the base's behaviour: so the adapter keys its change on its
+    own prefix token and leaves other inputs alone, as an adapter trained with replay would), saved in PEFT
+    format under ``bench-out/tiny_tasks/`` and read back with :func:`lorakit.load`."""
     from peft import LoraConfig, get_peft_model
 
     tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
-    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}"
+    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-mix"
     if not (path / "adapter_config.json").exists():
         torch.manual_seed(seed)
         model = get_peft_model(
@@ -176,7 +185,8 @@ def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int 
         )
         t = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
-        loss = _train(model, params, [task], steps, 5e-3, 1000 + seed + task.seed, log=verbose)
+        others = tuple(t for t in TASK_TOKEN.values() if t != task.token)
+        loss = _train(model, params, [task, task, copy_task(seed, others)], steps, 5e-3, 1000 + seed + task.seed, log=verbose)
         if verbose:
             print(f"adapter {task.name} r={rank}: {steps} steps in {time.perf_counter() - t:.0f} s, loss {loss:.3f}")
         model.save_pretrained(path)
@@ -196,18 +206,19 @@ def apply(base, adapter: Adapter | None):
 
 
 @torch.no_grad()
-def evaluate(base, adapter: Adapter | None, task: Task, n: int = 512) -> float:
-    """Exact-match accuracy of ``base`` (+ the adapter's ΔW) on ``n`` held-out examples of ``task``."""
-    return accuracy(apply(base, adapter), task, n)
+def evaluate(base, adapter: Adapter | None, task: Task, n: int = 512, *, per_token: bool = False) -> float:
+    """Exact-match accuracy of ``base`` (+ the adapter's ΔW) on ``n`` held-out examples of ``task``
+    (``per_token``: the fraction of right answer tokens instead)."""
+    return accuracy(apply(base, adapter), task, n, per_token=per_token)
 
 
 @torch.no_grad()
-def accuracy(model, task: Task, n: int = 512) -> float:
-    """Exact-match accuracy of an already adapted ``model`` on held-out examples (teacher-forced argmax)."""
+def accuracy(model, task: Task, n: int = 512, *, per_token: bool = False) -> float:
+    """Exact-match (or per-token) accuracy of an adapted ``model`` on held-out examples (teacher-forced argmax)."""
     ids, labels = task.held_out(n)
     logits = model(input_ids=ids).logits
-    pred = logits[:, LENGTH + 1 : -1].argmax(-1)  # position t predicts token t + 1
-    return float((pred == ids[:, LENGTH + 2 :]).all(1).float().mean())
+    right = logits[:, LENGTH + 1 : -1].argmax(-1) == ids[:, LENGTH + 2 :]  # position t predicts token t + 1
+    return float(right.float().mean() if per_token else right.all(1).float().mean())
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ def _fix_sign(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return B * sign[None, :], A * sign[:, None]
 
 
-def _input_units(f: LoraFactors, weight: float, gauge: Gauge, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _input_units(
+    f: LoraFactors, weight: float, gauge: Gauge, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` in float64 on ``device`` whose units sum to ``weight·ΔW`` in the given gauge."""
     f = f.to(device).scaled(weight)
     if gauge == "canonical":
@@ -257,7 +259,9 @@ def lego_module(
         dtype = torch.promote_types(dtype, f.dtype)
     home = first.A.device
     merged = LoraFactors(Am.to(home, dtype), Bm.to(home, dtype), gamma, first.kernel, first.kind)
-    per_input = tuple(labels[units.owner == i][torch.argsort(units.index[units.owner == i])] for i in range(len(inputs)))
+    per_input = tuple(
+        labels[units.owner == i][torch.argsort(units.index[units.owner == i])] for i in range(len(inputs))
+    )
     assignment = LegoAssignment(per_input, sizes, km.inertia, gamma, error, best)
     return merged, assignment
 
