@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--restarts", type=int, default=4)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,11 +88,12 @@ def main() -> None:
         print(f"{k:<{w}}  {v}")
     if args.no_write:
         return
-    cmd = ".venv/bin/python -m benchmarks.lego" + (f" --layers {args.layers}" if args.layers != 32 else "")
+    cmd = ".venv/bin/python -m benchmarks.lego" + (f" --layers {args.layers}" if args.layers != 32 else "") + (
+        f" --threads {args.threads}" if args.threads != 1 else "")
     md = [
         "# LoRA-LEGO speed (4 × Llama-3-8B-shape adapters, r=16 → k=16)",
         "",
-        f"Machine: shared 2-core CPU (other agents running), {args.threads} torch threads, device {args.device}; "
+        f"Machine: shared 2-core CPU (other agents running), {args.threads} torch thread(s), device {args.device}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, lorakit {lorakit.__version__}.",
         f"Command: `{cmd}`. Inputs: random factors with a decaying spectrum (0.85^i), one module at a time.",
         "",

@@ -4,10 +4,10 @@ method, and score each task after merging (exact-match accuracy on held-out exam
 Run: ``.venv/bin/python -m benchmarks.merge_quality [--seed 0] [--rank 8]`` (CPU, a few minutes the first time;
 the base model and adapters are cached in ``bench-out/tiny_tasks/``). Writes ``docs/benchmarks/merge_quality.md``.
 
-Rows: the base model, each single adapter, the exact sum and mean of the adapters (``lorakit.ops.algebra.cat``,
-always available), then every operator in ``registry.available("merge")`` with the parameter sets below
-(parameters an operator does not take are dropped, and said so). Every merge uses weight 1 per adapter unless
-the row says otherwise. Columns: accuracy on each task, and the mean.
+Rows: the base model, each single adapter, the exact sum of the adapters at several weights
+(``lorakit.ops.algebra.cat``, always available), then every operator in ``registry.available("merge")`` with the
+parameter sets below (parameters an operator does not take are dropped, and said so), each at the per-adapter
+weights ``LAMBDAS``. Columns: accuracy on each task, their mean, per-token accuracy, and the base's own task.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from lorakit.ops.algebra import cat
 from lorakit.ops.rank_rules import rank_rule
 
 OUT = Path("docs/benchmarks/merge_quality.md")
+LAMBDAS_EXACT = (1.0, 0.75, 0.5, 0.25)  # task-arithmetic weights for the exact sum (0.25 = the mean of 4)
+LAMBDAS = (1.0, 0.5)  # per-adapter weights every registered method is run at
 
 
 def variants(name: str, r: int, n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -94,23 +96,25 @@ def main() -> None:
     score("base", "", None)
     for t, a in zip(tasks, adapters):
         score(f"single", f"{t.name} adapter", a)
-    score("sum", "exact, weights 1 (algebra.cat)", cat(adapters, [1.0] * n))
-    score("mean", f"exact, weights 1/{n} (algebra.cat)", cat(adapters, [1.0 / n] * n))
+    for lam in LAMBDAS_EXACT:
+        score("exact sum", f"λ={lam:g} (algebra.cat)", cat(adapters, [lam] * n))
     methods = registry.available("merge")
     for spec in methods:
-        for label, params in variants(spec.name, args.rank, n):
-            taken = {k: v for k, v in params.items() if k in spec.params}
-            dropped = sorted(set(params) - set(taken))
-            note = f"(does not take {', '.join(dropped)})" if dropped else ""
-            t = time.perf_counter()
-            try:
-                merged = merge_with(spec, adapters, [1.0] * n, taken)
-            except lorakit.LorakitError as e:
-                print(f"{spec.name} {label}: error: {e}")
-                rows.append((spec.name, label, [], 0.0, 0.0, f"error: {e}"))
-                continue
-            note = f"{time.perf_counter() - t:.2f} s {note}".strip()
-            score(spec.name, label, merged, note)
+        for lam in LAMBDAS:
+            for label, params in variants(spec.name, args.rank, n):
+                label = f"λ={lam:g}, {label}"
+                taken = {k: v for k, v in params.items() if k in spec.params}
+                dropped = sorted(set(params) - set(taken))
+                note = f"(does not take {', '.join(dropped)})" if dropped else ""
+                t = time.perf_counter()
+                try:
+                    merged = merge_with(spec, adapters, [lam] * n, taken)
+                except lorakit.LorakitError as e:
+                    print(f"{spec.name} {label}: error: {e}")
+                    rows.append((spec.name, label, [], 0.0, 0.0, f"error: {e}"))
+                    continue
+                note = f"{time.perf_counter() - t:.2f} s {note}".strip()
+                score(spec.name, label, merged, note)
     total = time.perf_counter() - t_start
     print(f"total {total:.0f} s (training/caching {t_trained - t_start:.0f} s)")
     if args.no_write:
@@ -134,9 +138,9 @@ def main() -> None:
         "reverse, sort, shift (+3 mod 10), rotate (left by 2). Score: exact-match accuracy of the whole "
         "answer on 512 held-out examples per task (teacher-forced argmax, equal to greedy decoding exact match); "
         "per-token: the fraction of right answer tokens, averaged over the four tasks; copy: exact match on the "
-        "base's own task, i.e. how much of the base the merge leaves intact. Merges use weight 1 per adapter "
-        "(task arithmetic λ=1) unless "
-        "the row says otherwise; merge operators listed are those registered on the branch that ran it.",
+        "base's own task, i.e. how much of the base the merge leaves intact. Merges use weight λ per adapter "
+        "(task arithmetic), as each row says; the merge operators listed are those registered on the branch that "
+        "ran it.",
         "",
         head,
         "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: | --- |",
