@@ -27,6 +27,11 @@ from lorakit.ops.rank_rules import rank_rule
 from lorakit.testing import llama_shapes, random_factors
 
 OUT = Path("docs/benchmarks/lego.md")
+THREAD_NOTE = (
+    'With 2 torch threads on this machine, loaded by other agents (load average about 12 on 2 cores), one'
+    ' 14336×4096 module took 15 s instead of about 1 s with 1 thread (threads waiting on descheduled peer'
+    's), so this run used 1 thread; on an idle 2-core machine pass `--threads 2`.'
+)
 
 
 def inputs_for(i: int, out: int, inn: int, n: int, rank: int):
@@ -103,9 +108,11 @@ def main() -> None:
         "",
         "There is no public LoRA-LEGO implementation to compare with; the svd row is lorakit's exact QR-core merge "
         "of the same inputs to the same rank, timed in the same run. The error rows say what clustering costs "
-        "against the exact sum: LEGO averages units of a cluster, so on unrelated random adapters its error is "
-        "far above the SVD optimum — it is meant for adapters whose units are related (see docs/lego.md and the "
+        "against the exact sum: LEGO averages units of a cluster, so on unrelated random adapters its error stays "
+        "above the SVD optimum — it is meant for adapters whose units are related (see docs/lego.md and the "
         "merge-quality benchmark). Numbers as measured in one run; the machine is shared, so timings are noisy.",
+        "",
+        *([THREAD_NOTE] if args.threads == 1 else []),
         "",
     ]
     OUT.parent.mkdir(parents=True, exist_ok=True)

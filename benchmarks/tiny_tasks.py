@@ -4,10 +4,12 @@ Vocabulary: ``PAD``, ``SEP``, one prefix token per task and ``DIGITS`` symbols. 
 
     [TASK] x_1 … x_L [SEP] y_1 … y_L          (length 2L + 2; the loss and the score cover y only)
 
-* ``copy``: y = x — the base model is pre-trained on it under every prefix, so it knows the format but none of
-  the tasks below;
+* ``copy``: y = x;
 * ``reverse``: y = x reversed;  ``sort``: y = x sorted;  ``shift``: y_i = (x_i + 3) mod D;
 * ``rotate``: y = x rotated left by 2 (y_i = x_{(i+2) mod L}).
+
+The base is pre-trained briefly on a mix of all five, so it knows the format and is partly able at each task;
+one adapter per task then fine-tunes it to (near) perfection on that task.
 
 (A modular-add task, y_i = (x_i + x_{i+1}) mod D, was tried first: a rank-8 LoRA on this base did not learn it in
 400 steps, loss stuck at ln 10, so it was replaced.)
@@ -146,13 +148,13 @@ def _train(model, params, tasks: list[Task], steps: int, lr: float, seed: int, b
     return float(loss.detach())
 
 
-def build_base(seed: int = 0, *, steps: int = 800, verbose: bool = True):
-    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained on ``copy`` under
-    every prefix token (so it knows the format and treats every prefix alike), cached in
-    ``bench-out/tiny_tasks/base-s{seed}-v2``. Returns ``(model, Vocab())``."""
+def build_base(seed: int = 0, *, steps: int = 200, verbose: bool = True):
+    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained briefly on a uniform
+    mix of ``copy`` and the four tasks (so it knows the format and is partly able at each task, as a pre-trained
+    model is before fine-tuning), cached in ``bench-out/tiny_tasks/base-s{seed}-v3``. Returns ``(model, Vocab())``."""
     from transformers import LlamaForCausalLM
 
-    path = CACHE / f"base-s{seed}-v2"
+    path = CACHE / f"base-s{seed}-v3"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path)
         model.eval()
@@ -160,9 +162,9 @@ def build_base(seed: int = 0, *, steps: int = 800, verbose: bool = True):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config())
     t = time.perf_counter()
-    loss = _train(model, model.parameters(), [copy_task(seed, tuple(TASK_TOKEN.values()))], steps, 3e-3, seed, log=verbose)
+    loss = _train(model, model.parameters(), [copy_task(seed), *make_tasks(seed)], steps, 3e-3, seed, log=verbose)
     if verbose:
-        print(f"base (seed {seed}): pre-trained on copy for {steps} steps in {time.perf_counter() - t:.0f} s, "
+        print(f"base (seed {seed}): pre-trained on the mix for {steps} steps in {time.perf_counter() - t:.0f} s, "
               f"final loss {loss:.3f}")
     model.save_pretrained(path)
     return build_base(seed, steps=steps, verbose=verbose)  # reloaded: the adapter cache is keyed by its path
@@ -170,9 +172,8 @@ def build_base(seed: int = 0, *, steps: int = 800, verbose: bool = True):
 
 def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = 450, verbose: bool = True) -> Adapter:
     """A PEFT LoRA (rank ``rank``, α = 2·rank, all attention and MLP projections) trained on CPU on ``task``
-    mixed 2:1 with ``copy`` under every other prefix (the base's behaviour: so the adapter keys its change on its
-    own prefix token and leaves other inputs alone, as an adapter trained with replay would), saved in PEFT
-    format under ``bench-out/tiny_tasks/`` and read back with :func:`lorakit.load`."""
+    mixed 2:1 with ``copy`` (replay of a base skill, so the adapter keys its change on its prefix token), saved in
+    PEFT format under ``bench-out/tiny_tasks/`` and read back with :func:`lorakit.load`."""
     from peft import LoraConfig, get_peft_model
 
     tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
@@ -185,8 +186,7 @@ def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int 
         )
         t = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
-        others = tuple(t for t in TASK_TOKEN.values() if t != task.token)
-        loss = _train(model, params, [task, task, copy_task(seed, others)], steps, 5e-3, 1000 + seed + task.seed, log=verbose)
+        loss = _train(model, params, [task, task, copy_task(seed)], steps, 5e-3, 1000 + seed + task.seed, log=verbose)
         if verbose:
             print(f"adapter {task.name} r={rank}: {steps} steps in {time.perf_counter() - t:.0f} s, loss {loss:.3f}")
         model.save_pretrained(path)
