@@ -13,7 +13,11 @@ Minimises the inertia ``Σ_c Σ_{x ∈ C_c} ‖x − μ_c‖²`` over ``n`` poin
 
 Random draws come from a CPU ``torch.Generator`` seeded with ``seed`` (then moved to the device), and the
 arithmetic is float64, so a seed gives the same result on every run and the same clustering on CPU and CUDA
-(up to float64 rounding in distance ties). Cost per Lloyd step O(n·k·d); memory O(n·d + n·k).
+(up to float64 rounding in distance ties).
+
+Made for few points in a high dimension (n ≪ d: LoRA units, n = Σ ranks, d = out + in): every distance is taken
+from the Gram matrix ``G = X Xᵀ`` with centroids kept as mixing weights ``μ = M X``, so the cost is O(n²·d) once,
+then O(n²·k) per Lloyd step and restart, independent of d; memory O(n·d + n²).
 """
 
 from __future__ import annotations
@@ -35,19 +39,18 @@ class KMeansResult:
     n_iter: int
 
 
-def _sq_dists(X: torch.Tensor, C: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """``‖x_i − c_j‖²`` for every pair, ``(n, k)``, clamped at 0 (the expansion can round below it)."""
-    return (x2[:, None] + (C * C).sum(1)[None, :] - 2.0 * (X @ C.T)).clamp_min_(0.0)
-
-
-def _plus_plus(X: torch.Tensor, k: int, x2: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding; returns the indices of the ``k`` chosen points."""
-    n = X.shape[0]
+def _plus_plus(G: torch.Tensor, k: int, x2: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding from the Gram matrix; returns the indices of the ``k`` chosen points."""
+    n = G.shape[0]
     chosen = torch.zeros(n, dtype=torch.bool)
+
+    def to_point(j: int) -> torch.Tensor:  # ‖x_i − x_j‖² for every i
+        return (x2 + x2[j] - 2.0 * G[:, j]).clamp_min(0.0).cpu()
+
     first = int(torch.randint(n, (1,), generator=gen))
     idx = [first]
     chosen[first] = True
-    d2 = _sq_dists(X, X[first : first + 1], x2)[:, 0].cpu()
+    d2 = to_point(first)
     d2[chosen] = 0.0
     for _ in range(1, k):
         total = float(d2.sum())
@@ -63,34 +66,46 @@ def _plus_plus(X: torch.Tensor, k: int, x2: torch.Tensor, gen: torch.Generator) 
             nxt = int(free[min(int(u * len(free)), len(free) - 1)])
         idx.append(nxt)
         chosen[nxt] = True
-        d2 = torch.minimum(d2, _sq_dists(X, X[nxt : nxt + 1], x2)[:, 0].cpu())
+        d2 = torch.minimum(d2, to_point(nxt))
         d2[chosen] = 0.0
     return torch.tensor(idx, dtype=torch.long)
 
 
-def _lloyd(X: torch.Tensor, C: torch.Tensor, x2: torch.Tensor, max_iter: int) -> KMeansResult:
-    n, k = X.shape[0], C.shape[0]
-    labels = torch.full((n,), -1, dtype=torch.long, device=X.device)
+def _sq_dists(G: torch.Tensor, x2: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``‖x_i − μ_c‖²`` for centroids ``μ = M @ X`` given as mixing weights ``M (k, n)``, from the Gram matrix:
+    ``‖x_i‖² − 2 (G Mᵀ)_ic + (M G Mᵀ)_cc``, ``(n, k)``, clamped at 0 (the expansion can round below it)."""
+    cross = G @ M.T
+    return (x2[:, None] - 2.0 * cross + (M * cross.T).sum(1)[None, :]).clamp_min_(0.0)
+
+
+def _lloyd(X: torch.Tensor, G: torch.Tensor, x2: torch.Tensor, init: torch.Tensor, max_iter: int) -> KMeansResult:
+    n, k = G.shape[0], init.numel()
+    cols = torch.arange(n, device=G.device)
+    M = torch.zeros(k, n, dtype=G.dtype, device=G.device)
+    M[torch.arange(k, device=G.device), init] = 1.0
+    labels = torch.full((n,), -1, dtype=torch.long, device=G.device)
     it = 0
     for it in range(1, max_iter + 1):
-        D = _sq_dists(X, C, x2)
+        D = _sq_dists(G, x2, M)
         new = D.argmin(1)
         if torch.equal(new, labels):
             break
         labels = new
         counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(C).index_add_(0, labels, X)
-        C = sums / counts.clamp_min(1).unsqueeze(1).to(X.dtype)
+        M = torch.zeros_like(M)
+        M[labels, cols] = 1.0
+        M /= counts.clamp_min(1).unsqueeze(1).to(M.dtype)
         empty = torch.nonzero(counts == 0)[:, 0].tolist()
         if empty:  # give each empty cluster the point that is farthest from its current centre
             far = D.gather(1, labels[:, None])[:, 0].clone()
             for c in empty:
                 j = int(far.argmax())
-                C[c] = X[j]
+                M[c] = 0.0
+                M[c, j] = 1.0
                 far[j] = -1.0
-            labels = torch.full((n,), -1, dtype=torch.long, device=X.device)  # force another assignment step
-    D = _sq_dists(X, C, x2)
-    labels = D.argmin(1)
+            labels = torch.full((n,), -1, dtype=torch.long, device=G.device)  # force another assignment step
+    labels = _sq_dists(G, x2, M).argmin(1)
+    C = M @ X
     inertia = float(((X - C[labels]) ** 2).sum())  # direct, not the expansion (exact 0 for singletons)
     return KMeansResult(C, labels, inertia, it)
 
@@ -119,12 +134,13 @@ def kmeans(
     if restarts < 1 or max_iter < 1:
         raise OperatorParameterError("k-means: restarts and max_iter must be at least 1", parameter="restarts")
     X = X.to(torch.float64)
-    x2 = (X * X).sum(1)
+    G = X @ X.T
+    x2 = G.diagonal().clone()
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     best: KMeansResult | None = None
     for _ in range(restarts):
-        init = _plus_plus(X, k, x2, gen).to(X.device)
-        run = _lloyd(X, X[init].clone(), x2, max_iter)
+        init = _plus_plus(G, k, x2, gen).to(X.device)
+        run = _lloyd(X, G, x2, init, max_iter)
         if best is None or run.inertia < best.inertia:
             best = run
     assert best is not None
