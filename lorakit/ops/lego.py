@@ -27,7 +27,8 @@ With κ = R (every unit its own cluster) and both reweightings off, the result i
 fewer clusters it is an approximation: the centroid of factors is not the mean of the rank-1 matrices, and
 clusters of similar units are *averaged*, so LEGO behaves like an average of matching units, not like a sum.
 
-Cost per module: SVDs O((out+in)·R²) and k-means O(restarts·iters·R·κ·(out+in)); no dense ΔW.
+Cost per module: SVDs O((out+in)·R²), k-means O(R²·(out+in)) for the Gram matrix then O(restarts·iters·R²·κ);
+no dense ΔW.
 """
 
 from __future__ import annotations

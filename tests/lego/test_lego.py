@@ -258,3 +258,16 @@ def test_cuda_path_matches_cpu():
     gpu, asg_g = lego_merge(ads, k=8, seed=1, device="cuda")
     assert_adapters_close(cpu, gpu, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(x, y) for x, y in zip(asg_c["q"].labels, asg_g["q"].labels))
+
+
+def test_merged_adapter_saves_and_reloads_with_provenance(tmp_path):
+    import lorakit
+    from lorakit.provenance import read_provenance
+
+    ads = [random_adapter(SHAPES, 4, scale=0.5, seed=i) for i in range(2)]
+    merged, _ = lego_merge(ads, k=3, seed=1)
+    path = lorakit.save(merged, tmp_path / "m.safetensors")
+    back = lorakit.load(path)
+    assert_adapters_close(back, merged, rtol=1e-5, atol=1e-7)
+    prov = read_provenance(back.meta.metadata)
+    assert prov is not None and prov["operation"] == "merge:lego" and prov["parameters"]["k"] == 3
