@@ -109,7 +109,7 @@ def main() -> None:
                 t = time.perf_counter()
                 try:
                     merged = merge_with(spec, adapters, [lam] * n, taken)
-                except lorakit.LorakitError as e:
+                except (lorakit.LorakitError, TypeError, ValueError) as e:  # a method this table cannot drive
                     print(f"{spec.name} {label}: error: {e}")
                     rows.append((spec.name, label, [], 0.0, 0.0, f"error: {e}"))
                     continue
