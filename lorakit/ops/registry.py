@@ -133,7 +133,9 @@ def available(kind: str | None = None) -> list[OperatorSpec]:
     return sorted((s for (k, _), s in _REGISTRY.items() if kind is None or k == kind), key=lambda s: s.name)
 
 
-BUILTIN_MODULES: list[str] = []  # the one explicit list of modules that register built-in operators
+BUILTIN_MODULES: list[str] = [
+    "lorakit.ops.lego",
+]  # the one explicit list of modules that register built-in operators
 
 
 def _load_builtins() -> None:

@@ -1,0 +1,387 @@
+"""LoRA-LEGO (Zhao et al., ICLR 2025): merge adapters by clustering their rank-1 units.
+
+A rank-r module ``ΔW = s·B@A`` is a set of r *Minimal Semantic Units* (MSUs) ``(b_j, a_j)`` with
+``ΔW = Σ_j b_j a_jᵀ`` once the scale is folded in. Per module, independently:
+
+1. **Units.** Input ``i`` at weight ``w_i`` gives the units of ``w_i·s_i·B_i@A_i``, each as the vector
+   ``u = [b; a] ∈ ℝ^{out+in}``. The pool holds ``R = Σ r_i`` units. Concatenating any units gives the exact sum
+   of their terms (concatenation–summation equivalence), so the pool alone is the exact ``cat`` merge.
+   Gauges (``gauge=``): ``canonical`` (default) takes each input's canonical SVD form ``b = u_j√σ_j``,
+   ``a = √σ_j v_j`` — independent of the arbitrary basis of the training run, with ``‖b‖ = ‖a‖`` — and fixes the
+   sign of each pair so that the largest-magnitude entry of ``a`` is positive (``(b, a)`` and ``(−b, −a)`` are
+   the same term, yet k-means would average them into zero). ``raw`` is the paper's literal form: the stored
+   factors with ``√|w·s|`` folded into each side (the sign into ``b``), no sign fixing.
+2. **Clustering.** k-means into κ clusters (:func:`lorakit.ops.kmeans.kmeans`: k-means++, seeded, restarts).
+   The pool is put in a canonical order first (descending norm, ties by a fixed projection), so the result
+   does not depend on the order of the units inside an input nor on the order of the inputs.
+3. **Centroids** ``μ_c = mean of the members`` are split back into ``(b̄_c, ā_c)``: the merged module is
+   ``B = [b̄_1 … b̄_κ]`` ``(out, κ)``, ``A = [ā_1ᵀ; …; ā_κᵀ]`` ``(κ, in)``.
+4. **Dual reweighting**, each switchable:
+   * parameter reweighting (``param_reweight``): ``μ̂_c = μ_c · mean_{u∈C_c}‖u‖ / ‖μ_c‖``, undoing the norm
+     lost when members that point apart are averaged;
+   * output reweighting (``output_reweight``): the merged update is scaled by ``γ = √(r̄/κ)``, ``r̄`` the mean
+     number of units per input, so the variance of the sum of κ rank-1 outputs matches one source adapter
+     (a reconstruction: the paper's exact constant is not public); ``output_scale`` sets γ explicitly.
+
+With κ = R (every unit its own cluster) and both reweightings off, the result is exactly ``Σ w_i ΔW_i``. With
+fewer clusters it is an approximation: the centroid of factors is not the mean of the rank-1 matrices, and
+clusters of similar units are *averaged*, so LEGO behaves like an average of matching units, not like a sum.
+
+Cost per module: SVDs O((out+in)·R²), k-means O(R²·(out+in)) for the Gram matrix then O(restarts·iters·R²·κ);
+no dense ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.device import resolve_device
+from lorakit.errors import IncompatibleAdaptersError, OperatorParameterError, RankError, ShapeMismatchError
+from lorakit.factors import LoraFactors
+from lorakit.linalg import factored_svd, svd_of
+from lorakit.ops.kmeans import kmeans
+from lorakit.ops.rank_rules import RankRule, rank_rule as make_rank_rule
+from lorakit.ops.registry import MergeResult, register
+from lorakit.provenance import make_provenance
+
+Gauge = Literal["canonical", "raw"]
+GAUGES = ("canonical", "raw")
+
+
+@dataclass(frozen=True)
+class Units:
+    """A pool of rank-1 units: ``B (out, R)`` columns and ``A (R, in)`` rows, ``Σ_j B[:, j] A[j]`` = the sum.
+
+    ``owner[j]`` is the input a unit came from and ``index[j]`` its position among that input's units.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    owner: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.A.shape[0])
+
+    def vectors(self) -> torch.Tensor:
+        """The units as rows ``[bᵀ, aᵀ]``, ``(R, out + in)``."""
+        return torch.cat([self.B.T, self.A], dim=1)
+
+
+@dataclass(frozen=True)
+class LegoAssignment:
+    """Which cluster each unit of each input went to, for one module.
+
+    Args:
+        labels: per input, a ``(units_i,)`` int64 tensor of cluster ids in ``[0, κ)``; unit ``j`` of input ``i``
+            is the j-th singular direction of ``w_i·ΔW_i`` (``canonical``) or its j-th stored rank (``raw``).
+        sizes: ``(κ,)`` members per cluster. Clusters are numbered as the merged ranks (by descending norm).
+        inertia: the k-means objective Σ‖u − μ_c‖² of the kept run.
+        output_scale: the γ applied to the merged update.
+        error: relative Frobenius error against the exact weighted sum ``Σ w_i ΔW_i``.
+        best_error: the Eckart–Young error at rank κ of that sum.
+    """
+
+    labels: tuple[torch.Tensor, ...]
+    sizes: torch.Tensor
+    inertia: float
+    output_scale: float
+    error: float
+    best_error: float
+
+    @property
+    def k(self) -> int:
+        return int(self.sizes.numel())
+
+
+# ---- units ---------------------------------------------------------------------------------------------------
+def _fix_sign(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip ``(b_j, a_j)`` → ``(−b_j, −a_j)`` so the largest-|entry| of each ``a_j`` is positive."""
+    if A.shape[0] == 0:
+        return B, A
+    pick = A.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(A.gather(1, pick))[:, 0]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return B * sign[None, :], A * sign[:, None]
+
+
+def _input_units(
+    f: LoraFactors, weight: float, gauge: Gauge, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` in float64 on ``device`` whose units sum to ``weight·ΔW`` in the given gauge."""
+    f = f.to(device).scaled(weight)
+    if gauge == "canonical":
+        svd = svd_of(f, dtype=torch.float64)
+        root = svd.S.clamp_min(0).sqrt()
+        return _fix_sign(svd.U * root[None, :], root[:, None] * svd.Vh)
+    root = math.sqrt(abs(f.scale))
+    sign = -1.0 if f.scale < 0 else 1.0
+    return f.B.to(torch.float64) * (root * sign), f.A.to(torch.float64) * root
+
+
+def extract_units(
+    inputs: Sequence[LoraFactors],
+    weights: Sequence[float],
+    *,
+    gauge: Gauge = "canonical",
+    device: str | torch.device = "cpu",
+) -> Units:
+    """The pooled units of ``Σ w_i ΔW_i`` in ``gauge`` (input order, then unit order), float64 on ``device``."""
+    dev = resolve_device(device)
+    Bs, As, owner, index = [], [], [], []
+    for i, (f, w) in enumerate(zip(inputs, weights)):
+        B, A = _input_units(f, float(w), gauge, dev)
+        Bs.append(B)
+        As.append(A)
+        owner.append(torch.full((A.shape[0],), i, dtype=torch.long))
+        index.append(torch.arange(A.shape[0]))
+    return Units(torch.cat(Bs, 1), torch.cat(As, 0), torch.cat(owner), torch.cat(index))
+
+
+def _canonical_order(X: torch.Tensor) -> torch.Tensor:
+    """A permutation of the rows of ``X`` that depends only on their values: descending norm, ties broken by
+    the projection on a fixed pseudo-random direction (then by position, which only equal rows reach)."""
+    g = torch.Generator(device="cpu").manual_seed(0x1E60)
+    probe = torch.randn(X.shape[1], generator=g, dtype=torch.float64).to(X.device)
+    proj = (X @ probe).cpu()
+    norms = X.norm(dim=1).cpu()
+    order = torch.sort(proj, stable=True).indices
+    return order[torch.sort(-norms[order], stable=True).indices]
+
+
+# ---- the per-module merge ---------------------------------------------------------------------------------
+def _choose_k(rule: RankRule | None, units: int, ranks: Sequence[int], S: torch.Tensor, module: str | None) -> int:
+    if rule is None:
+        k = max(ranks)
+    elif rule.kind == "rank":
+        k = int(rule.value)
+    else:  # energy, error, sv_ratio...: the rank the exact sum needs under that rule
+        k = rule.select(S)
+    if k < 1:
+        raise RankError(f"LEGO needs at least 1 cluster, got k={k}", module=module)
+    if k > units:
+        raise RankError(
+            f"k={k} clusters is more than the {units} rank-1 units of the inputs (ranks {list(ranks)})",
+            module=module, hint=f"use --rank {units} or less; --rank {units} with reweighting off is the exact cat",
+        )
+    return k
+
+
+def lego_module(
+    inputs: Sequence[LoraFactors],
+    weights: Sequence[float],
+    *,
+    rank_rule: RankRule | None = None,
+    gauge: Gauge = "canonical",
+    param_reweight: bool = True,
+    output_reweight: bool = True,
+    output_scale: float | None = None,
+    seed: int = 0,
+    restarts: int = 4,
+    max_iter: int = 100,
+    device: str = "cpu",
+    module: str | None = None,
+) -> tuple[LoraFactors, LegoAssignment]:
+    """LoRA-LEGO for one module; returns the merged factors (scale = γ) and the cluster assignment.
+
+    ``rank_rule`` picks κ: ``rank K`` is κ = K exactly; an energy/error/sv-ratio rule gives the rank that rule
+    keeps on the spectrum of the exact sum; none gives κ = max input rank. See the module docstring.
+
+    Raises:
+        RankError: κ < 1 or κ greater than the number of units.
+        ShapeMismatchError: inputs of different shapes.
+        OperatorParameterError: an unknown gauge, no inputs, weights that do not match the inputs.
+    """
+    if not inputs:
+        raise OperatorParameterError("LEGO needs at least one input adapter", operator="lego")
+    if len(weights) != len(inputs):
+        raise OperatorParameterError(f"{len(weights)} weights for {len(inputs)} inputs", operator="lego")
+    if gauge not in GAUGES:
+        raise OperatorParameterError(f"lego: gauge must be one of {GAUGES}, got {gauge!r}", parameter="gauge")
+    first = inputs[0]
+    for f in inputs[1:]:
+        if f.shape != first.shape:
+            raise ShapeMismatchError(f"shapes differ between adapters: {first.shape} vs {f.shape}", module=module)
+    dev = resolve_device(device)
+    units = extract_units(inputs, weights, gauge=gauge, device=dev)
+    ranks = [int((units.owner == i).sum()) for i in range(len(inputs))]
+    target = factored_svd([units.B], [units.A], dtype=torch.float64)  # exact spectrum of Σ w_i ΔW_i
+    k = _choose_k(rank_rule, units.count, ranks, target.S, module)
+
+    X = units.vectors()
+    order = _canonical_order(X)
+    km = kmeans(X[order], k, seed=seed, restarts=restarts, max_iter=max_iter)
+    labels_sorted = km.labels
+    C = km.centroids
+    sizes = torch.bincount(labels_sorted, minlength=k)
+    if param_reweight:
+        member_norms = torch.zeros(k, dtype=torch.float64, device=C.device).index_add_(
+            0, labels_sorted, X[order].norm(dim=1)
+        ) / sizes.clamp_min(1).to(torch.float64)
+        cn = C.norm(dim=1)
+        C = C * torch.where(cn > 0, member_norms / cn.clamp_min(1e-300), torch.ones_like(cn))[:, None]
+    # Number the merged ranks by descending centroid norm (ties: first member in the canonical pool order).
+    first_member = torch.full((k,), units.count, dtype=torch.long, device=C.device).scatter_reduce_(
+        0, labels_sorted, torch.arange(units.count, device=C.device), reduce="amin"
+    )
+    rank_of = torch.sort(first_member.cpu(), stable=True).indices
+    rank_of = rank_of[torch.sort(-C.norm(dim=1).cpu()[rank_of], stable=True).indices]
+    C = C[rank_of.to(C.device)]
+    relabel = torch.empty(k, dtype=torch.long)
+    relabel[rank_of] = torch.arange(k)
+    labels = torch.empty(units.count, dtype=torch.long)
+    labels[order] = relabel[labels_sorted.cpu()]
+    sizes = sizes.cpu()[rank_of]
+
+    if output_scale is not None:
+        gamma = float(output_scale)
+    elif output_reweight:
+        gamma = math.sqrt((units.count / len(inputs)) / k)
+    else:
+        gamma = 1.0
+    out_dim = first.out_features
+    Bm, Am = C[:, :out_dim].T.contiguous(), C[:, out_dim:].contiguous()
+
+    # Relative error against the exact sum, exactly in factored form: ‖γ·Bm@Am − Σ‖ via the QR core.
+    total = float(target.S.norm())
+    diff = factored_svd([Bm, units.B], [Am, units.A], [gamma, -1.0], dtype=torch.float64)
+    error = float(diff.S.norm()) / total if total > 0 else 0.0
+    best = target.tail_error(k)
+
+    dtype = torch.float32
+    for f in inputs:
+        dtype = torch.promote_types(dtype, f.dtype)
+    home = first.A.device
+    merged = LoraFactors(Am.to(home, dtype), Bm.to(home, dtype), gamma, first.kernel, first.kind)
+    per_input = tuple(
+        labels[units.owner == i][torch.argsort(units.index[units.owner == i])] for i in range(len(inputs))
+    )
+    assignment = LegoAssignment(per_input, sizes, km.inertia, gamma, error, best)
+    return merged, assignment
+
+
+@register(
+    "lego",
+    description="LoRA-LEGO: k-means over the rank-1 units of all inputs, centroids as the merged ranks",
+    exact=False,
+    space="factors",
+    paper="Zhao et al., Merging LoRAs like Playing LEGO, ICLR 2025 (arXiv 2409.16167)",
+)
+def lego(
+    inputs: Sequence[LoraFactors],
+    weights: Sequence[float],
+    *,
+    rank_rule: RankRule | None = None,
+    gauge: str = "canonical",
+    param_reweight: bool = True,
+    output_reweight: bool = True,
+    output_scale: float | None = None,
+    seed: int = 0,
+    restarts: int = 4,
+    max_iter: int = 100,
+    device: str = "cpu",
+) -> MergeResult:
+    """The registered merge operator (one module); ``info`` holds the :class:`LegoAssignment` and κ."""
+    merged, asg = lego_module(
+        inputs, weights, rank_rule=rank_rule, gauge=gauge,  # type: ignore[arg-type]
+        param_reweight=param_reweight, output_reweight=output_reweight, output_scale=output_scale, seed=seed,
+        restarts=restarts, max_iter=max_iter, device=device,
+    )
+    return MergeResult(merged, asg.error, asg.best_error, {"k": asg.k, "assignment": asg, "inertia": asg.inertia})
+
+
+# ---- the adapter-level Python API ----------------------------------------------------------------------------
+def check_compatible(adapters: Sequence[Adapter]) -> list[str]:
+    """The common module names, checked from headers only: same module sets and same shapes."""
+    if not adapters:
+        raise OperatorParameterError("LEGO needs at least one input adapter", operator="lego")
+    names = list(adapters[0])
+    for j, a in enumerate(adapters[1:], start=1):
+        if set(a) != set(names):
+            missing = sorted(set(names) - set(a))[:3]
+            extra = sorted(set(a) - set(names))[:3]
+            raise IncompatibleAdaptersError(
+                f"module sets differ between input 0 and input {j} (missing {missing}, unexpected {extra})",
+                file=a.meta.source_path, missing=missing, unexpected=extra,
+            )
+        for n in names:
+            if a.info(n).shape != adapters[0].info(n).shape:
+                raise ShapeMismatchError(
+                    f"shapes differ: {adapters[0].info(n).shape} vs {a.info(n).shape} (different base models?)",
+                    file=a.meta.source_path, module=n,
+                )
+    return names
+
+
+def lego_merge(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None = None,
+    *,
+    k: int | Mapping[str, int] | None = None,
+    rank_rule: RankRule | None = None,
+    gauge: Gauge = "canonical",
+    param_reweight: bool = True,
+    output_reweight: bool = True,
+    output_scale: float | None = None,
+    seed: int = 0,
+    restarts: int = 4,
+    max_iter: int = 100,
+    device: str = "cpu",
+) -> tuple[Adapter, dict[str, LegoAssignment]]:
+    """Merge ``adapters`` with LoRA-LEGO, module by module; returns the merged adapter and, per module, the
+    :class:`LegoAssignment` (cluster of every unit, sizes, errors).
+
+    Args:
+        adapters: one or more adapters over the same module set (one adapter re-clusters its own units: with
+            κ < r it is a rank reduction).
+        weights: per-adapter weights folded into the units (default 1 each).
+        k: clusters per module — one int for every module, or a mapping module → κ. Exclusive with ``rank_rule``
+            (e.g. ``rank_rule(energy=0.9)``). Neither: κ = the largest input rank of the module.
+        gauge, param_reweight, output_reweight, output_scale, seed, restarts, max_iter, device: see the module
+            docstring and :func:`lego_module`.
+
+    Raises:
+        IncompatibleAdaptersError / ShapeMismatchError: different module sets or shapes (checked before work).
+        RankError: κ < 1 or κ above the number of units of a module.
+    """
+    names = check_compatible(adapters)
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise OperatorParameterError(f"{len(weights)} weights for {len(adapters)} adapters", operator="lego")
+    if k is not None and rank_rule is not None:
+        raise OperatorParameterError("give k or rank_rule, not both", parameter="k")
+    if isinstance(k, Mapping) and set(k) != set(names):
+        raise OperatorParameterError(
+            f"k is given for {len(k)} modules, the adapters have {len(names)}", parameter="k"
+        )
+    for kv in (k.values() if isinstance(k, Mapping) else [k]):
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+            raise RankError(f"k must be a positive integer, got {kv!r}")
+    modules: dict[str, LoraFactors] = {}
+    assignments: dict[str, LegoAssignment] = {}
+    for n in names:
+        kn = k[n] if isinstance(k, Mapping) else k
+        rule = make_rank_rule(rank=kn) if kn is not None else rank_rule
+        modules[n], assignments[n] = lego_module(
+            [a[n] for a in adapters], weights, rank_rule=rule, gauge=gauge, param_reweight=param_reweight,
+            output_reweight=output_reweight, output_scale=output_scale, seed=seed, restarts=restarts,
+            max_iter=max_iter, device=device, module=n,
+        )
+    params = dict(k=k if not isinstance(k, Mapping) else "per-module", rank_rule=str(rank_rule) if rank_rule else None,
+                  gauge=gauge, param_reweight=param_reweight, output_reweight=output_reweight,
+                  output_scale=output_scale, seed=seed, restarts=restarts, weights=weights)
+    src = [a.meta.source_path for a in adapters if a.meta.source_path]
+    m0 = adapters[0].meta
+    meta = AdapterMeta(base_model=m0.base_model, source_format=m0.source_format,
+                       provenance=make_provenance("merge:lego", params, src))
+    return Adapter(modules, meta), assignments
+
+
+__all__ = ["LegoAssignment", "Units", "extract_units", "lego", "lego_merge", "lego_module"]

@@ -1,0 +1,45 @@
+"""The merge-quality test bed: task data layout, and ΔW application agreeing with PEFT's own forward pass."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from benchmarks import tiny_tasks as tt
+
+
+def test_tasks_are_distinct_and_batches_are_laid_out():
+    tasks = tt.make_tasks(0)
+    assert len({t.token for t in tasks}) == len(tasks) == 4
+    x = torch.tensor([[3, 1, 4, 1, 5]])
+    answers = {t.name: t.answer(x)[0].tolist() for t in tasks}
+    assert answers == {"reverse": [5, 1, 4, 1, 3], "sort": [1, 1, 3, 4, 5], "shift": [6, 4, 7, 4, 8],
+                       "rotate": [4, 1, 5, 3, 1]}
+    ids, labels = tasks[1].batch(4, torch.Generator().manual_seed(0))
+    assert ids.shape == (4, tt.SEQ) and bool((ids[:, 0] == tasks[1].token).all()) and bool((ids[:, 6] == tt.SEP).all())
+    digits = ids[:, 1:6] - tt.FIRST_DIGIT
+    assert torch.equal(ids[:, 7:] - tt.FIRST_DIGIT, digits.sort(1).values)
+    assert bool((labels[:, :7] == -100).all()) and torch.equal(labels[:, 7:], ids[:, 7:])
+    assert torch.equal(tasks[0].held_out(8)[0], tasks[0].held_out(8)[0])
+
+
+def test_applied_delta_matches_peft_forward(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    import lorakit
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tt._config()).eval()
+    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=tt.TARGET_MODULES, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), cfg).eval()
+    peft_model.save_pretrained(tmp_path / "a")
+    adapter = lorakit.load(tmp_path / "a")
+    ids, _ = tt.make_tasks(0)[0].held_out(16)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = tt.apply(base, adapter)(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, want, atol=1e-3)
