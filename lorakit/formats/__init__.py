@@ -11,8 +11,9 @@ from lorakit.formats.base import Format, Source
 from lorakit.formats.diffusers import DiffusersFormat
 from lorakit.formats.kohya import KohyaFormat
 from lorakit.formats.peft import PeftFormat
+from lorakit.formats.quantized import QuantizedFormat
 
-FORMATS: list[Format] = [PeftFormat(), KohyaFormat(), DiffusersFormat()]
+FORMATS: list[Format] = [QuantizedFormat(), PeftFormat(), KohyaFormat(), DiffusersFormat()]
 
 
 def get_format(name: str) -> Format:
