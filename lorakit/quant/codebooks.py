@@ -80,4 +80,4 @@ def nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     Ties at a midpoint go to the upper value (``torch.bucketize`` with ``right=False`` on the midpoints).
     """
     mid = ((code[1:] + code[:-1]) / 2).to(x.dtype)
-    return torch.bucketize(x, mid)
+    return torch.bucketize(x.contiguous(), mid)

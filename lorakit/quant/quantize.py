@@ -58,8 +58,22 @@ def quantize_module(
     options, errors, costs = direction_table(canon, configs, pad=pad)
     width = f.out_features + f.in_features
     if avg_bits is not None:
-        chosen = allocate(options, errors, costs, width, avg_bits=avg_bits)
-        q = quantize_canonical(name, f, canon, chosen, configs, pad=pad)
+        # The table prices each direction alone; segments add a few fixed constants (offset, last group scale).
+        # Re-solve with the excess taken off the budget until the stored size meets it.
+        target = avg_bits * canon.rank * width
+        capacity = target
+        for _ in range(RETIGHTEN):
+            try:
+                chosen = allocate(options, errors, costs, width, avg_bits=capacity / (canon.rank * width))
+            except OperatorParameterError as e:
+                least = float(costs[0, 1]) / (canon.rank * width)
+                raise OperatorParameterError(
+                    f"--avg-bits {avg_bits:g} is below what this module can store (at least {least:.3g} bits per "
+                    "parameter: the top direction at 2 bits)", module=name, hint="raise --avg-bits") from e
+            q = quantize_canonical(name, f, canon, chosen, configs, pad=pad)
+            if q.storage_bits <= target:
+                break
+            capacity -= q.storage_bits - target
         return q, _relative(f, q, norm)
     assert error is not None
     budget = (error * norm) ** 2
