@@ -17,6 +17,7 @@ whole byte.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,25 +127,41 @@ class QuantizedTensor:
                 )
 
 
+def _group(bits: int) -> tuple[int, int]:
+    """``(values, bytes)`` per packing group: the fewest values that fill whole bytes (3 bits: 8 values, 3 bytes)."""
+    values = 8 // math.gcd(bits, 8)
+    return values, values * bits // 8
+
+
 def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer indices ``< 2**bits`` into a uint8 bit stream (first element in the most significant bits)."""
-    idx = indices.reshape(-1).to(torch.int64)
+    """Pack integer indices ``< 2**bits`` into a uint8 bit stream (first element in the most significant bits),
+    ``ceil(n·bits/8)`` bytes. Works a group of values at a time (one ≤ 24-bit word per group)."""
+    idx = indices.reshape(-1).to(torch.int32)
     if bits == 8:
         return idx.to(torch.uint8)
-    shifts = torch.arange(bits - 1, -1, -1)
-    stream = ((idx[:, None] >> shifts) & 1).reshape(-1)
-    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
-    weights = 1 << torch.arange(7, -1, -1)
-    return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    n = idx.numel()
+    values, nbytes = _group(bits)
+    idx = torch.nn.functional.pad(idx, (0, -n % values)).reshape(-1, values)
+    word = torch.zeros(idx.shape[0], dtype=torch.int32)
+    for k in range(values):
+        word |= idx[:, k] << (bits * (values - 1 - k))
+    out = torch.stack([(word >> (8 * (nbytes - 1 - j))) & 0xFF for j in range(nbytes)], dim=1)
+    return out.reshape(-1)[: (n * bits + 7) // 8].to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``n`` indices, int64."""
     if bits == 8:
         return packed.reshape(-1)[:n].to(torch.int64)
-    stream = (packed.reshape(-1).to(torch.int64)[:, None] >> torch.arange(7, -1, -1)) & 1
-    stream = stream.reshape(-1)[: n * bits].reshape(n, bits)
-    return (stream * (1 << torch.arange(bits - 1, -1, -1))).sum(dim=1)
+    values, nbytes = _group(bits)
+    raw = packed.reshape(-1).to(torch.int32)
+    raw = torch.nn.functional.pad(raw, (0, -raw.numel() % nbytes)).reshape(-1, nbytes)
+    word = torch.zeros(raw.shape[0], dtype=torch.int32)
+    for j in range(nbytes):
+        word |= raw[:, j] << (8 * (nbytes - 1 - j))
+    mask = (1 << bits) - 1
+    out = torch.stack([(word >> (bits * (values - 1 - k))) & mask for k in range(values)], dim=1)
+    return out.reshape(-1)[:n].to(torch.int64)
 
 
 def quantize_tensor(x: torch.Tensor, config: QuantConfig, *, pad: bool = False) -> QuantizedTensor:

@@ -123,17 +123,24 @@ def matrices_to_decompose(keys: Iterable[str], shapes: Callable[[str], tuple[int
     return out
 
 
-def plan_budget(
-    tensors: Callable[[str], torch.Tensor], names: list[str], rank: int, budget: float, *,
+@dataclass
+class CostTable:
+    """Per matrix ``i`` and configuration ``c``: squared error ``costs[i, c]`` after a short decomposition and
+    exact storage ``storage[i, c]`` in bits (``inf`` where the block size does not divide the row)."""
+
+    names: list[str]
+    configs: list[QuantConfig]
+    costs: np.ndarray
+    storage: np.ndarray
+    numel: np.ndarray
+
+
+def cost_table(
+    tensors: Callable[[str], torch.Tensor], names: list[str], rank: int, *,
     grid: Iterable[tuple[int, int]] = DEFAULT_GRID, iters: int = 2, pad: bool = False,
     progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
-) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
-    """The ILP allocation of one configuration per matrix meeting ``budget`` bits/parameter on average.
-
-    Returns the configurations and facts about the solution (``avg_bits`` achieved, cost table size).
-    """
-    from lorakit.quant.knapsack import choose_one_per_item
-
+) -> CostTable:
+    """Tabulate the ILP's costs and storage, one matrix in memory at a time."""
     configs = [QuantConfig(b, default_code(b), blk, True) for b, blk in grid]
     costs = np.full((len(names), len(configs)), np.inf)
     storage = np.full_like(costs, np.inf)
@@ -152,11 +159,31 @@ def plan_budget(
             costs[i, c] = res.error**2 * wn2
             assert res.Q is not None
             storage[i, c] = res.Q.storage_bits
-    capacity = budget * float(numel.sum())
-    choice = choose_one_per_item(costs, storage, capacity)
-    chosen = {n: configs[int(c)] for n, c in zip(names, choice)}
-    used = float(sum(storage[i, int(c)] for i, c in enumerate(choice)))
-    return chosen, {"avg_bits": used / float(numel.sum()), "budget": budget, "configs": len(configs)}
+    return CostTable(names, configs, costs, storage, numel)
+
+
+def solve_budget(table: CostTable, budget: float) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
+    """One configuration per matrix minimising the total squared error with ``Σ storage ≤ budget·Σ numel``."""
+    from lorakit.quant.knapsack import choose_one_per_item
+
+    total = float(table.numel.sum())
+    choice = choose_one_per_item(table.costs, table.storage, budget * total)
+    chosen = {n: table.configs[int(c)] for n, c in zip(table.names, choice)}
+    used = float(sum(table.storage[i, int(c)] for i, c in enumerate(choice)))
+    predicted = float(sum(table.costs[i, int(c)] for i, c in enumerate(choice)))
+    return chosen, {"avg_bits": used / total, "budget": budget, "configs": len(table.configs),
+                    "predicted_sq_error": predicted}
+
+
+def plan_budget(
+    tensors: Callable[[str], torch.Tensor], names: list[str], rank: int, budget: float, *,
+    grid: Iterable[tuple[int, int]] = DEFAULT_GRID, iters: int = 2, pad: bool = False,
+    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
+) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
+    """The ILP allocation of one configuration per matrix meeting ``budget`` bits/parameter on average:
+    :func:`cost_table` then :func:`solve_budget`."""
+    table = cost_table(tensors, names, rank, grid=grid, iters=iters, pad=pad, progress=progress)
+    return solve_budget(table, budget)
 
 
 def lq_decompose_file(
