@@ -15,7 +15,6 @@ target is re-tightened until the exact error meets it.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors

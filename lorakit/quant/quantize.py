@@ -9,8 +9,8 @@ input. The report gives bits per parameter including every stored constant, rela
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
