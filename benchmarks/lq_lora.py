@@ -23,8 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks" / "lq_lora.md"
 SHAPES_1B = {
-    "self_attn.q_proj": (2048, 2048), "self_attn.k_proj": (512, 2048), "self_attn.v_proj": (512, 2048),
-    "self_attn.o_proj": (2048, 2048), "mlp.gate_proj": (8192, 2048), "mlp.up_proj": (8192, 2048),
+    "self_attn.q_proj": (2048, 2048),
+    "self_attn.k_proj": (512, 2048),
+    "self_attn.v_proj": (512, 2048),
+    "self_attn.o_proj": (2048, 2048),
+    "mlp.gate_proj": (8192, 2048),
+    "mlp.up_proj": (8192, 2048),
     "mlp.down_proj": (2048, 8192),
 }
 
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     load = os.getloadavg()[0]
-    mats = {f"model.layers.{layer}.{n}.weight": shape for layer in range(args.layers) for n, shape in SHAPES_1B.items()}
+    mats = {
+        f"model.layers.{layer}.{n}.weight": shape
+        for layer in range(args.layers)
+        for n, shape in SHAPES_1B.items()
+    }
     seeds = {n: i for i, n in enumerate(mats)}
 
     def get(name: str) -> torch.Tensor:
@@ -95,18 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     compare_rows = []
     for c, cfg in enumerate(configs):
         q_bits = storage[:, c].sum() / total
-        compare_rows.append([
-            f"NF{cfg.bits}", f"{q_bits:.3f}", f"{q_bits + lowrank_bits:.3f}",
-            f"{math.sqrt(plain_sq[:, c].sum() / norms2.sum()):.4f}",
-            f"{math.sqrt(costs[:, c].sum() / norms2.sum()):.4f}", f"{seconds[cfg.bits]:.0f}",
-        ])
+        compare_rows.append(
+            [
+                f"NF{cfg.bits}",
+                f"{q_bits:.3f}",
+                f"{q_bits + lowrank_bits:.3f}",
+                f"{math.sqrt(plain_sq[:, c].sum() / norms2.sum()):.4f}",
+                f"{math.sqrt(costs[:, c].sum() / norms2.sum()):.4f}",
+                f"{seconds[cfg.bits]:.0f}",
+            ]
+        )
     iter_rows = []
     for bits, runs in curves.items():
         longest = max(len(r) for r in runs)
         for t in range(longest):
             per = [min(r[: t + 1]) for r in runs]
-            iter_rows.append([f"NF{bits}", t + 1, f"{sum(per) / len(per):.5f}", f"{max(per):.5f}",
-                              sum(1 for r in runs if len(r) > t)])
+            iter_rows.append(
+                [
+                    f"NF{bits}",
+                    t + 1,
+                    f"{sum(per) / len(per):.5f}",
+                    f"{max(per):.5f}",
+                    sum(1 for r in runs if len(r) > t),
+                ]
+            )
     table = CostTable(names, configs, costs, storage, numel)
     ilp_rows = []
     for budget in args.budgets:
@@ -114,11 +134,22 @@ def main(argv: list[str] | None = None) -> int:
         picks = [configs.index(chosen[n]) for n in names]
         err = math.sqrt(sum(costs[i, c] for i, c in enumerate(picks)) / norms2.sum())
         uniform = [c for c, cfg in enumerate(configs) if storage[:, c].sum() / total <= budget]
-        best_uniform = (f"NF{configs[uniform[-1]].bits}: {math.sqrt(costs[:, uniform[-1]].sum() / norms2.sum()):.4f}"
-                        if uniform else "none fits")
+        best_uniform = (
+            f"NF{configs[uniform[-1]].bits}: {math.sqrt(costs[:, uniform[-1]].sum() / norms2.sum()):.4f}"
+            if uniform
+            else "none fits"
+        )
         picked = ", ".join(f"{n.split('.')[-2]}: {chosen[n].bits}" for n in names)
-        ilp_rows.append([f"{budget:g}", f"{facts['avg_bits']:.3f}", "yes" if facts["avg_bits"] <= budget else "NO",
-                         f"{err:.4f}", best_uniform, picked])
+        ilp_rows.append(
+            [
+                f"{budget:g}",
+                f"{facts['avg_bits']:.3f}",
+                "yes" if facts["avg_bits"] <= budget else "NO",
+                f"{err:.4f}",
+                best_uniform,
+                picked,
+            ]
+        )
         print(ilp_rows[-1], flush=True)
     cmd = "python -m benchmarks.lq_lora " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
@@ -142,19 +173,31 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "### Against plain NF quantization of the same matrices",
         "",
-        markdown_table(["code", "Q bits/param", "Q + L bits/param", "plain NF error", "LQ-LoRA error", "seconds"],
-                       compare_rows),
+        markdown_table(
+            ["code", "Q bits/param", "Q + L bits/param", "plain NF error", "LQ-LoRA error", "seconds"],
+            compare_rows,
+        ),
         "",
         "### Error over the iterations (best so far, mean and worst over matrices)",
         "",
-        markdown_table(["code", "iteration", "mean error", "worst error", "matrices still iterating"], iter_rows),
+        markdown_table(
+            ["code", "iteration", "mean error", "worst error", "matrices still iterating"], iter_rows
+        ),
         "",
         f"### ILP allocation (one configuration per matrix among NF{'/'.join(map(str, args.bits))} at block 64, "
         "costs = squared error after the full alternation, exact storage; scipy.optimize.milp)",
         "",
-        markdown_table(["budget bits/param", "achieved", "met", "LQ-LoRA error (ILP)",
-                        "best uniform bits within budget: error", "bits per matrix"],
-                       ilp_rows),
+        markdown_table(
+            [
+                "budget bits/param",
+                "achieved",
+                "met",
+                "LQ-LoRA error (ILP)",
+                "best uniform bits within budget: error",
+                "bits per matrix",
+            ],
+            ilp_rows,
+        ),
         "",
     ]
     DOC.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,10 @@ def header() -> str:
 
         return header_markdown()
     except ImportError:
-        return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared). Versions: "
-                f"python {platform.python_version()}, torch {torch.__version__}.")
+        return (
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared). Versions: "
+            f"python {platform.python_version()}, torch {torch.__version__}."
+        )
 
 
 def peak_rss_mb() -> float:
@@ -68,16 +70,25 @@ def table_for(adapter, src: Path, tmp: Path, accuracy=None) -> list[list[str]]:
     rows = []
     n_params = adapter.num_params
     fp16_mb = 2 * n_params / 2**20
-    for name, dt in (("fp32 (input)", torch.float32), ("bf16 cast (anchors)", torch.bfloat16),
-                     ("fp16 cast (anchors)", torch.float16)):
+    for name, dt in (
+        ("fp32 (input)", torch.float32),
+        ("bf16 cast (anchors)", torch.bfloat16),
+        ("fp16 cast (anchors)", torch.float16),
+    ):
         t0 = time.perf_counter()
         cast = adapter.map(lambda _n, f, dt=dt: f.to(dtype=dt))
         path = tmp / f"cast-{dt}.safetensors"
         lorakit.save(cast, path, format="peft")
         secs = time.perf_counter() - t0
         err = 0.0 if dt == torch.float32 else cast_error(adapter, dt)
-        row = [name, f"{torch.finfo(dt).bits}", f"{path.stat().st_size / 2**20:.2f}",
-               f"{path.stat().st_size / 2**20 / fp16_mb:.3f}", f"{err:.2e}", f"{secs:.1f}"]
+        row = [
+            name,
+            f"{torch.finfo(dt).bits}",
+            f"{path.stat().st_size / 2**20:.2f}",
+            f"{path.stat().st_size / 2**20 / fp16_mb:.3f}",
+            f"{err:.2e}",
+            f"{secs:.1f}",
+        ]
         if accuracy is not None:
             row.append(accuracy(lorakit.load(path)))
         rows.append(row)
@@ -87,8 +98,14 @@ def table_for(adapter, src: Path, tmp: Path, accuracy=None) -> list[list[str]]:
         rep = quantize_adapter(adapter, out, **kw)
         secs = time.perf_counter() - t0
         mb = out.stat().st_size / 2**20
-        row = [name, f"{rep.summary['bits_per_param']:.3f}", f"{mb:.2f}", f"{mb / fp16_mb:.3f}",
-               f"{rep.summary['rel_error']:.2e}", f"{secs:.1f}"]
+        row = [
+            name,
+            f"{rep.summary['bits_per_param']:.3f}",
+            f"{mb:.2f}",
+            f"{mb / fp16_mb:.3f}",
+            f"{rep.summary['rel_error']:.2e}",
+            f"{secs:.1f}",
+        ]
         if accuracy is not None:
             row.append(accuracy(lorakit.load(out)))
         rows.append(row)
@@ -109,8 +126,10 @@ def eight_b(layers: int, rank: int, decay: float, tmp: Path) -> tuple[str, list[
     adapter = random_adapter(llama_shapes(layers), rank=rank, decay=decay, scale=2.0, seed=0)
     src = tmp / "a.safetensors"
     lorakit.save(adapter, src, format="peft")
-    desc = (f"{len(adapter)} modules ({layers} layers × 7 Llama-3-8B projections), rank {rank}, "
-            f"σ_i ∝ {decay}^i, {adapter.num_params / 1e6:.1f} M parameters, fp32")
+    desc = (
+        f"{len(adapter)} modules ({layers} layers × 7 Llama-3-8B projections), rank {rank}, "
+        f"σ_i ∝ {decay}^i, {adapter.num_params / 1e6:.1f} M parameters, fp32"
+    )
     return desc, table_for(lorakit.load(src), src, tmp)
 
 
@@ -129,8 +148,12 @@ def trained(tmp: Path, rank: int) -> tuple[str, list[str], list[list[str]]] | No
         adapter = tiny_tasks.train_adapter(base, task, rank, 0)
         src = tmp / "t.safetensors"
         lorakit.save(adapter, src, format="peft")
-        rows = table_for(lorakit.load(src), src, tmp,
-                         accuracy=lambda a, task=task: f"{tiny_tasks.evaluate(base, a, task):.3f}")
+        rows = table_for(
+            lorakit.load(src),
+            src,
+            tmp,
+            accuracy=lambda a, task=task: f"{tiny_tasks.evaluate(base, a, task):.3f}",
+        )
         name = getattr(task, "name", str(task))
         rows_all += [[name, *r] for r in rows]
         blocks.append(name)
@@ -170,12 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     if tiny is None:
-        parts += ["### Trained tiny adapters", "",
-                  "Skipped: `benchmarks.tiny_tasks` is not importable in this checkout; re-run after it lands.", ""]
+        parts += [
+            "### Trained tiny adapters",
+            "",
+            "Skipped: `benchmarks.tiny_tasks` is not importable in this checkout; re-run after it lands.",
+            "",
+        ]
     else:
         tdesc, extra, trows = tiny
-        parts += [f"### Trained tiny adapters: {tdesc}", "",
-                  markdown_table([*extra, *cols, "accuracy"], trows), ""]
+        parts += [
+            f"### Trained tiny adapters: {tdesc}",
+            "",
+            markdown_table([*extra, *cols, "accuracy"], trows),
+            "",
+        ]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(parts))
     print("\n".join(parts))

@@ -40,19 +40,25 @@ VERSION = 1
 
 
 def crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy().tobytes()) & 0xFFFFFFFF
+    return zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()) & 0xFFFFFFFF
 
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def write_quantized(path: Path, modules: Iterable[Any], meta: AdapterMeta, metadata: Mapping[str, str]) -> Path:
+def write_quantized(
+    path: Path, modules: Iterable[Any], meta: AdapterMeta, metadata: Mapping[str, str]
+) -> Path:
     """Write :class:`lorakit.quant.module.QuantizedModule` s one by one (atomically); returns ``path``."""
     schema: dict[str, Any] = {
-        "schema": SCHEMA, "version": VERSION,
-        "source": {"format": meta.source_format, "base_model": meta.base_model,
-                   "format_config": json.loads(json.dumps(dict(meta.format_config), default=str))},
+        "schema": SCHEMA,
+        "version": VERSION,
+        "source": {
+            "format": meta.source_format,
+            "base_model": meta.base_model,
+            "format_config": json.loads(json.dumps(dict(meta.format_config), default=str)),
+        },
         "modules": {},
     }
     with SafetensorsWriter(path, {"format": "pt", **metadata}) as w:
@@ -70,9 +76,15 @@ def write_quantized(path: Path, modules: Iterable[Any], meta: AdapterMeta, metad
             for key, t in m.extras.items():
                 w.add(f"{m.name}.extra.{key}", t)
             schema["modules"][m.name] = {
-                "out": m.out_features, "in": m.in_features, "rank": m.rank, "dtype": _dtype_name(m.dtype),
-                "kind": m.kind, "kernel": list(m.kernel) if m.kernel else None,
-                "magnitude": m.magnitude is not None, "extras": sorted(m.extras), "segments": segs,
+                "out": m.out_features,
+                "in": m.in_features,
+                "rank": m.rank,
+                "dtype": _dtype_name(m.dtype),
+                "kind": m.kind,
+                "kernel": list(m.kernel) if m.kernel else None,
+                "magnitude": m.magnitude is not None,
+                "extras": sorted(m.extras),
+                "segments": segs,
             }
         w.metadata[META_KEY] = json.dumps(schema, sort_keys=True)
     return path
@@ -84,11 +96,19 @@ def read_schema(source: Source) -> dict[str, Any]:
         schema = json.loads(source.metadata[META_KEY])
     except (KeyError, ValueError) as e:
         raise CorruptFileError(f"metadata {META_KEY} is missing or not valid JSON", file=source.path) from e
-    if not isinstance(schema, dict) or schema.get("schema") != SCHEMA or not isinstance(schema.get("modules"), dict):
+    if (
+        not isinstance(schema, dict)
+        or schema.get("schema") != SCHEMA
+        or not isinstance(schema.get("modules"), dict)
+    ):
         raise CorruptFileError(f"metadata {META_KEY} does not follow the schema", file=source.path)
     if schema.get("version") != VERSION:
-        raise FormatError(f"quantized format version {schema.get('version')} is not supported (this lorakit reads "
-                          f"version {VERSION})", file=source.path, hint="upgrade lorakit")
+        raise FormatError(
+            f"quantized format version {schema.get('version')} is not supported (this lorakit reads "
+            f"version {VERSION})",
+            file=source.path,
+            hint="upgrade lorakit",
+        )
     return schema
 
 
@@ -112,20 +132,34 @@ def load_module(source: Source, name: str, spec: Mapping[str, Any]) -> Any:
             for part, cols in (("B", int(spec["out"])), ("A", int(spec["in"]))):
                 prefix = f"{name}.q{k}.{part}."
                 roles = ("qabsmax", "scale2", "offset") if cfg.double else ("absmax",)
-                qt = QuantizedTensor((int(seg["rows"]), cols), cfg, get(prefix + "codes"),
-                                     **{r: get(prefix + r) for r in roles})
+                qt = QuantizedTensor(
+                    (int(seg["rows"]), cols),
+                    cfg,
+                    get(prefix + "codes"),
+                    **{r: get(prefix + r) for r in roles},
+                )
                 qt.validate(f"{part} segment {k}")
                 if crc32(qt.codes) != int(seg["crc32"][part]):
-                    raise CorruptFileError(f"codes of {part} segment {k} fail their checksum (the file is damaged)",
-                                           file=source.path, module=name)
+                    raise CorruptFileError(
+                        f"codes of {part} segment {k} fail their checksum (the file is damaged)",
+                        file=source.path,
+                        module=name,
+                    )
                 parts[part] = qt
             segments.append(Segment(int(seg["start"]), int(seg["rows"]), cfg, parts["B"], parts["A"]))
         magnitude = get(f"{name}.magnitude") if spec.get("magnitude") else None
         extras = {key: get(f"{name}.extra.{key}") for key in spec.get("extras", [])}
         return QuantizedModule(
-            name, int(spec["out"]), int(spec["in"]), int(spec["rank"]), tuple(segments),
-            getattr(torch, spec.get("dtype", "float32")), spec.get("kind", "linear"),
-            tuple(spec["kernel"]) if spec.get("kernel") else None, magnitude, extras,
+            name,
+            int(spec["out"]),
+            int(spec["in"]),
+            int(spec["rank"]),
+            tuple(segments),
+            getattr(torch, spec.get("dtype", "float32")),
+            spec.get("kind", "linear"),
+            tuple(spec["kernel"]) if spec.get("kernel") else None,
+            magnitude,
+            extras,
         )
     except CorruptFileError as e:
         if e.file is None:
@@ -133,8 +167,9 @@ def load_module(source: Source, name: str, spec: Mapping[str, Any]) -> Any:
             e.args = (e.one_line(),)
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"module entry of {META_KEY} is malformed ({e})", file=source.path,
-                               module=name) from e
+        raise CorruptFileError(
+            f"module entry of {META_KEY} is malformed ({e})", file=source.path, module=name
+        ) from e
 
 
 class QuantizedFormat:
@@ -153,25 +188,42 @@ class QuantizedFormat:
             try:
                 kept = sum(int(s["rows"]) for s in spec["segments"])
                 infos[name] = ModuleInfo(
-                    name, int(spec["out"]), int(spec["in"]), kept, 1.0, getattr(torch, spec.get("dtype", "float32")),
-                    spec.get("kind", "linear"), tuple(spec["kernel"]) if spec.get("kernel") else None,
+                    name,
+                    int(spec["out"]),
+                    int(spec["in"]),
+                    kept,
+                    1.0,
+                    getattr(torch, spec.get("dtype", "float32")),
+                    spec.get("kind", "linear"),
+                    tuple(spec["kernel"]) if spec.get("kernel") else None,
                     bool(spec.get("magnitude")),
                 )
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise CorruptFileError(f"module entry of {META_KEY} is malformed ({e})", file=source.path,
-                                       module=name) from e
+                raise CorruptFileError(
+                    f"module entry of {META_KEY} is malformed ({e})", file=source.path, module=name
+                ) from e
             loaders[name] = lambda name=name, spec=spec: load_module(source, name, spec).factors()
         src = schema.get("source") or {}
         bits = sorted({int(s["bits"]) for spec in schema["modules"].values() for s in spec["segments"]})
         meta = AdapterMeta(
-            base_model=src.get("base_model"), source_format=self.name, source_path=str(source.path),
-            format_config={"source_format": src.get("format"), "source_config": src.get("format_config") or {},
-                           "bits": bits},
+            base_model=src.get("base_model"),
+            source_format=self.name,
+            source_path=str(source.path),
+            format_config={
+                "source_format": src.get("format"),
+                "source_config": src.get("format_config") or {},
+                "bits": bits,
+            },
             metadata=source.metadata,
-            notes=(f"quantized adapter ({', '.join(map(str, bits))} bits): factors are dequantized on access",),
+            notes=(
+                f"quantized adapter ({', '.join(map(str, bits))} bits): factors are dequantized on access",
+            ),
         )
         return Adapter(loaders, meta, infos)
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
-        raise FormatError("the quantized format is written by `lorakit quantize` only", file=path,
-                          hint="use lorakit quantize IN --bits 4 -o OUT")
+        raise FormatError(
+            "the quantized format is written by `lorakit quantize` only",
+            file=path,
+            hint="use lorakit quantize IN --bits 4 -o OUT",
+        )

@@ -5,5 +5,11 @@ from lorakit.quant.blockwise import QuantConfig, QuantizedTensor, dequantize_ten
 from lorakit.quant.codebooks import SUPPORTED_BITS, codebook, nf_code
 
 __all__ = [
-    "SUPPORTED_BITS", "QuantConfig", "QuantizedTensor", "codebook", "dequantize_tensor", "nf_code", "quantize_tensor",
+    "SUPPORTED_BITS",
+    "QuantConfig",
+    "QuantizedTensor",
+    "codebook",
+    "dequantize_tensor",
+    "nf_code",
+    "quantize_tensor",
 ]

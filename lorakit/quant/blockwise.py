@@ -111,8 +111,11 @@ class QuantizedTensor:
         """Check stored sizes against the shape and config; :class:`CorruptFileError` names what is wrong."""
         expected = {"codes": ((self.n_blocks * self.config.block * self.config.bits + 7) // 8, torch.uint8)}
         if self.config.double:
-            expected.update(qabsmax=(self.n_blocks, torch.uint8),
-                            scale2=(-(-self.n_blocks // CONSTANT_BLOCK), torch.float32), offset=(1, torch.float32))
+            expected.update(
+                qabsmax=(self.n_blocks, torch.uint8),
+                scale2=(-(-self.n_blocks // CONSTANT_BLOCK), torch.float32),
+                offset=(1, torch.float32),
+            )
         else:
             expected["absmax"] = (self.n_blocks, torch.float32)
         have = self.tensors()
@@ -142,7 +145,7 @@ def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
     n = idx.numel()
     values, nbytes = _group(bits)
     idx = torch.nn.functional.pad(idx, (0, -n % values)).reshape(-1, values)
-    word = torch.zeros(idx.shape[0], dtype=torch.int32)
+    word = torch.zeros(idx.shape[0], dtype=torch.int32, device=idx.device)
     for k in range(values):
         word |= idx[:, k] << (bits * (values - 1 - k))
     out = torch.stack([(word >> (8 * (nbytes - 1 - j))) & 0xFF for j in range(nbytes)], dim=1)
@@ -156,7 +159,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     values, nbytes = _group(bits)
     raw = packed.reshape(-1).to(torch.int32)
     raw = torch.nn.functional.pad(raw, (0, -raw.numel() % nbytes)).reshape(-1, nbytes)
-    word = torch.zeros(raw.shape[0], dtype=torch.int32)
+    word = torch.zeros(raw.shape[0], dtype=torch.int32, device=raw.device)
     for j in range(nbytes):
         word |= raw[:, j] << (8 * (nbytes - 1 - j))
     mask = (1 << bits) - 1
@@ -179,7 +182,7 @@ def quantize_tensor(x: torch.Tensor, config: QuantConfig, *, pad: bool = False) 
             f"block size {block} does not divide the row length {cols}",
             hint=f"choose a block size that divides {cols} (--block), or pass --pad to pad each row with zeros",
         )
-    xf = x.detach().to("cpu", torch.float32)
+    xf = x.detach().to(torch.float32)  # stays on its device (CPU or CUDA)
     if cols % block:
         xf = torch.nn.functional.pad(xf, (0, -cols % block))
     blocks = xf.reshape(-1, block)
@@ -192,9 +195,15 @@ def quantize_tensor(x: torch.Tensor, config: QuantConfig, *, pad: bool = False) 
     else:
         used = absmax
     safe = torch.where(used > 0, used, torch.ones_like(used))
-    idx = nearest((blocks / safe[:, None]).clamp(-1, 1), codebook(config.code, config.bits))
+    idx = nearest((blocks / safe[:, None]).clamp(-1, 1), codebook(config.code, config.bits).to(xf.device))
     return QuantizedTensor(
-        (rows, cols), config, pack(idx, config.bits), None if config.double else absmax, qabsmax, scale2, offset
+        (rows, cols),
+        config,
+        pack(idx, config.bits),
+        None if config.double else absmax,
+        qabsmax,
+        scale2,
+        offset,
     )
 
 
@@ -205,7 +214,7 @@ def dequantize_tensor(q: QuantizedTensor, *, where: str = "tensor") -> torch.Ten
         CorruptFileError: sizes that do not fit the shape, or indices outside the code (a damaged file).
     """
     q.validate(where)
-    code = codebook(q.config.code, q.config.bits)
+    code = codebook(q.config.code, q.config.bits).to(q.codes.device)
     idx = unpack(q.codes, q.config.bits, q.n_blocks * q.config.block)
     if idx.numel() and int(idx.max()) >= code.numel():
         raise CorruptFileError(f"{where}: code index {int(idx.max())} outside the {code.numel()}-value code")
@@ -219,7 +228,7 @@ def error_bound(q: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
 
     xf = torch.nn.functional.pad(x.float(), (0, q.padded_cols - q.shape[1]))
     a = xf.reshape(-1, q.config.block).abs().amax(dim=1)
-    a_hat = q.constants()
+    a_hat = q.constants().to(a.device)
     bound = a_hat * max_gap(codebook(q.config.code, q.config.bits)) / 2 + (a - a_hat).abs()
     full = bound[:, None].expand(-1, q.config.block).reshape(q.shape[0], q.padded_cols)
     return full[:, : q.shape[1]]
@@ -231,4 +240,3 @@ def storage_bits_formula(numel: int, config: QuantConfig) -> float:
     if config.double:
         return numel * config.bits_per_parameter + 32
     return numel * config.bits_per_parameter
-

@@ -14,7 +14,7 @@ A value ``x/absmax`` goes to the nearest code value: bucket boundaries are the m
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -27,7 +27,7 @@ CodeName = Literal["nf", "int"]
 NF_OFFSET = 0.9677083
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nf_values(bits: int) -> tuple[float, ...]:
     from scipy.special import ndtri  # Φ⁻¹; lighter to import than scipy.stats
 

@@ -27,23 +27,27 @@ def quantize_constants(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize the 1-D fp32 ``absmax`` (n,) → ``(codes uint8 (n,), scale2 fp32 (ceil(n/block),), offset fp32 ())``."""
     a = absmax.float().reshape(-1)
-    offset = a.mean() if a.numel() else torch.zeros(())
+    offset = a.mean() if a.numel() else torch.zeros((), device=a.device)
     centred = a - offset
     n_groups = -(-a.numel() // block)
-    padded = torch.zeros(n_groups * block)
+    padded = torch.zeros(n_groups * block, device=a.device)
     padded[: a.numel()] = centred
     scale2 = padded.reshape(n_groups, block).abs().amax(dim=1)
     safe = torch.where(scale2 > 0, scale2, torch.ones_like(scale2))
     normed = (padded.reshape(n_groups, block) / safe[:, None]).reshape(-1)[: a.numel()]
-    codes = nearest(normed.clamp(-1, 1), codebook("int", bits)).to(torch.uint8)
+    codes = nearest(normed.clamp(-1, 1), codebook("int", bits).to(a.device)).to(torch.uint8)
     return codes, scale2, offset.reshape(())
 
 
 def dequantize_constants(
-    codes: torch.Tensor, scale2: torch.Tensor, offset: torch.Tensor, *, bits: int = CONSTANT_BITS,
+    codes: torch.Tensor,
+    scale2: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    bits: int = CONSTANT_BITS,
     block: int = CONSTANT_BLOCK,
 ) -> torch.Tensor:
     """``â = code[q]·scale2[group] + offset``, clamped at 0 (an absmax is never negative). Returns fp32 (n,)."""
-    values = codebook("int", bits)[codes.long()]
-    group = torch.arange(codes.numel()) // block
+    values = codebook("int", bits).to(codes.device)[codes.long()]
+    group = torch.arange(codes.numel(), device=codes.device) // block
     return (values * scale2.float()[group] + offset.float()).clamp_min(0)

@@ -15,8 +15,9 @@ import numpy as np
 from lorakit.errors import NumericalError, OperatorParameterError
 
 
-def choose_one_per_item(values: np.ndarray, weights: np.ndarray, capacity: float, *, time_limit: float = 60.0
-                        ) -> np.ndarray:
+def choose_one_per_item(
+    values: np.ndarray, weights: np.ndarray, capacity: float, *, time_limit: float = 60.0
+) -> np.ndarray:
     """Indices ``(n,)`` of the option chosen for each item; ``values``, ``weights``: ``(n, c)`` (``inf`` = not
     allowed).
 
@@ -40,8 +41,13 @@ def choose_one_per_item(values: np.ndarray, weights: np.ndarray, capacity: float
     one_each = np.kron(np.eye(n), np.ones((1, c)))
     constraints = [LinearConstraint(w_flat[None, :], -np.inf, capacity), LinearConstraint(one_each, 1, 1)]
     upper = allowed.reshape(-1).astype(np.float64)
-    res = milp(v_scaled, constraints=constraints, integrality=np.ones(n * c), bounds=Bounds(0, upper),
-               options={"time_limit": time_limit})
+    res = milp(
+        v_scaled,
+        constraints=constraints,
+        integrality=np.ones(n * c),
+        bounds=Bounds(0, upper),
+        options={"time_limit": time_limit},
+    )
     if res.x is None:
         raise NumericalError(f"the bit-allocation ILP found no solution ({res.message})")
     choice = np.rint(res.x).reshape(n, c).argmax(axis=1)

@@ -71,8 +71,16 @@ def _low_rank(M: torch.Tensor, rank: int, *, exact: bool, seed: int) -> tuple[to
 
 
 def lq_decompose(
-    W: torch.Tensor, rank: int, config: QuantConfig | None, *, iters: int = 20, tol: float = 1e-3,
-    exact_svd: bool = False, seed: int = 0, pad: bool = False,
+    W: torch.Tensor,
+    rank: int,
+    config: QuantConfig | None,
+    *,
+    iters: int = 20,
+    tol: float = 1e-3,
+    exact_svd: bool = False,
+    seed: int = 0,
+    pad: bool = False,
+    device: torch.device | str | None = None,
 ) -> LQResult:
     """Decompose one matrix (see the module docstring). ``config=None`` switches quantization off (Q = 0), which
     leaves the rank-``rank`` SVD. Cost per iteration: one randomized SVD, O(out·in·(r + 10)·6), and one
@@ -80,9 +88,10 @@ def lq_decompose(
     if W.ndim != 2:
         raise OperatorParameterError(f"LQ decomposition needs a 2-D matrix, got shape {tuple(W.shape)}")
     if rank < 1 or rank > min(W.shape):
-        raise OperatorParameterError(f"rank {rank} is outside [1, {min(W.shape)}] for a {W.shape[0]}x{W.shape[1]} "
-                                     "matrix")
-    Wf = W.detach().float()
+        raise OperatorParameterError(
+            f"rank {rank} is outside [1, {min(W.shape)}] for a {W.shape[0]}x{W.shape[1]} matrix"
+        )
+    Wf = W.detach().to(device=device or W.device, dtype=torch.float32)
     norm = float(Wf.norm()) or 1.0
     Qd = torch.zeros_like(Wf)
     best: LQResult | None = None
@@ -104,8 +113,13 @@ def lq_decompose(
 
 
 # ---- base weights in and out ----------------------------------------------------------------------------------
-def matrices_to_decompose(keys: Iterable[str], shapes: Callable[[str], tuple[int, ...]], rank: int,
-                          include: str | None, exclude: str | None) -> list[str]:
+def matrices_to_decompose(
+    keys: Iterable[str],
+    shapes: Callable[[str], tuple[int, ...]],
+    rank: int,
+    include: str | None,
+    exclude: str | None,
+) -> list[str]:
     """2-D tensors named ``*.weight`` (or matching ``include``), not matching ``exclude``, with both sides > rank."""
     out = []
     for k in keys:
@@ -136,8 +150,14 @@ class CostTable:
 
 
 def cost_table(
-    tensors: Callable[[str], torch.Tensor], names: list[str], rank: int, *,
-    grid: Iterable[tuple[int, int]] = DEFAULT_GRID, iters: int = 2, pad: bool = False,
+    tensors: Callable[[str], torch.Tensor],
+    names: list[str],
+    rank: int,
+    *,
+    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
+    iters: int = 2,
+    pad: bool = False,
+    device: torch.device | str | None = None,
     progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
 ) -> CostTable:
     """Tabulate the ILP's costs and storage, one matrix in memory at a time."""
@@ -155,7 +175,7 @@ def cost_table(
         for c, cfg in enumerate(configs):
             if W.shape[1] % cfg.block and not pad:
                 continue
-            res = lq_decompose(W, rank, cfg, iters=iters, pad=pad)
+            res = lq_decompose(W, rank, cfg, iters=iters, pad=pad, device=device)
             costs[i, c] = res.error**2 * wn2
             assert res.Q is not None
             storage[i, c] = res.Q.storage_bits
@@ -171,25 +191,50 @@ def solve_budget(table: CostTable, budget: float) -> tuple[dict[str, QuantConfig
     chosen = {n: table.configs[int(c)] for n, c in zip(table.names, choice)}
     used = float(sum(table.storage[i, int(c)] for i, c in enumerate(choice)))
     predicted = float(sum(table.costs[i, int(c)] for i, c in enumerate(choice)))
-    return chosen, {"avg_bits": used / total, "budget": budget, "configs": len(table.configs),
-                    "predicted_sq_error": predicted}
+    return chosen, {
+        "avg_bits": used / total,
+        "budget": budget,
+        "configs": len(table.configs),
+        "predicted_sq_error": predicted,
+    }
 
 
 def plan_budget(
-    tensors: Callable[[str], torch.Tensor], names: list[str], rank: int, budget: float, *,
-    grid: Iterable[tuple[int, int]] = DEFAULT_GRID, iters: int = 2, pad: bool = False,
+    tensors: Callable[[str], torch.Tensor],
+    names: list[str],
+    rank: int,
+    budget: float,
+    *,
+    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
+    iters: int = 2,
+    pad: bool = False,
+    device: torch.device | str | None = None,
     progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
 ) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
     """The ILP allocation of one configuration per matrix meeting ``budget`` bits/parameter on average:
     :func:`cost_table` then :func:`solve_budget`."""
-    table = cost_table(tensors, names, rank, grid=grid, iters=iters, pad=pad, progress=progress)
+    table = cost_table(
+        tensors, names, rank, grid=grid, iters=iters, pad=pad, device=device, progress=progress
+    )
     return solve_budget(table, budget)
 
 
 def lq_decompose_file(
-    base: str | Path, output: str | Path, *, rank: int, bits: int | None = 4, budget: float | None = None,
-    block: int = 64, iters: int = 20, ilp_iters: int = 2, include: str | None = None,
-    exclude: str | None = DEFAULT_EXCLUDE, pad: bool = False, seed: int = 0, dry_run: bool = False,
+    base: str | Path,
+    output: str | Path,
+    *,
+    rank: int,
+    bits: int | None = 4,
+    budget: float | None = None,
+    block: int = 64,
+    iters: int = 20,
+    ilp_iters: int = 2,
+    include: str | None = None,
+    exclude: str | None = DEFAULT_EXCLUDE,
+    pad: bool = False,
+    seed: int = 0,
+    dry_run: bool = False,
+    device: torch.device | str | None = None,
     progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
 ) -> Report:
     """Decompose the matrices of a safetensors base checkpoint; write ``OUTPUT/residual.safetensors`` (quantized
@@ -208,25 +253,38 @@ def lq_decompose_file(
     if (bits is None) == (budget is None):
         raise OperatorParameterError("give exactly one of --bits and --budget")
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
-        raise OperatorParameterError(f"--budget must be a positive number of bits per parameter, got {budget}")
+        raise OperatorParameterError(
+            f"--budget must be a positive number of bits per parameter, got {budget}"
+        )
     if bits is not None:
         QuantConfig(bits, default_code(bits), block)
     src = SafetensorsFile(base)
     if RESIDUAL_KEY in src.metadata or "lorakit.quantized" in src.metadata:
-        raise FormatError("the base checkpoint is already quantized", file=base,
-                          hint="lq-decompose reads full-precision base weights")
+        raise FormatError(
+            "the base checkpoint is already quantized",
+            file=base,
+            hint="lq-decompose reads full-precision base weights",
+        )
     names = matrices_to_decompose(src.keys(), lambda k: src.info(k).shape, rank, include, exclude)
     if not names:
-        raise FormatError(f"no 2-D weight matrix larger than rank {rank} to decompose", file=base,
-                          hint="check --include/--exclude and --rank")
+        raise FormatError(
+            f"no 2-D weight matrix larger than rank {rank} to decompose",
+            file=base,
+            hint="check --include/--exclude and --rank",
+        )
     if bits is not None and not pad:
         for n in names:
             cols = src.info(n).shape[1]
             if cols % block:
-                raise OperatorParameterError(f"block size {block} does not divide the row length {cols}",
-                                             module=n, hint=f"choose a --block that divides {cols}, or pass --pad")
-    report = Report(f"lq-decompose (rank {rank}, " + (f"{bits} bits" if bits else f"budget {budget:g} bits") + ")",
-                    ["matrix", "shape", "bits", "block", "iterations", "first error", "best error", "bits/param"])
+                raise OperatorParameterError(
+                    f"block size {block} does not divide the row length {cols}",
+                    module=n,
+                    hint=f"choose a --block that divides {cols}, or pass --pad",
+                )
+    report = Report(
+        f"lq-decompose (rank {rank}, " + (f"{bits} bits" if bits else f"budget {budget:g} bits") + ")",
+        ["matrix", "shape", "bits", "block", "iterations", "first error", "best error", "bits/param"],
+    )
     if dry_run:
         for n in names:
             report.add_row(n, "x".join(map(str, src.info(n).shape)), bits, block, None, None, None, None)
@@ -235,15 +293,28 @@ def lq_decompose_file(
     out = check_output_path(output, (base,))
     chosen: dict[str, QuantConfig]
     if budget is not None:
-        chosen, facts = plan_budget(lambda k: src.get(k), names, rank, budget, iters=ilp_iters, pad=pad,
-                                    progress=progress)
+        chosen, facts = plan_budget(
+            lambda k: src.get(k),
+            names,
+            rank,
+            budget,
+            iters=ilp_iters,
+            pad=pad,
+            device=device,
+            progress=progress,
+        )
         report.summary.update(ilp_avg_bits=facts["avg_bits"], ilp_configs=facts["configs"])
     else:
         assert bits is not None
         chosen = {n: QuantConfig(bits, default_code(bits), block, True) for n in names}
     params = {"rank": rank, "bits": bits, "budget": budget, "block": block, "iters": iters, "seed": seed}
     prov = provenance_metadata(make_provenance("lq-decompose", params, (base,)))
-    schema: dict[str, Any] = {"schema": RESIDUAL_SCHEMA, "version": RESIDUAL_VERSION, "rank": rank, "matrices": {}}
+    schema: dict[str, Any] = {
+        "schema": RESIDUAL_SCHEMA,
+        "version": RESIDUAL_VERSION,
+        "rank": rank,
+        "matrices": {},
+    }
     factors: dict[str, LoraFactors] = {}
     total_bits = total_numel = 0
     err2 = norm2 = 0.0
@@ -256,30 +327,46 @@ def lq_decompose_file(
                     w.add(k, src.get(k))
             for n in it:
                 W = src.get(n)
-                res = lq_decompose(W.float(), rank, chosen[n], iters=iters, seed=seed, pad=pad)
+                res = lq_decompose(W, rank, chosen[n], iters=iters, seed=seed, pad=pad, device=device)
                 assert res.Q is not None
                 for role, t in res.Q.tensors().items():
                     w.add(f"{n}.{role}", t)
-                schema["matrices"][n] = {"shape": list(W.shape), "dtype": str(W.dtype).removeprefix("torch."),
-                                         **chosen[n].to_json(), "crc32": crc32(res.Q.codes)}
+                schema["matrices"][n] = {
+                    "shape": list(W.shape),
+                    "dtype": str(W.dtype).removeprefix("torch."),
+                    **chosen[n].to_json(),
+                    "crc32": crc32(res.Q.codes),
+                }
                 module = n.removesuffix(".weight")
-                factors[module] = LoraFactors(res.L2.to(W.dtype), res.L1.to(W.dtype), 1.0)
+                factors[module] = LoraFactors(res.L2.to("cpu", W.dtype), res.L1.to("cpu", W.dtype), 1.0)
                 total_bits += res.Q.storage_bits
                 total_numel += W.numel()
                 wn2 = float(W.float().norm()) ** 2
                 err2 += res.error**2 * wn2
                 norm2 += wn2
-                report.add_row(n, f"{W.shape[0]}x{W.shape[1]}", chosen[n].bits, chosen[n].block, len(res.errors),
-                               res.errors[0], res.error, res.Q.storage_bits / W.numel())
+                report.add_row(
+                    n,
+                    f"{W.shape[0]}x{W.shape[1]}",
+                    chosen[n].bits,
+                    chosen[n].block,
+                    len(res.errors),
+                    res.errors[0],
+                    res.error,
+                    res.Q.storage_bits / W.numel(),
+                )
             w.metadata[RESIDUAL_KEY] = json.dumps(schema, sort_keys=True)
         adapter = Adapter(factors, AdapterMeta(base_model=str(base), source_format="peft"))
         lorakit.save(adapter, tmp / "adapter", format="peft", metadata=prov)
     report.summary.update(
-        matrices=len(names), quantized_bits_per_param=total_bits / max(total_numel, 1),
-        rel_error=math.sqrt(err2 / norm2) if norm2 else 0.0, output=str(out),
+        matrices=len(names),
+        quantized_bits_per_param=total_bits / max(total_numel, 1),
+        rel_error=math.sqrt(err2 / norm2) if norm2 else 0.0,
+        output=str(out),
     )
-    report.notes.append("errors are ‖W − (Q + L₁L₂)‖_F/‖W‖_F; bits/param counts the quantized residual with its "
-                        "constants (the rank-r factors are stored in adapter/ at the base dtype)")
+    report.notes.append(
+        "errors are ‖W − (Q + L₁L₂)‖_F/‖W‖_F; bits/param counts the quantized residual with its "
+        "constants (the rank-r factors are stored in adapter/ at the base dtype)"
+    )
     return report
 
 
@@ -308,7 +395,9 @@ def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
         missing = [r for r in ("codes", *roles) if f"{n}.{r}" not in f]
         if missing:
             raise CorruptFileError(f"tensor {n}.{missing[0]} is missing", file=path, module=n)
-        q = QuantizedTensor(tuple(spec["shape"]), cfg, f.get(f"{n}.codes"), **{r: f.get(f"{n}.{r}") for r in roles})
+        q = QuantizedTensor(
+            tuple(spec["shape"]), cfg, f.get(f"{n}.codes"), **{r: f.get(f"{n}.{r}") for r in roles}
+        )
         if crc32(q.codes) != int(spec["crc32"]):
             raise CorruptFileError("codes fail their checksum (the file is damaged)", file=path, module=n)
         try:

@@ -28,14 +28,16 @@ def default_code(bits: int) -> str:
     return "int" if bits == 8 else "nf"
 
 
-def candidate_configs(block: int, double: bool, code: str | None = None, bits: tuple[int, ...] = MIXED_BITS
-                      ) -> dict[int, QuantConfig]:
+def candidate_configs(
+    block: int, double: bool, code: str | None = None, bits: tuple[int, ...] = MIXED_BITS
+) -> dict[int, QuantConfig]:
     """One :class:`QuantConfig` per non-zero candidate precision."""
     return {b: QuantConfig(b, code or default_code(b), block, double) for b in bits if b > 0}
 
 
-def direction_table(canon: LoraFactors, configs: dict[int, QuantConfig], *, pad: bool = False
-                    ) -> tuple[list[int], np.ndarray, np.ndarray]:
+def direction_table(
+    canon: LoraFactors, configs: dict[int, QuantConfig], *, pad: bool = False
+) -> tuple[list[int], np.ndarray, np.ndarray]:
     """``(options, errors (r, n), bits (r, n))``: per direction and option, ``e_j(p)`` and ``c_j(p)``."""
     Bt, A = canon.B.T.double(), canon.A.double()
     options = [0, *sorted(configs)]
@@ -43,20 +45,25 @@ def direction_table(canon: LoraFactors, configs: dict[int, QuantConfig], *, pad:
     errors = np.zeros((r, len(options)))
     costs = np.zeros((r, len(options)))
     nb2, na2 = (Bt * Bt).sum(1), (A * A).sum(1)
-    errors[:, 0] = (nb2 * na2).numpy()
+    errors[:, 0] = (nb2 * na2).cpu().numpy()
     width = canon.out_features + canon.in_features
     for k, p in enumerate(options[1:], start=1):
         cfg = configs[p]
         Bh = dequantize_tensor(quantize_tensor(Bt.float(), cfg, pad=pad)).double()
         Ah = dequantize_tensor(quantize_tensor(A.float(), cfg, pad=pad)).double()
         e = nb2 * na2 - 2 * (Bt * Bh).sum(1) * (A * Ah).sum(1) + (Bh * Bh).sum(1) * (Ah * Ah).sum(1)
-        errors[:, k] = e.clamp_min(0).numpy()
+        errors[:, k] = e.clamp_min(0).cpu().numpy()
         costs[:, k] = width * cfg.bits_per_parameter
     return options, errors, costs
 
 
 def allocate(
-    options: list[int], errors: np.ndarray, costs: np.ndarray, width: int, *, avg_bits: float | None = None,
+    options: list[int],
+    errors: np.ndarray,
+    costs: np.ndarray,
+    width: int,
+    *,
+    avg_bits: float | None = None,
     error_budget: float | None = None,
 ) -> list[int]:
     """Bits per direction: least ``Σe`` with ``Σc ≤ avg_bits·r·width`` (``width = out + in``; ``avg_bits`` counts
@@ -66,7 +73,9 @@ def allocate(
     from lorakit.quant.knapsack import choose_one_per_item
 
     if (avg_bits is None) == (error_budget is None):
-        raise OperatorParameterError("mixed precision needs exactly one of an error target or an average bit budget")
+        raise OperatorParameterError(
+            "mixed precision needs exactly one of an error target or an average bit budget"
+        )
     r = errors.shape[0]
     if r == 0:
         return []

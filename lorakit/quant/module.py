@@ -60,7 +60,7 @@ class QuantizedModule:
         """Bits of every direction (0 for dropped ones)."""
         out = [0] * self.rank
         for s in self.segments:
-            out[s.start: s.start + s.rows] = [s.config.bits] * s.rows
+            out[s.start : s.start + s.rows] = [s.config.bits] * s.rows
         return out
 
     @property
@@ -80,8 +80,15 @@ class QuantizedModule:
         dt = dtype or self.dtype
         B_full = torch.cat(Bt, dim=0).T if Bt else torch.zeros(self.out_features, 0)
         A_full = torch.cat(A, dim=0) if A else torch.zeros(0, self.in_features)
-        return LoraFactors(A_full.to(dt), B_full.contiguous().to(dt), 1.0, self.kernel, self.kind, self.magnitude,
-                           dict(self.extras))
+        return LoraFactors(
+            A_full.to(dt),
+            B_full.contiguous().to(dt),
+            1.0,
+            self.kernel,
+            self.kind,
+            self.magnitude,
+            dict(self.extras),
+        )
 
 
 def runs(bits: list[int]) -> list[tuple[int, int, int]]:
@@ -99,18 +106,38 @@ def runs(bits: list[int]) -> list[tuple[int, int, int]]:
 
 
 def quantize_canonical(
-    name: str, f: LoraFactors, canon: LoraFactors, bits: list[int], configs: dict[int, QuantConfig], *,
+    name: str,
+    f: LoraFactors,
+    canon: LoraFactors,
+    bits: list[int],
+    configs: dict[int, QuantConfig],
+    *,
     pad: bool = False,
 ) -> QuantizedModule:
     """Quantize canonical factors ``canon`` of ``f`` with ``bits[j]`` for direction ``j`` (0 drops it)."""
     Bt, A = canon.B.T.float(), canon.A.float()
     segments = tuple(
-        Segment(start, length, configs[b], quantize_tensor(Bt[start:start + length], configs[b], pad=pad),
-                quantize_tensor(A[start:start + length], configs[b], pad=pad))
+        Segment(
+            start,
+            length,
+            configs[b],
+            quantize_tensor(Bt[start : start + length], configs[b], pad=pad),
+            quantize_tensor(A[start : start + length], configs[b], pad=pad),
+        )
         for start, length, b in runs(bits)
     )
-    return QuantizedModule(name, f.out_features, f.in_features, canon.rank, segments, f.dtype, f.kind, f.kernel,
-                           f.magnitude, dict(f.extras))
+    return QuantizedModule(
+        name,
+        f.out_features,
+        f.in_features,
+        canon.rank,
+        segments,
+        f.dtype,
+        f.kind,
+        f.kernel,
+        f.magnitude,
+        dict(f.extras),
+    )
 
 
 def to_canonical(f: LoraFactors) -> LoraFactors:

@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from lorakit.adapter import Adapter
 from lorakit.errors import FormatError, OperatorParameterError
 from lorakit.factors import LoraFactors
@@ -39,8 +41,17 @@ def bits_summary(bits: list[int]) -> str:
 
 
 def quantize_module(
-    name: str, f: LoraFactors, *, bits: int | None = 4, code: str | None = None, block: int = 64,
-    double: bool = True, error: float | None = None, avg_bits: float | None = None, pad: bool = False,
+    name: str,
+    f: LoraFactors,
+    *,
+    bits: int | None = 4,
+    code: str | None = None,
+    block: int = 64,
+    double: bool = True,
+    error: float | None = None,
+    avg_bits: float | None = None,
+    pad: bool = False,
+    device: torch.device | str | None = None,
 ) -> tuple[QuantizedModule, float]:
     """Quantize one module; returns it and its relative ΔW error ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F``.
 
@@ -48,6 +59,8 @@ def quantize_module(
     error target) or ``avg_bits`` (bits per parameter, constants included) chooses them per direction.
     """
     f.check_finite(module=name)
+    if device is not None:
+        f = f.to(device)
     canon = to_canonical(f)
     norm = f.norm()
     if bits is not None:
@@ -69,7 +82,10 @@ def quantize_module(
                 least = float(costs[0, 1]) / (canon.rank * width)
                 raise OperatorParameterError(
                     f"--avg-bits {avg_bits:g} is below what this module can store (at least {least:.3g} bits per "
-                    "parameter: the top direction at 2 bits)", module=name, hint="raise --avg-bits") from e
+                    "parameter: the top direction at 2 bits)",
+                    module=name,
+                    hint="raise --avg-bits",
+                ) from e
             q = quantize_canonical(name, f, canon, chosen, configs, pad=pad)
             if q.storage_bits <= target:
                 break
@@ -95,7 +111,8 @@ def quantize_module(
         rel = _relative(f, q, norm)
         if rel > error:
             raise OperatorParameterError(
-                f"error target {error:g} is below what {finest}-bit quantization reaches ({rel:.3g})", module=name,
+                f"error target {error:g} is below what {finest}-bit quantization reaches ({rel:.3g})",
+                module=name,
                 hint="raise --error, or keep this adapter unquantized",
             )
         return q, rel
@@ -107,9 +124,20 @@ def _relative(f: LoraFactors, q: QuantizedModule, norm: float) -> float:
 
 
 def quantize_adapter(
-    adapter: Adapter, output: str | Path | None, *, bits: int | None = 4, code: str | None = None, block: int = 64,
-    double: bool = True, error: float | None = None, avg_bits: float | None = None, pad: bool = False,
-    inputs: tuple[str | Path, ...] = (), progress: Progress | None = None, dry_run: bool = False,
+    adapter: Adapter,
+    output: str | Path | None,
+    *,
+    bits: int | None = 4,
+    code: str | None = None,
+    block: int = 64,
+    double: bool = True,
+    error: float | None = None,
+    avg_bits: float | None = None,
+    pad: bool = False,
+    inputs: tuple[str | Path, ...] = (),
+    progress: Progress | None = None,
+    dry_run: bool = False,
+    device: torch.device | str | None = None,
 ) -> Report:
     """Quantize every module of ``adapter`` and write the quantized file to ``output`` (nothing with
     ``dry_run``). See :func:`quantize_module` for the parameters.
@@ -124,18 +152,37 @@ def quantize_adapter(
     from lorakit.provenance import make_provenance, provenance_metadata
 
     if adapter.meta.source_format == "quantized":
-        raise FormatError("the adapter is already quantized", file=adapter.meta.source_path,
-                          hint="dequantize it first (lorakit dequantize), or quantize the original")
+        raise FormatError(
+            "the adapter is already quantized",
+            file=adapter.meta.source_path,
+            hint="dequantize it first (lorakit dequantize), or quantize the original",
+        )
     _check_options(adapter, bits, code, block, error, avg_bits, pad)
-    params = {"bits": bits, "code": code, "block": block, "double": double, "error": error, "avg_bits": avg_bits,
-              "pad": pad}
-    mode = f"{bits} bits" if bits is not None else (f"mixed, error ≤ {error:g}" if error is not None
-                                                    else f"mixed, {avg_bits:g} bits average")
-    report = Report(f"quantize ({mode}, block {block}{', double quantization' if double else ''})",
-                    ["module", "shape", "rank", "kept", "bits", "bits/param", "rel error"])
+    params = {
+        "bits": bits,
+        "code": code,
+        "block": block,
+        "double": double,
+        "error": error,
+        "avg_bits": avg_bits,
+        "pad": pad,
+    }
+    mode = (
+        f"{bits} bits"
+        if bits is not None
+        else (f"mixed, error ≤ {error:g}" if error is not None else f"mixed, {avg_bits:g} bits average")
+    )
+    report = Report(
+        f"quantize ({mode}, block {block}{', double quantization' if double else ''})",
+        ["module", "shape", "rank", "kept", "bits", "bits/param", "rel error"],
+    )
     if dry_run:
         for name, i in adapter.infos().items():
-            est = QuantConfig(bits, code or default_code(bits), block, double).bits_per_parameter if bits else None
+            est = (
+                QuantConfig(bits, code or default_code(bits), block, double).bits_per_parameter
+                if bits
+                else None
+            )
             report.add_row(name, f"{i.out_features}x{i.in_features}", i.rank, None, bits, est, None)
         report.summary.update(n_modules=len(adapter), params=adapter.num_params, dry_run=True)
         return report
@@ -148,15 +195,32 @@ def quantize_adapter(
             names = progress(names, len(adapter), "quantize")
         for name in names:
             f = adapter[name]
-            q, rel = quantize_module(name, f, bits=bits, code=code, block=block, double=double, error=error,
-                                     avg_bits=avg_bits, pad=pad)
+            q, rel = quantize_module(
+                name,
+                f,
+                bits=bits,
+                code=code,
+                block=block,
+                double=double,
+                error=error,
+                avg_bits=avg_bits,
+                pad=pad,
+                device=device,
+            )
             norm = f.norm()
             totals["bits"] += q.storage_bits
             totals["params"] += q.num_params
             totals["err2"] += (rel * norm) ** 2
             totals["norm2"] += norm**2
-            report.add_row(name, f"{q.out_features}x{q.in_features}", q.rank, q.kept_rank, bits_summary(q.bits),
-                           q.storage_bits / max(q.num_params, 1), rel)
+            report.add_row(
+                name,
+                f"{q.out_features}x{q.in_features}",
+                q.rank,
+                q.kept_rank,
+                bits_summary(q.bits),
+                q.storage_bits / max(q.num_params, 1),
+                rel,
+            )
             yield q
 
     if out is not None:
@@ -168,21 +232,33 @@ def quantize_adapter(
         for _ in produce():
             pass
     report.summary.update(
-        n_modules=len(adapter), params=totals["params"],
+        n_modules=len(adapter),
+        params=totals["params"],
         bits_per_param=totals["bits"] / max(totals["params"], 1),
         fp16_bytes=2 * totals["params"],
         rel_error=math.sqrt(totals["err2"] / totals["norm2"]) if totals["norm2"] > 0 else 0.0,
     )
-    report.notes.append("errors are ‖ΔW − ΔŴ‖_F/‖ΔW‖_F per module, computed in factored form; bits/param counts "
-                        "codes and all block constants against the original rank·(out+in) parameters")
+    report.notes.append(
+        "errors are ‖ΔW − ΔŴ‖_F/‖ΔW‖_F per module, computed in factored form; bits/param counts "
+        "codes and all block constants against the original rank·(out+in) parameters"
+    )
     if adapter.meta.passthrough:
-        report.notes.append(f"{len(adapter.meta.passthrough)} non-LoRA tensors (modules_to_save...) are not "
-                            "carried into the quantized file")
+        report.notes.append(
+            f"{len(adapter.meta.passthrough)} non-LoRA tensors (modules_to_save...) are not "
+            "carried into the quantized file"
+        )
     return report
 
 
-def _check_options(adapter: Adapter, bits: int | None, code: str | None, block: int, error: float | None,
-                   avg_bits: float | None, pad: bool) -> None:
+def _check_options(
+    adapter: Adapter,
+    bits: int | None,
+    code: str | None,
+    block: int,
+    error: float | None,
+    avg_bits: float | None,
+    pad: bool,
+) -> None:
     if bits is not None:
         check_bits(bits)
         if error is not None or avg_bits is not None:
@@ -201,7 +277,8 @@ def _check_options(adapter: Adapter, bits: int | None, code: str | None, block: 
             for what, n in (("out", i.out_features), ("in", i.in_features)):
                 if n % block:
                     raise OperatorParameterError(
-                        f"block size {block} does not divide the row length {n} ({what} features)", module=name,
+                        f"block size {block} does not divide the row length {n} ({what} features)",
+                        module=name,
                         hint=f"choose a --block that divides {n}, or pass --pad to pad rows with zeros",
                     )
 
@@ -209,15 +286,20 @@ def _check_options(adapter: Adapter, bits: int | None, code: str | None, block: 
 def dequantize_adapter(adapter: Adapter) -> Adapter:
     """The adapter with its source format and config restored (factors dequantized on access), ready to save."""
     if adapter.meta.source_format != "quantized":
-        raise FormatError("the adapter is not quantized", file=adapter.meta.source_path,
-                          hint="lorakit dequantize reads files written by lorakit quantize")
+        raise FormatError(
+            "the adapter is not quantized",
+            file=adapter.meta.source_path,
+            hint="lorakit dequantize reads files written by lorakit quantize",
+        )
     cfg: dict[str, Any] = dict(adapter.meta.format_config)
-    return adapter.with_meta(source_format=cfg.get("source_format"), format_config=cfg.get("source_config") or {},
-                             notes=())
+    return adapter.with_meta(
+        source_format=cfg.get("source_format"), format_config=cfg.get("source_config") or {}, notes=()
+    )
 
 
-def dequantize_file(path: str | Path, output: str | Path, *, to_format: str | None = None, dtype: Any = None
-                    ) -> Report:
+def dequantize_file(
+    path: str | Path, output: str | Path, *, to_format: str | None = None, dtype: Any = None
+) -> Report:
     """Read a quantized file and write it as an ordinary adapter (``to_format``, default: its source format)."""
     import lorakit
     from lorakit.api import default_output_format
@@ -226,7 +308,9 @@ def dequantize_file(path: str | Path, output: str | Path, *, to_format: str | No
     q = lorakit.load(path)
     plain = dequantize_adapter(q)
     if dtype is not None:
-        plain = plain.map(lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()})
+        plain = plain.map(
+            lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
+        )
     fmt = to_format or default_output_format(plain)
     prov = make_provenance("dequantize", {"to": fmt}, (path,))
     out = lorakit.save(plain, output, format=fmt, provenance=prov, inputs=(path,))
@@ -235,4 +319,3 @@ def dequantize_file(path: str | Path, output: str | Path, *, to_format: str | No
         report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
     report.summary.update(n_modules=len(plain), output=str(out), format=fmt)
     return report
-

@@ -80,7 +80,8 @@ def test_knapsack_matches_brute_force():
     cap = 10.0
     best = min(
         (sum(values[i, c[i]] for i in range(4)), c)
-        for c in np.ndindex(3, 3, 3, 3) if sum(weights[i, c[i]] for i in range(4)) <= cap
+        for c in np.ndindex(3, 3, 3, 3)
+        if sum(weights[i, c[i]] for i in range(4)) <= cap
     )
     choice = choose_one_per_item(values, weights, cap)
     assert sum(weights[i, choice[i]] for i in range(4)) <= cap
@@ -92,7 +93,7 @@ def test_knapsack_matches_brute_force():
 def test_mixed_precision_meets_the_average_bit_budget_and_favours_top_directions(adapter):
     f = adapter["layers.0.v_proj"]
     for avg in (2.5, 3.0, 5.0):
-        q, rel = quantize_module("m", f, bits=None, avg_bits=avg)
+        q, _ = quantize_module("m", f, bits=None, avg_bits=avg)
         assert q.storage_bits <= avg * q.num_params
         assert q.bits == sorted(q.bits, reverse=True)
         assert q.bits[0] >= 2
@@ -157,8 +158,9 @@ def test_dequantize_writes_an_ordinary_adapter(adapter, tmp_path, to):
     for n in adapter:
         assert dense_rel_error(adapter[n], back[keymap[n]]) < 1e-2
         # The written factors are exactly the dequantized ones (same ΔW up to float rounding).
-        torch.testing.assert_close(back[keymap[n]].delta(torch.float64), q[n].delta(torch.float64),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            back[keymap[n]].delta(torch.float64), q[n].delta(torch.float64), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_quantizing_a_quantized_adapter_is_refused(adapter, tmp_path):

@@ -15,8 +15,9 @@ from lorakit.testing import random_adapter
 
 @pytest.fixture
 def peft_file(tmp_path):
-    a = random_adapter({"model.layers.0.q_proj": (128, 64), "model.layers.0.v_proj": (64, 64)}, rank=4, decay=0.8,
-                       scale=2.0)
+    a = random_adapter(
+        {"model.layers.0.q_proj": (128, 64), "model.layers.0.v_proj": (64, 64)}, rank=4, decay=0.8, scale=2.0
+    )
     path = tmp_path / "a.safetensors"
     lorakit.save(a, path, format="peft")
     return path
@@ -46,27 +47,33 @@ def test_quantize_then_every_verb_reads_it(cli, peft_file, tmp_path):
     assert d.meta.source_format == "peft"
     a = lorakit.load(peft_file)
     for n in a:
-        rel = (a[n].delta(torch.float64) - d[n].delta(torch.float64)).norm() / a[n].delta(torch.float64).norm()
+        rel = (a[n].delta(torch.float64) - d[n].delta(torch.float64)).norm() / a[n].delta(
+            torch.float64
+        ).norm()
         assert float(rel) < 0.2
 
 
 def test_mixed_and_dry_run(cli, peft_file, tmp_path):
-    code, stdout, _ = cli("quantize", peft_file, "--mixed", "--error", "0.05", "-o", tmp_path / "m.safetensors",
-                          "--json")
+    code, stdout, _ = cli(
+        "quantize", peft_file, "--mixed", "--error", "0.05", "-o", tmp_path / "m.safetensors", "--json"
+    )
     assert code == 0
     assert all(m["rel error"] <= 0.05 for m in json.loads(stdout)["modules"])
     code, _, _ = cli("quantize", peft_file, "--bits", "4", "-o", tmp_path / "dry.safetensors", "--dry-run")
     assert code == 0 and not (tmp_path / "dry.safetensors").exists()
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--bits", "5"], "5 bits is not supported"),
-    (["--bits", "1"], "1 bits is not supported"),
-    (["--block", "48"], "block size 48 does not divide the row length"),
-    (["--mixed"], "exactly one of --error E or --avg-bits B"),
-    (["--bits", "4", "--mixed"], "exclude each other"),
-    (["--mixed", "--avg-bits", "0.5"], "below what this module can store"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--bits", "5"], "5 bits is not supported"),
+        (["--bits", "1"], "1 bits is not supported"),
+        (["--block", "48"], "block size 48 does not divide the row length"),
+        (["--mixed"], "exactly one of --error E or --avg-bits B"),
+        (["--bits", "4", "--mixed"], "exclude each other"),
+        (["--mixed", "--avg-bits", "0.5"], "below what this module can store"),
+    ],
+)
 def test_bad_options(cli, peft_file, tmp_path, args, match):
     before = sorted(p.name for p in tmp_path.iterdir())
     data = peft_file.read_bytes()
@@ -107,13 +114,18 @@ def test_corrupted_codes_through_the_cli(cli, peft_file, tmp_path):
 def test_lq_decompose_cli(cli, tmp_path):
     g = torch.Generator().manual_seed(0)
     base = tmp_path / "base.safetensors"
-    write_safetensors(base, {
-        "model.layers.0.mlp.up_proj.weight": torch.randn(128, 64, generator=g),
-        "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=g),
-        "model.norm.weight": torch.ones(64),
-    })
+    write_safetensors(
+        base,
+        {
+            "model.layers.0.mlp.up_proj.weight": torch.randn(128, 64, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=g),
+            "model.norm.weight": torch.ones(64),
+        },
+    )
     out = tmp_path / "lq"
-    code, stdout, err = cli("lq-decompose", base, "-o", out, "--rank", "4", "--bits", "3", "--iters", "3", "--json")
+    code, stdout, err = cli(
+        "lq-decompose", base, "-o", out, "--rank", "4", "--bits", "3", "--iters", "3", "--json"
+    )
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["matrices"] == 2

@@ -11,15 +11,36 @@ from hypothesis import strategies as st
 
 from lorakit.errors import CorruptFileError, OperatorParameterError
 from lorakit.quant.blockwise import (
-    QuantConfig, dequantize_tensor, error_bound, pack, quantize_tensor, storage_bits_formula, unpack,
+    QuantConfig,
+    dequantize_tensor,
+    error_bound,
+    pack,
+    quantize_tensor,
+    storage_bits_formula,
+    unpack,
 )
 from lorakit.quant.codebooks import codebook, int_code, max_gap, nearest, nf_code
 from lorakit.quant.double import dequantize_constants, quantize_constants
 
 # bitsandbytes' hard-coded NF4 table (functional.py), as quoted in algorithms.md §3.1.
-NF4_BNB = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+NF4_BNB = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def test_nf4_matches_bitsandbytes_table():
@@ -50,7 +71,9 @@ def test_every_code_value_round_trips_and_zero_maps_to_zero(bits, name):
 def test_int8_code_is_k_over_127():
     code = int_code(8)
     assert code.numel() == 255
-    torch.testing.assert_close(code.double() * 127, torch.arange(-127, 128, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        code.double() * 127, torch.arange(-127, 128, dtype=torch.float64), atol=1e-5, rtol=0
+    )
 
 
 def test_unsupported_bits_are_refused():

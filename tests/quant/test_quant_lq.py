@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 import lorakit
 from lorakit.quant.blockwise import QuantConfig
-from lorakit.quant.lq_lora import lq_decompose, lq_decompose_file, load_residual, plan_budget
+from lorakit.quant.lq_lora import load_residual, lq_decompose, lq_decompose_file, plan_budget
 
 
 def low_rank_plus_noise(out, inn, r, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(out, inn, generator=g) / inn**0.5
-            + torch.randn(out, r, generator=g) @ torch.randn(r, inn, generator=g) * (2 / inn**0.5))
+    return torch.randn(out, inn, generator=g) / inn**0.5 + torch.randn(out, r, generator=g) @ torch.randn(
+        r, inn, generator=g
+    ) * (2 / inn**0.5)
 
 
 def test_without_quantization_it_is_the_rank_r_svd():
@@ -29,7 +32,7 @@ def test_error_falls_over_accepted_iterations_and_the_best_is_kept(bits):
     W = low_rank_plus_noise(128, 128, 8, seed=bits)
     res = lq_decompose(W, 8, QuantConfig(bits, "nf", 64), iters=8)
     accepted = res.errors[: res.best_iteration + 1]
-    assert all(b <= a + 1e-12 for a, b in zip(accepted, accepted[1:]))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(accepted))
     assert res.error == min(res.errors)
     # The stored iterate reproduces its error: W − L1 L2 − Q, in float64.
     from lorakit.quant.blockwise import dequantize_tensor
@@ -47,8 +50,9 @@ def test_ilp_meets_the_budget_and_picks_one_config_per_matrix():
     mats = {f"m{i}": low_rank_plus_noise(64 * (1 + i % 2), 64, 4, seed=i) for i in range(4)}
     numel = sum(m.numel() for m in mats.values())
     for budget in (2.6, 3.5, 5.0):
-        chosen, facts = plan_budget(mats.__getitem__, list(mats), 4, budget, grid=((2, 64), (3, 64), (4, 64),
-                                                                                    (8, 64)), iters=1)
+        chosen, facts = plan_budget(
+            mats.__getitem__, list(mats), 4, budget, grid=((2, 64), (3, 64), (4, 64), (8, 64)), iters=1
+        )
         assert set(chosen) == set(mats)
         assert facts["avg_bits"] <= budget
         stored = 0
@@ -62,8 +66,11 @@ def test_ilp_meets_the_budget_and_picks_one_config_per_matrix():
 def test_files_reproduce_the_decomposition(tmp_path):
     from lorakit.io.writer import write_safetensors
 
-    W = {"a.weight": low_rank_plus_noise(128, 64, 4), "b.weight": low_rank_plus_noise(64, 128, 4, seed=1),
-         "norm.weight": torch.ones(64)}
+    W = {
+        "a.weight": low_rank_plus_noise(128, 64, 4),
+        "b.weight": low_rank_plus_noise(64, 128, 4, seed=1),
+        "norm.weight": torch.ones(64),
+    }
     base = tmp_path / "base.safetensors"
     write_safetensors(base, W)
     report = lq_decompose_file(base, tmp_path / "lq", rank=4, bits=4, iters=4)

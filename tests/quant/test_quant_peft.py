@@ -19,8 +19,15 @@ def test_peft_loads_the_lq_lora_initialisation(tmp_path):
     from lorakit.quant.lq_lora import load_residual, lq_decompose_file
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     # Give the weights a low-rank component, as trained weights have, so that L₁L₂ carries real signal.
     with torch.no_grad():
