@@ -47,6 +47,14 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def dtype_from_name(name: object) -> torch.dtype:
+    """``"float32"`` → ``torch.float32``; anything that is not a floating dtype name is a corrupt schema."""
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise CorruptFileError(f"unknown dtype {name!r} in the quantized schema")
+    return dt
+
+
 def write_quantized(
     path: Path, modules: Iterable[Any], meta: AdapterMeta, metadata: Mapping[str, str]
 ) -> Path:
@@ -155,7 +163,7 @@ def load_module(source: Source, name: str, spec: Mapping[str, Any]) -> Any:
             int(spec["in"]),
             int(spec["rank"]),
             tuple(segments),
-            getattr(torch, spec.get("dtype", "float32")),
+            dtype_from_name(spec.get("dtype", "float32")),
             spec.get("kind", "linear"),
             tuple(spec["kernel"]) if spec.get("kernel") else None,
             magnitude,
@@ -193,7 +201,7 @@ class QuantizedFormat:
                     int(spec["in"]),
                     kept,
                     1.0,
-                    getattr(torch, spec.get("dtype", "float32")),
+                    dtype_from_name(spec.get("dtype", "float32")),
                     spec.get("kind", "linear"),
                     tuple(spec["kernel"]) if spec.get("kernel") else None,
                     bool(spec.get("magnitude")),

@@ -373,7 +373,7 @@ def lq_decompose_file(
 def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
     """The dense base weights of a residual file: quantized matrices dequantized (in their original dtype), every
     other tensor as stored. Raises :class:`CorruptFileError` for a damaged file."""
-    from lorakit.formats.quantized import crc32
+    from lorakit.formats.quantized import crc32, dtype_from_name
     from lorakit.io.safetensors_file import SafetensorsFile
 
     f = SafetensorsFile(path)
@@ -401,7 +401,7 @@ def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
         if crc32(q.codes) != int(spec["crc32"]):
             raise CorruptFileError("codes fail their checksum (the file is damaged)", file=path, module=n)
         try:
-            out[n] = dequantize_tensor(q, where=n).to(getattr(torch, spec["dtype"]))
+            out[n] = dequantize_tensor(q, where=n).to(dtype_from_name(spec["dtype"]))
         except CorruptFileError as e:
             raise CorruptFileError(e.message, file=path, module=n) from e
     return out

@@ -219,6 +219,13 @@ def test_schema_version_is_checked(adapter, tmp_path):
     _rewrite(bad, load_file(str(out)), meta)
     with pytest.raises(FormatError, match="version 99"):
         lorakit.load(bad)
+    # A schema naming something that is not a dtype is corrupt, not a torch attribute to call.
+    schema["version"] = 1
+    schema["modules"]["layers.0.q_proj"]["dtype"] = "save"
+    meta["lorakit.quantized"] = json.dumps(schema)
+    _rewrite(bad, load_file(str(out)), meta)
+    with pytest.raises(CorruptFileError, match="unknown dtype 'save'"):
+        lorakit.load(bad)
 
 
 def test_block_not_dividing_a_row_is_refused_before_writing(tmp_path):
