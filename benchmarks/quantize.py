@@ -62,7 +62,7 @@ def cast_error(adapter, dtype: torch.dtype) -> float:
     return math.sqrt(err2 / norm2)
 
 
-def table_for(adapter, src: Path, tmp: Path, accuracy=None) -> list[list[str]]:
+def table_for(adapter, src: Path, tmp: Path, accuracy=None, block: int = 64) -> list[list[str]]:
     """Rows: format, bits/param, file MB, ratio to fp16, rel ΔW error, seconds [, accuracy]."""
     import lorakit
     from lorakit.quant.quantize import quantize_adapter
@@ -84,7 +84,7 @@ def table_for(adapter, src: Path, tmp: Path, accuracy=None) -> list[list[str]]:
         row = [
             name,
             f"{torch.finfo(dt).bits}",
-            f"{path.stat().st_size / 2**20:.2f}",
+            f"{path.stat().st_size / 2**10:.1f}",
             f"{path.stat().st_size / 2**20 / fp16_mb:.3f}",
             f"{err:.2e}",
             f"{secs:.1f}",
@@ -95,13 +95,13 @@ def table_for(adapter, src: Path, tmp: Path, accuracy=None) -> list[list[str]]:
     for name, kw in CONFIGS:
         out = tmp / "q.safetensors"
         t0 = time.perf_counter()
-        rep = quantize_adapter(adapter, out, **kw)
+        rep = quantize_adapter(adapter, out, block=block, **kw)
         secs = time.perf_counter() - t0
         mb = out.stat().st_size / 2**20
         row = [
             name,
             f"{rep.summary['bits_per_param']:.3f}",
-            f"{mb:.2f}",
+            f"{mb * 1024:.1f}",
             f"{mb / fp16_mb:.3f}",
             f"{rep.summary['rel_error']:.2e}",
             f"{secs:.1f}",
@@ -143,21 +143,28 @@ def trained(tmp: Path, rank: int) -> tuple[str, list[str], list[list[str]]] | No
     base = tiny_tasks.build_base(0)
     tasks = tiny_tasks.make_tasks(0)
     blocks = []
+    sizes: set[int] = set()
     rows_all: list[list[str]] = []
     for task in tasks:
         adapter = tiny_tasks.train_adapter(base, task, rank, 0)
         src = tmp / "t.safetensors"
         lorakit.save(adapter, src, format="peft")
+        # Tiny layers may be narrower than 64: use the largest block that divides every row.
+        dims = {d for i in adapter.infos().values() for d in (i.out_features, i.in_features)}
+        block = max(b for b in (64, 32, 16, 8, 4, 2, 1) if all(d % b == 0 for d in dims))
+        sizes.add(block)
         rows = table_for(
             lorakit.load(src),
             src,
             tmp,
             accuracy=lambda a, task=task: f"{tiny_tasks.evaluate(base, a, task):.3f}",
+            block=block,
         )
         name = getattr(task, "name", str(task))
         rows_all += [[name, *r] for r in rows]
         blocks.append(name)
-    return f"{len(tasks)} tasks ({', '.join(blocks)}), rank {rank}", ["task"], rows_all
+    desc = f"{len(tasks)} tasks ({', '.join(blocks)}), rank {rank}, block {'/'.join(map(str, sorted(sizes)))}"
+    return desc, ["task"], rows_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    cols = ["storage", "bits/param", "file MB", "× fp16 size", "rel ΔW error", "seconds"]
+    cols = ["storage", "bits/param", "file KiB", "× fp16 size", "rel ΔW error", "seconds"]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         desc, rows = eight_b(args.layers, args.rank, args.decay, tmp)
