@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lorakit
 from lorakit.errors import CorruptFileError, FormatError, OperatorParameterError
@@ -236,3 +238,20 @@ def test_block_not_dividing_a_row_is_refused_before_writing(tmp_path):
     assert not out.exists()
     quantize_adapter(a, out, bits=4, pad=True)
     assert dense_rel_error(a["m"], lorakit.load(out)["m"]) < 0.2
+
+
+@given(st.integers(-5, 5), st.sampled_from([2, 3, 4, 8]), st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_quantization_commutes_with_positive_scaling(k, bits, seed):
+    """Q(c·ΔW) = c·Q(ΔW) for c > 0: each factor's block constants scale by √c and the codes do not change.
+    c = 4^k keeps every floating-point step exact, so the codes must be identical."""
+    c = 4.0**k
+    f = random_factors(64, 128, 4, scale=1.0, decay=0.7, generator=torch.Generator().manual_seed(seed))
+    q1, rel1 = quantize_module("m", f, bits=bits)
+    q2, rel2 = quantize_module("m", f.scaled(c), bits=bits)
+    assert rel2 == pytest.approx(rel1, rel=1e-6, abs=1e-9)
+    for s1, s2 in zip(q1.segments, q2.segments, strict=True):
+        assert torch.equal(s1.B.codes, s2.B.codes) and torch.equal(s1.A.codes, s2.A.codes)
+    torch.testing.assert_close(
+        q2.factors().delta(torch.float64), c * q1.factors().delta(torch.float64), rtol=1e-6, atol=0
+    )
