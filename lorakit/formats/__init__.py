@@ -12,9 +12,11 @@ from lorakit.formats.diffusers import DiffusersFormat
 from lorakit.formats.kohya import KohyaFormat
 from lorakit.formats.lycoris import LycorisFormat
 from lorakit.formats.peft import PeftFormat
+from lorakit.formats.quantized import QuantizedFormat
 
-# LyCORIS before PEFT (PEFT LOHA/LOKR configs) and kohya (LoHa/LoKr files may also hold LoCon modules).
-FORMATS: list[Format] = [LycorisFormat(), PeftFormat(), KohyaFormat(), DiffusersFormat()]
+# The quantized format first (its metadata marks it); LyCORIS before PEFT (PEFT LOHA/LOKR configs) and kohya
+# (LoHa/LoKr files may also hold LoCon modules).
+FORMATS: list[Format] = [QuantizedFormat(), LycorisFormat(), PeftFormat(), KohyaFormat(), DiffusersFormat()]
 
 
 def get_format(name: str) -> Format:

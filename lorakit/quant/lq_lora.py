@@ -1,0 +1,407 @@
+"""LQ-LoRA (Guo et al. 2024): base weights as a quantized matrix plus a low-rank part, ``W ≈ Q + L₁L₂``.
+
+Per matrix, alternate (algorithms.md §3.2)::
+
+    Q ← 0
+    repeat (at most ``iters`` times):
+        L₁, L₂ ← rank-r SVD of W − Q      (L₁ = U√S, L₂ = √S Vᵀ; randomized: r + 10 probes, 2 power iterations)
+        Q      ← quantize(W − L₁L₂)        (block-wise NF/int codes, :mod:`lorakit.quant.blockwise`)
+        err    ← ‖W − L₁L₂ − Q‖_F
+        stop when err rises (or improves by less than ``tol`` relatively)
+
+and keep the best iterate (the reference code returns the one that triggered the stop). ``Q`` stays frozen;
+``L₁ = lora_B``, ``L₂ = lora_A`` initialise a LoRA at scale 1.
+
+Bit budget: for every matrix ``i`` and configuration ``c`` (bits × block size, double-quantized constants) the
+cost ``‖W_i − (Q + L₁L₂)‖²_F`` after a short decomposition and the exact storage ``s_ic`` are tabulated, and
+``min Σ cost·x`` subject to ``Σ s·x ≤ budget·Σ numel``, one configuration per matrix, is solved with
+``scipy.optimize.milp`` (:mod:`lorakit.quant.knapsack`). Matrices are streamed one at a time in both passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorakit.errors import CorruptFileError, FormatError, OperatorParameterError
+from lorakit.linalg import SVD, randomized_svd
+from lorakit.quant.blockwise import QuantConfig, QuantizedTensor, dequantize_tensor, quantize_tensor
+from lorakit.quant.mixed import default_code
+from lorakit.report import Report
+
+RESIDUAL_KEY = "lorakit.lq_residual"
+RESIDUAL_SCHEMA = "lorakit.lq_residual"
+RESIDUAL_VERSION = 1
+DEFAULT_GRID = tuple((b, blk) for b in (2, 3, 4, 8) for blk in (32, 64, 128))
+DEFAULT_EXCLUDE = r"(embed|lm_head|norm)"
+
+
+@dataclass
+class LQResult:
+    """The best iterate for one matrix: ``W ≈ Q + L1 @ L2``; ``errors`` are ``‖W − L₁L₂ − Q‖_F/‖W‖_F`` per
+    iteration (the last one may be the rise that stopped it)."""
+
+    Q: QuantizedTensor | None
+    L1: torch.Tensor
+    L2: torch.Tensor
+    errors: list[float] = field(default_factory=list)
+    best_iteration: int = 0
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.best_iteration]
+
+
+def _low_rank(M: torch.Tensor, rank: int, *, exact: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if exact:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        svd = SVD(U, S, Vh).truncate(rank)
+    else:
+        svd = randomized_svd(M, rank, oversample=10, n_iter=2, seed=seed, dtype=M.dtype)
+    f = svd.to_factors()
+    return f.B, f.A
+
+
+def lq_decompose(
+    W: torch.Tensor,
+    rank: int,
+    config: QuantConfig | None,
+    *,
+    iters: int = 20,
+    tol: float = 1e-3,
+    exact_svd: bool = False,
+    seed: int = 0,
+    pad: bool = False,
+    device: torch.device | str | None = None,
+) -> LQResult:
+    """Decompose one matrix (see the module docstring). ``config=None`` switches quantization off (Q = 0), which
+    leaves the rank-``rank`` SVD. Cost per iteration: one randomized SVD, O(out·in·(r + 10)·6), and one
+    quantization, O(out·in·log 2^b)."""
+    if W.ndim != 2:
+        raise OperatorParameterError(f"LQ decomposition needs a 2-D matrix, got shape {tuple(W.shape)}")
+    if rank < 1 or rank > min(W.shape):
+        raise OperatorParameterError(
+            f"rank {rank} is outside [1, {min(W.shape)}] for a {W.shape[0]}x{W.shape[1]} matrix"
+        )
+    Wf = W.detach().to(device=device or W.device, dtype=torch.float32)
+    norm = float(Wf.norm()) or 1.0
+    Qd = torch.zeros_like(Wf)
+    best: LQResult | None = None
+    errors: list[float] = []
+    for t in range(max(1, iters)):
+        L1, L2 = _low_rank(Wf - Qd, rank, exact=exact_svd, seed=seed + t)
+        R = Wf - L1 @ L2
+        q = quantize_tensor(R, config, pad=pad) if config is not None else None
+        Qd = dequantize_tensor(q) if q is not None else torch.zeros_like(Wf)
+        err = float((R - Qd).norm()) / norm
+        errors.append(err)
+        if best is None or err < best.error:
+            best = LQResult(q, L1, L2, errors, t)
+        if config is None or (t > 0 and err > errors[-2]) or (t > 0 and errors[-2] - err < tol * errors[-2]):
+            break
+    assert best is not None
+    best.errors = errors
+    return best
+
+
+# ---- base weights in and out ----------------------------------------------------------------------------------
+def matrices_to_decompose(
+    keys: Iterable[str],
+    shapes: Callable[[str], tuple[int, ...]],
+    rank: int,
+    include: str | None,
+    exclude: str | None,
+) -> list[str]:
+    """2-D tensors named ``*.weight`` (or matching ``include``), not matching ``exclude``, with both sides > rank."""
+    out = []
+    for k in keys:
+        shape = shapes(k)
+        if len(shape) != 2 or min(shape) <= rank:
+            continue
+        if include is not None:
+            if not re.search(include, k):
+                continue
+        elif not k.endswith(".weight"):
+            continue
+        if exclude and re.search(exclude, k):
+            continue
+        out.append(k)
+    return out
+
+
+@dataclass
+class CostTable:
+    """Per matrix ``i`` and configuration ``c``: squared error ``costs[i, c]`` after a short decomposition and
+    exact storage ``storage[i, c]`` in bits (``inf`` where the block size does not divide the row)."""
+
+    names: list[str]
+    configs: list[QuantConfig]
+    costs: np.ndarray
+    storage: np.ndarray
+    numel: np.ndarray
+
+
+def cost_table(
+    tensors: Callable[[str], torch.Tensor],
+    names: list[str],
+    rank: int,
+    *,
+    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
+    iters: int = 2,
+    pad: bool = False,
+    device: torch.device | str | None = None,
+    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
+) -> CostTable:
+    """Tabulate the ILP's costs and storage, one matrix in memory at a time."""
+    configs = [QuantConfig(b, default_code(b), blk, True) for b, blk in grid]
+    costs = np.full((len(names), len(configs)), np.inf)
+    storage = np.full_like(costs, np.inf)
+    numel = np.zeros(len(names))
+    it: Iterable[tuple[int, str]] = enumerate(names)
+    if progress is not None:
+        it = zip(range(len(names)), progress(names, len(names), "ILP costs"))
+    for i, name in it:
+        W = tensors(name).float()
+        numel[i] = W.numel()
+        wn2 = float(W.norm()) ** 2
+        for c, cfg in enumerate(configs):
+            if W.shape[1] % cfg.block and not pad:
+                continue
+            res = lq_decompose(W, rank, cfg, iters=iters, pad=pad, device=device)
+            costs[i, c] = res.error**2 * wn2
+            assert res.Q is not None
+            storage[i, c] = res.Q.storage_bits
+    return CostTable(names, configs, costs, storage, numel)
+
+
+def solve_budget(table: CostTable, budget: float) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
+    """One configuration per matrix minimising the total squared error with ``Σ storage ≤ budget·Σ numel``."""
+    from lorakit.quant.knapsack import choose_one_per_item
+
+    total = float(table.numel.sum())
+    choice = choose_one_per_item(table.costs, table.storage, budget * total)
+    chosen = {n: table.configs[int(c)] for n, c in zip(table.names, choice)}
+    used = float(sum(table.storage[i, int(c)] for i, c in enumerate(choice)))
+    predicted = float(sum(table.costs[i, int(c)] for i, c in enumerate(choice)))
+    return chosen, {
+        "avg_bits": used / total,
+        "budget": budget,
+        "configs": len(table.configs),
+        "predicted_sq_error": predicted,
+    }
+
+
+def plan_budget(
+    tensors: Callable[[str], torch.Tensor],
+    names: list[str],
+    rank: int,
+    budget: float,
+    *,
+    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
+    iters: int = 2,
+    pad: bool = False,
+    device: torch.device | str | None = None,
+    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
+) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
+    """The ILP allocation of one configuration per matrix meeting ``budget`` bits/parameter on average:
+    :func:`cost_table` then :func:`solve_budget`."""
+    table = cost_table(
+        tensors, names, rank, grid=grid, iters=iters, pad=pad, device=device, progress=progress
+    )
+    return solve_budget(table, budget)
+
+
+def lq_decompose_file(
+    base: str | Path,
+    output: str | Path,
+    *,
+    rank: int,
+    bits: int | None = 4,
+    budget: float | None = None,
+    block: int = 64,
+    iters: int = 20,
+    ilp_iters: int = 2,
+    include: str | None = None,
+    exclude: str | None = DEFAULT_EXCLUDE,
+    pad: bool = False,
+    seed: int = 0,
+    dry_run: bool = False,
+    device: torch.device | str | None = None,
+    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
+) -> Report:
+    """Decompose the matrices of a safetensors base checkpoint; write ``OUTPUT/residual.safetensors`` (quantized
+    Q, other tensors as they were) and ``OUTPUT/adapter/`` (PEFT LoRA initialisation, ``lora_B = L₁``,
+    ``lora_A = L₂``, scale 1). Exactly one of ``bits`` and ``budget``.
+    """
+    import lorakit
+    from lorakit.adapter import Adapter, AdapterMeta
+    from lorakit.factors import LoraFactors
+    from lorakit.formats.quantized import crc32
+    from lorakit.io.atomic import atomic_output, check_output_path
+    from lorakit.io.safetensors_file import SafetensorsFile
+    from lorakit.io.writer import SafetensorsWriter
+    from lorakit.provenance import make_provenance, provenance_metadata
+
+    if (bits is None) == (budget is None):
+        raise OperatorParameterError("give exactly one of --bits and --budget")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise OperatorParameterError(
+            f"--budget must be a positive number of bits per parameter, got {budget}"
+        )
+    if bits is not None:
+        QuantConfig(bits, default_code(bits), block)
+    src = SafetensorsFile(base)
+    if RESIDUAL_KEY in src.metadata or "lorakit.quantized" in src.metadata:
+        raise FormatError(
+            "the base checkpoint is already quantized",
+            file=base,
+            hint="lq-decompose reads full-precision base weights",
+        )
+    names = matrices_to_decompose(src.keys(), lambda k: src.info(k).shape, rank, include, exclude)
+    if not names:
+        raise FormatError(
+            f"no 2-D weight matrix larger than rank {rank} to decompose",
+            file=base,
+            hint="check --include/--exclude and --rank",
+        )
+    if bits is not None and not pad:
+        for n in names:
+            cols = src.info(n).shape[1]
+            if cols % block:
+                raise OperatorParameterError(
+                    f"block size {block} does not divide the row length {cols}",
+                    module=n,
+                    hint=f"choose a --block that divides {cols}, or pass --pad",
+                )
+    report = Report(
+        f"lq-decompose (rank {rank}, " + (f"{bits} bits" if bits else f"budget {budget:g} bits") + ")",
+        ["matrix", "shape", "bits", "block", "iterations", "first error", "best error", "bits/param"],
+    )
+    if dry_run:
+        for n in names:
+            report.add_row(n, "x".join(map(str, src.info(n).shape)), bits, block, None, None, None, None)
+        report.summary.update(matrices=len(names), dry_run=True)
+        return report
+    out = check_output_path(output, (base,))
+    chosen: dict[str, QuantConfig]
+    if budget is not None:
+        chosen, facts = plan_budget(
+            lambda k: src.get(k),
+            names,
+            rank,
+            budget,
+            iters=ilp_iters,
+            pad=pad,
+            device=device,
+            progress=progress,
+        )
+        report.summary.update(ilp_avg_bits=facts["avg_bits"], ilp_configs=facts["configs"])
+    else:
+        assert bits is not None
+        chosen = {n: QuantConfig(bits, default_code(bits), block, True) for n in names}
+    params = {"rank": rank, "bits": bits, "budget": budget, "block": block, "iters": iters, "seed": seed}
+    prov = provenance_metadata(make_provenance("lq-decompose", params, (base,)))
+    schema: dict[str, Any] = {
+        "schema": RESIDUAL_SCHEMA,
+        "version": RESIDUAL_VERSION,
+        "rank": rank,
+        "matrices": {},
+    }
+    factors: dict[str, LoraFactors] = {}
+    total_bits = total_numel = 0
+    err2 = norm2 = 0.0
+    it: Iterable[str] = names if progress is None else progress(names, len(names), "lq-decompose")
+    with atomic_output(out, directory=True) as tmp:
+        with SafetensorsWriter(tmp / "residual.safetensors", {"format": "pt", **prov}) as w:
+            todo = set(names)
+            for k in src.keys():
+                if k not in todo:
+                    w.add(k, src.get(k))
+            for n in it:
+                W = src.get(n)
+                res = lq_decompose(W, rank, chosen[n], iters=iters, seed=seed, pad=pad, device=device)
+                assert res.Q is not None
+                for role, t in res.Q.tensors().items():
+                    w.add(f"{n}.{role}", t)
+                schema["matrices"][n] = {
+                    "shape": list(W.shape),
+                    "dtype": str(W.dtype).removeprefix("torch."),
+                    **chosen[n].to_json(),
+                    "crc32": crc32(res.Q.codes),
+                }
+                module = n.removesuffix(".weight")
+                factors[module] = LoraFactors(res.L2.to("cpu", W.dtype), res.L1.to("cpu", W.dtype), 1.0)
+                total_bits += res.Q.storage_bits
+                total_numel += W.numel()
+                wn2 = float(W.float().norm()) ** 2
+                err2 += res.error**2 * wn2
+                norm2 += wn2
+                report.add_row(
+                    n,
+                    f"{W.shape[0]}x{W.shape[1]}",
+                    chosen[n].bits,
+                    chosen[n].block,
+                    len(res.errors),
+                    res.errors[0],
+                    res.error,
+                    res.Q.storage_bits / W.numel(),
+                )
+            w.metadata[RESIDUAL_KEY] = json.dumps(schema, sort_keys=True)
+        adapter = Adapter(factors, AdapterMeta(base_model=str(base), source_format="peft"))
+        lorakit.save(adapter, tmp / "adapter", format="peft", metadata=prov)
+    report.summary.update(
+        matrices=len(names),
+        quantized_bits_per_param=total_bits / max(total_numel, 1),
+        rel_error=math.sqrt(err2 / norm2) if norm2 else 0.0,
+        output=str(out),
+    )
+    report.notes.append(
+        "errors are ‖W − (Q + L₁L₂)‖_F/‖W‖_F; bits/param counts the quantized residual with its "
+        "constants (the rank-r factors are stored in adapter/ at the base dtype)"
+    )
+    return report
+
+
+def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
+    """The dense base weights of a residual file: quantized matrices dequantized (in their original dtype), every
+    other tensor as stored. Raises :class:`CorruptFileError` for a damaged file."""
+    from lorakit.formats.quantized import crc32, dtype_from_name
+    from lorakit.io.safetensors_file import SafetensorsFile
+
+    f = SafetensorsFile(path)
+    try:
+        schema = json.loads(f.metadata[RESIDUAL_KEY])
+        matrices = schema["matrices"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise CorruptFileError(f"metadata {RESIDUAL_KEY} is missing or malformed", file=path) from e
+    if schema.get("version") != RESIDUAL_VERSION:
+        raise FormatError(f"residual version {schema.get('version')} is not supported", file=path)
+    out: dict[str, torch.Tensor] = {}
+    owned = {f"{n}.{r}" for n in matrices for r in ("codes", "absmax", "qabsmax", "scale2", "offset")}
+    for k in f.keys():
+        if k not in owned:
+            out[k] = f.get(k)
+    for n, spec in matrices.items():
+        cfg = QuantConfig(int(spec["bits"]), spec["code"], int(spec["block"]), bool(spec["double"]))
+        roles = ("qabsmax", "scale2", "offset") if cfg.double else ("absmax",)
+        missing = [r for r in ("codes", *roles) if f"{n}.{r}" not in f]
+        if missing:
+            raise CorruptFileError(f"tensor {n}.{missing[0]} is missing", file=path, module=n)
+        q = QuantizedTensor(
+            tuple(spec["shape"]), cfg, f.get(f"{n}.codes"), **{r: f.get(f"{n}.{r}") for r in roles}
+        )
+        if crc32(q.codes) != int(spec["crc32"]):
+            raise CorruptFileError("codes fail their checksum (the file is damaged)", file=path, module=n)
+        try:
+            out[n] = dequantize_tensor(q, where=n).to(dtype_from_name(spec["dtype"]))
+        except CorruptFileError as e:
+            raise CorruptFileError(e.message, file=path, module=n) from e
+    return out
