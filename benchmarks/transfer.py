@@ -1,13 +1,14 @@
-"""End-to-end Trans-LoRA experiment on CPU with two tiny causal LMs pre-trained here on a synthetic corpus.
+"""End-to-end Trans-LoRA experiment with two tiny causal LMs pre-trained here on a synthetic corpus.
 
-    .venv/bin/python -m benchmarks.transfer            # CPU, a few minutes; bases cached in bench-out/transfer/
+    .venv/bin/python -m benchmarks.transfer            # CPU, small; bases cached in bench-out/transfer/
     .venv/bin/python -m benchmarks.transfer --scale large --device cuda   # the larger GPU variant
 
-Corpus: documents of 6 ``Q: x\\nA: y\\n`` examples of one task drawn from copy, reverse, sort, uppercase (letter
-strings) and addition. The LoRA task, never seen in pre-training, is ``rev-upper``: the reversed input in
-upper case (``abc`` → ``CBA``), on lower-case inputs of length 3-6. Source: GPT-2 architecture; target: Llama
-architecture, a different size. The transfer sees only the kit (5 seeds + discriminator); accuracy is exact
-match on 200 held-out task inputs, greedy, zero-shot (no in-context examples).
+Corpus (:func:`lorakit.transfer.tiny.corpus_doc`): documents of 4 ``Q: x\nA: y\n`` examples of one task drawn
+from copy, reverse, sort, uppercase (letter strings) and addition. Asked zero-shot (``Q: x\nA: `` with no
+examples) a base cannot know which task is meant. The LoRA task ``upper-36`` is uppercasing lower-case inputs of
+length 3-6: the LoRA must make the model pick that task without context. Source: GPT-2 architecture; target:
+Llama architecture of another size. The transfer sees only the kit (5 seeds + discriminator); accuracy is
+exact match on held-out task inputs, greedy decoding.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ OUT = Path("bench-out/transfer")
 LOWER = string.ascii_lowercase
 
 SCALES = {
-    "small": {"source": ("gpt2", 48, 2, 4), "target": ("llama", 64, 2, 4), "steps": 500, "batch": 16},
-    "large": {"source": ("gpt2", 256, 4, 8), "target": ("llama", 384, 4, 8), "steps": 6000, "batch": 64},
+    "small": {"source": ("gpt2", 32, 2, 4), "target": ("llama", 48, 2, 4), "steps": 300, "batch": 16,
+              "train": 256, "test": 100, "samples": 128, "negatives": 128},
+    "large": {"source": ("gpt2", 256, 4, 8), "target": ("llama", 384, 4, 8), "steps": 6000, "batch": 64,
+              "train": 1024, "test": 500, "samples": 512, "negatives": 512},
 }
 
 
 def task_example(rng: random.Random) -> tuple[str, str]:
     w = random_word(rng)
-    return w, w[::-1].upper()
+    return w, w.upper()
 
 
 def pretrain_base(arch: tuple[str, int, int, int], steps: int, batch: int, seed: int, device: torch.device,
@@ -76,7 +79,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", choices=list(SCALES), default="small")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-docs", default="docs/benchmarks/transfer.md")
     args = ap.parse_args()
@@ -97,12 +99,12 @@ def main() -> None:
         bases[role] = str(path)
 
     rng = random.Random(args.seed + 100)
-    train = [task_example(rng) for _ in range(512)]
+    train = [task_example(rng) for _ in range(sc['train'])]
     test_rng = random.Random(10_000 + args.seed)
-    test = [task_example(test_rng) for _ in range(200)]
-    data = root / "rev-upper.jsonl"
+    test = [task_example(test_rng) for _ in range(sc['test'])]
+    data = root / "upper-36.jsonl"
     data.write_text("".join(json.dumps({"input": x, "output": y}) + "\n" for x, y in train))
-    lora_cfg = TrainConfig(rank=8, alpha=16, epochs=6, lr=3e-3, batch_size=16, seed=args.seed)
+    lora_cfg = TrainConfig(rank=8, alpha=16, epochs=4, lr=3e-3, batch_size=16, seed=args.seed)
 
     def direct(spec: str) -> lorakit.Adapter:
         m, t = load_causal_lm(spec, dev)
@@ -121,17 +123,17 @@ def main() -> None:
     import shutil
     shutil.rmtree(kit, ignore_errors=True)
     t0 = time.perf_counter()
-    prep = pipeline.prepare(root / "source-lora", bases["source"], data, kit, seeds=5, negatives=256,
+    prep = pipeline.prepare(root / "source-lora", bases["source"], data, kit, seeds=5, negatives=sc['negatives'],
                             device=str(dev), seed=args.seed)
     timings["prepare (discriminator)"] = time.perf_counter() - t0
 
-    student_cfg = TrainConfig(rank=8, alpha=16, epochs=8, lr=3e-3, batch_size=16, seed=args.seed)
+    student_cfg = TrainConfig(rank=8, alpha=16, epochs=6, lr=3e-3, batch_size=16, seed=args.seed)
     results = {}
     for label, use_filter in (("transfer", True), ("unfiltered", False)):
         out = root / f"run-{label}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        rep = pipeline.run(kit, bases["source"], bases["target"], out, samples=args.samples,
+        rep = pipeline.run(kit, bases["source"], bases["target"], out, samples=sc['samples'],
                            use_filter=use_filter, student_config=student_cfg, device=str(dev), seed=args.seed)
         timings[f"run ({label})"] = time.perf_counter() - t0
         results[label] = (lorakit.load(out / "adapter"), rep.summary)
@@ -157,7 +159,7 @@ def main() -> None:
     for label in ("transfer", "unfiltered"):
         rows = [json.loads(l) for l in (root / f"run-{label}" / "teacher.jsonl").read_text().splitlines()]
         syn[label] = {"valid_inputs": sum(valid(r["input"]) for r in rows) / len(rows),
-                      "teacher_correct": sum(r["output"] == r["input"][::-1].upper() for r in rows) / len(rows),
+                      "teacher_correct": sum(r["output"] == r["input"].upper() for r in rows) / len(rows),
                       "acceptance_rate": results[label][1]["acceptance_rate"]}
     gap = acc["target + LoRA trained on real data"] - acc["target alone"]
     rec = (acc["target + transferred LoRA (filtered)"] - acc["target alone"]) / gap if gap > 0 else float("nan")
@@ -186,9 +188,9 @@ def main() -> None:
                   f"Python {platform.python_version()}.  \n"
                   f"Source: {sc['source'][0]} hidden {sc['source'][1]}, {sc['source'][2]} layers; target: "
                   f"{sc['target'][0]} hidden {sc['target'][1]}, {sc['target'][2]} layers; each pre-trained "
-                  f"{sc['steps']} steps × {sc['batch']} documents. Task `rev-upper` (not in pre-training); 512 real "
+                  f"{sc['steps']} steps × {sc['batch']} documents. Task `upper-36`; {sc['train']} real "
                   f"examples for the source LoRA and the direct baseline; the transfer sees 5 seeds; N = "
-                  f"{args.samples} synthetic inputs; 200 test inputs, exact match, greedy, zero-shot.\n\n")
+                  f"{sc['samples']} synthetic inputs; {sc['test']} test inputs, exact match, greedy, zero-shot.\n\n")
         Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.write_docs).write_text("# Cross-model transfer benchmark\n\n" + header + table + "\n")
 

@@ -115,4 +115,4 @@ def pretrain(model: Any, tok: Any, *, steps: int, batch: int, seed: int = 0, lr:
         if log_every and step % log_every == 0:
             print(f"  pretrain step {step}/{steps} loss {loss.item():.3f}", flush=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())

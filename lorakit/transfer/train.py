@@ -145,7 +145,7 @@ def train_lora(
                 opt.zero_grad()
                 step += 1
                 if on_step is not None:
-                    on_step(step, total, float(loss))
+                    on_step(step, total, float(loss.detach()))
             if ckpt is not None:
                 tmp = ckpt.with_name(ckpt.name + ".tmp")
                 lora_state = {k: v.detach().cpu() for k, v in
