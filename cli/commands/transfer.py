@@ -15,7 +15,7 @@ from lorakit.cli._options import device_option, dry_run_option, json_option, qui
 Examples:
   lorakit transfer prepare my-lora/ --base ./llama-small --data task.jsonl --seeds 5 -o my-lora-kit/
   lorakit transfer run my-lora-kit/ --source-base ./llama-small --target-base ./gemma-small -o moved/
-  lorakit transfer project my-lora/ --source-base ./sd15 --target-base ./sd15-finetune -o projected/
+  lorakit transfer project my-lora/ --source-base ./llama-v1 --target-base ./llama-v1.1 -o projected/
 """)
 def command() -> None:
     """Move a LoRA to another base model: `prepare` a transfer kit while the task data exists, `run` the

@@ -112,7 +112,11 @@ class Kit:
         for sub in ("adapter", "discriminator"):
             if not (path / sub).exists():
                 raise FormatError(f"the kit lacks its {sub}/ directory", file=path)
-        return cls(path, task, base, fp, read_examples(path / "seeds.jsonl"), info)
+        seeds = read_examples(path / "seeds.jsonl")
+        if len(seeds) < int(info.get("num_seeds", 0)):
+            raise FormatError(f"the seeds file has {len(seeds)} examples, fewer than the {info['num_seeds']} the kit "
+                              "was made with", file=path / "seeds.jsonl", hint="restore the kit's seeds.jsonl")
+        return cls(path, task, base, fp, seeds, info)
 
 
 class RunState:

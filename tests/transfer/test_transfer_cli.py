@@ -116,3 +116,16 @@ def test_model_weights_orientation_matches_the_adapter(micro):
     weights = model_weights(load_causal_lm(micro["source"])[0])
     a = lorakit.load(micro["lora"])
     assert all(tuple(weights[n].shape) == a.info(n).shape for n in a)
+
+
+def test_kit_whose_seeds_file_lost_examples(cli, kit, micro, tmp_path):
+    import shutil
+
+    broken = tmp_path / "kit"
+    shutil.copytree(kit, broken)
+    lines = (broken / "seeds.jsonl").read_text().splitlines()
+    (broken / "seeds.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    code, _, err = cli("transfer", "run", broken, "--source-base", micro["source"], "--target-base",
+                       micro["target"], "-o", tmp_path / "out")
+    assert code == 1 and "2 examples, fewer than the 5 the kit was made with" in err
+    assert not (tmp_path / "out").exists()
