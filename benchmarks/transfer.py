@@ -5,8 +5,8 @@
 
 Corpus (:func:`lorakit.transfer.tiny.corpus_doc`): documents of 4 ``Q: x\nA: y\n`` examples of one task drawn
 from copy, reverse, sort, uppercase (letter strings) and addition. Asked zero-shot (``Q: x\nA: `` with no
-examples) a base cannot know which task is meant. The LoRA task ``upper-36`` is uppercasing lower-case inputs of
-length 3-6: the LoRA must make the model pick that task without context. Source: GPT-2 architecture; target:
+examples) a base cannot know which task is meant. The LoRA task ``first-letter`` (not in pre-training) answers the
+first letter of a lower-case word of length 3-6. Source: GPT-2 architecture; target:
 Llama architecture of another size. The transfer sees only the kit (5 seeds + discriminator); accuracy is
 exact match on held-out task inputs, greedy decoding.
 """
@@ -36,7 +36,7 @@ OUT = Path("bench-out/transfer")
 LOWER = string.ascii_lowercase
 
 SCALES = {
-    "small": {"source": ("gpt2", 48, 2, 4), "target": ("llama", 64, 2, 4), "steps": 600, "batch": 16,
+    "small": {"source": ("gpt2", 48, 2, 4), "target": ("llama", 64, 2, 4), "steps": 2000, "batch": 16,
               "train": 256, "test": 100, "samples": 128, "negatives": 128},
     "large": {"source": ("gpt2", 256, 4, 8), "target": ("llama", 384, 4, 8), "steps": 6000, "batch": 64,
               "train": 1024, "test": 500, "samples": 512, "negatives": 512},
@@ -45,7 +45,7 @@ SCALES = {
 
 def task_example(rng: random.Random) -> tuple[str, str]:
     w = random_word(rng)
-    return w, w.upper()
+    return w, w[0]
 
 
 def pretrain_base(arch: tuple[str, int, int, int], steps: int, batch: int, seed: int, device: torch.device,
@@ -55,7 +55,7 @@ def pretrain_base(arch: tuple[str, int, int, int], steps: int, batch: int, seed:
     tok = char_tokenizer()
     model = tiny_model(kind, hidden=hidden, layers=layers, heads=heads, seed=seed)
     t0 = time.perf_counter()
-    loss = pretrain(model, tok, steps=steps, batch=batch, seed=seed, device=device, log_every=100)
+    loss = pretrain(model, tok, steps=steps, batch=batch, seed=seed, lr=5e-3, device=device, log_every=100)
     secs = time.perf_counter() - t0
     save_base(model.cpu().eval(), tok, path)
     (path / "pretrain.json").write_text(json.dumps({"steps": steps, "batch": batch, "seconds": secs,
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--scale", choices=list(SCALES), default="small")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pretrain-only", choices=["source", "target"], default=None,
+                    help="Pre-train (and cache) one base, then stop: run both in parallel on 2 cores.")
     ap.add_argument("--write-docs", default="docs/benchmarks/transfer.md")
     args = ap.parse_args()
     # One thread: on a loaded 2-core machine two OpenMP threads run these tiny kernels ~15× slower.
@@ -92,20 +94,25 @@ def main() -> None:
 
     bases = {}
     for role, seed in (("source", 1), ("target", 2)):
+        if args.pretrain_only and role != args.pretrain_only:
+            continue
         arch = sc[role]
         path = root / f"{role}-{arch[0]}-{arch[1]}"
         if not (path / "pretrain.json").exists():
             pretrain_base(arch, sc["steps"], sc["batch"], seed, dev, path)
         timings[f"pretrain {role}"] = json.loads((path / "pretrain.json").read_text())["seconds"]
         bases[role] = str(path)
+    if args.pretrain_only:
+        return
 
     rng = random.Random(args.seed + 100)
     train = [task_example(rng) for _ in range(sc['train'])]
     test_rng = random.Random(10_000 + args.seed)
     test = [task_example(test_rng) for _ in range(sc['test'])]
-    data = root / "upper-36.jsonl"
+    data = root / "first-letter.jsonl"
     data.write_text("".join(json.dumps({"input": x, "output": y}) + "\n" for x, y in train))
-    lora_cfg = TrainConfig(rank=8, alpha=16, epochs=4, lr=3e-3, batch_size=16, seed=args.seed)
+    # tiny models need a larger learning rate than the paper's 2e-5..2e-4 for 7B models
+    lora_cfg = TrainConfig(rank=16, alpha=32, epochs=16, lr=8e-3, batch_size=16, seed=args.seed)
 
     def direct(spec: str) -> lorakit.Adapter:
         m, t = load_causal_lm(spec, dev)
@@ -125,10 +132,11 @@ def main() -> None:
     shutil.rmtree(kit, ignore_errors=True)
     t0 = time.perf_counter()
     prep = pipeline.prepare(root / "source-lora", bases["source"], data, kit, seeds=5, negatives=sc['negatives'],
+                            disc_config=TrainConfig(rank=8, alpha=16, epochs=4, lr=8e-3, seed=args.seed),
                             device=str(dev), seed=args.seed)
     timings["prepare (discriminator)"] = time.perf_counter() - t0
 
-    student_cfg = TrainConfig(rank=8, alpha=16, epochs=6, lr=3e-3, batch_size=16, seed=args.seed)
+    student_cfg = TrainConfig(rank=16, alpha=32, epochs=16, lr=8e-3, batch_size=16, seed=args.seed)
     results = {}
     for label, use_filter in (("transfer", True), ("unfiltered", False)):
         out = root / f"run-{label}"
@@ -160,7 +168,7 @@ def main() -> None:
     for label in ("transfer", "unfiltered"):
         rows = [json.loads(l) for l in (root / f"run-{label}" / "teacher.jsonl").read_text().splitlines()]
         syn[label] = {"valid_inputs": sum(valid(r["input"]) for r in rows) / len(rows),
-                      "teacher_correct": sum(r["output"] == r["input"].upper() for r in rows) / len(rows),
+                      "teacher_correct": sum(r["output"] == r["input"][:1] for r in rows) / len(rows),
                       "acceptance_rate": results[label][1]["acceptance_rate"]}
     gap = acc["target + LoRA trained on real data"] - acc["target alone"]
     rec = (acc["target + transferred LoRA (filtered)"] - acc["target alone"]) / gap if gap > 0 else float("nan")
@@ -189,7 +197,7 @@ def main() -> None:
                   f"Python {platform.python_version()}.  \n"
                   f"Source: {sc['source'][0]} hidden {sc['source'][1]}, {sc['source'][2]} layers; target: "
                   f"{sc['target'][0]} hidden {sc['target'][1]}, {sc['target'][2]} layers; each pre-trained "
-                  f"{sc['steps']} steps × {sc['batch']} documents. Task `upper-36`; {sc['train']} real "
+                  f"{sc['steps']} steps × {sc['batch']} documents. Task `first-letter`; {sc['train']} real "
                   f"examples for the source LoRA and the direct baseline; the transfer sees 5 seeds; N = "
                   f"{sc['samples']} synthetic inputs; {sc['test']} test inputs, exact match, greedy, zero-shot.\n\n")
         Path(args.write_docs).parent.mkdir(parents=True, exist_ok=True)

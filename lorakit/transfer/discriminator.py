@@ -3,7 +3,7 @@
 Query ``t(x) = "{x}\\nIs the above question from {NAME} dataset? "``; trained, while the task data exists, with
 cross-entropy towards ``yes`` on real inputs and ``no`` on inputs the source model generated from the seeds
 (Trans-LoRA §3). At transfer time it only scores: an input is kept iff ``log p(yes | t(x)) > log p(no | t(x))``
-(strict; sequence log-probabilities, so any tokenizer works). It never trains on target-generated data: the
+(strict; decided at the first token where the answers differ, so any tokenizer works). It never trains on target-generated data: the
 only training entry point, :func:`train_discriminator`, is called by ``prepare``, which has no target.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
-from lorakit.transfer.models import continuation_logprob
+from lorakit.transfer.models import continuation_logprob, encode
 from lorakit.transfer.train import TrainConfig, train_lora
 
 YES, NO = "yes", "no"
@@ -41,10 +41,19 @@ class Discriminator:
     task: str
 
     def scores(self, inputs: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log p(yes), log p(no))`` per input, float64."""
+        """``(log p(yes), log p(no))`` per input, float64.
+
+        The answer is decided at the first token where ``yes`` and ``no`` differ (their first token with usual
+        tokenizers, where each is one token): comparing whole-sequence probabilities would favour the answer
+        with fewer tokens under a character-level tokenizer."""
         qs = [question(x, self.task) for x in inputs]
-        return (continuation_logprob(self.model, self.tok, qs, YES),
-                continuation_logprob(self.model, self.tok, qs, NO))
+        y, n = encode(self.tok, YES), encode(self.tok, NO)
+        k = next((i for i, (a, b) in enumerate(zip(y, n)) if a != b), None)
+        if k is None:  # one is a prefix of the other: compare the whole sequences
+            return (continuation_logprob(self.model, self.tok, qs, y),
+                    continuation_logprob(self.model, self.tok, qs, n))
+        return (continuation_logprob(self.model, self.tok, qs, y[: k + 1]),
+                continuation_logprob(self.model, self.tok, qs, n[: k + 1]))
 
     def keep(self, inputs: Sequence[str]) -> list[bool]:
         if not inputs:

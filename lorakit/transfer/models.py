@@ -150,11 +150,12 @@ def greedy(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int, bat
 
 
 @torch.no_grad()
-def continuation_logprob(model: Any, tok: Any, prompts: list[str], continuation: str,
+def continuation_logprob(model: Any, tok: Any, prompts: list[str], continuation: str | list[int],
                          batch_size: int = 64) -> torch.Tensor:
-    """``log p(continuation | prompt)`` for each prompt (sum over the continuation's tokens), float64 on CPU."""
+    """``log p(continuation | prompt)`` for each prompt (sum over the continuation's tokens), float64 on CPU.
+    ``continuation`` is a text or a list of token ids."""
     device = next(model.parameters()).device
-    cont = encode(tok, continuation)
+    cont = encode(tok, continuation) if isinstance(continuation, str) else list(continuation)
     pad = tok.pad_token_id
     out = torch.empty(len(prompts), dtype=torch.float64)
     for start in range(0, len(prompts), batch_size):

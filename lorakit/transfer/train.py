@@ -129,8 +129,9 @@ def train_lora(
         for epoch in range(first_epoch, config.epochs):
             order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
             for start in range(0, len(order), config.batch_size):
-                batch = {k: v.to(acc.device) for k, v in _batch(tok, [pairs[i] for i in order[start:start +
-                                                                      config.batch_size]]).items()}
+                # under `accelerate launch` each process takes its share of the batch (DDP averages gradients)
+                mine = order[start:start + config.batch_size][acc.process_index::acc.num_processes] or [order[start]]
+                batch = {k: v.to(acc.device) for k, v in _batch(tok, [pairs[i] for i in mine]).items()}
                 for g in opt.param_groups:
                     g["lr"] = config.lr * (1 - step / total)
                 t_logits = None
@@ -146,7 +147,7 @@ def train_lora(
                 step += 1
                 if on_step is not None:
                     on_step(step, total, float(loss.detach()))
-            if ckpt is not None:
+            if ckpt is not None and acc.is_main_process:
                 tmp = ckpt.with_name(ckpt.name + ".tmp")
                 lora_state = {k: v.detach().cpu() for k, v in
                               peft.get_peft_model_state_dict(acc.unwrap_model(pm)).items()}
