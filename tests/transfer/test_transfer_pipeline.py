@@ -181,3 +181,25 @@ def test_transferred_adapter_targets_the_target_model(kit, micro, tmp_path, ever
     names = {n for n, _ in tgt.named_modules()}
     assert set(out) <= names and all(".self_attn." in n or ".mlp." in n for n in out)
     assert out.meta.base_model == micro["target"]
+
+
+def test_token_level_kl_distillation_runs_and_differs_from_sequence_level(kit, micro, tmp_path, every_other):
+    run(kit, micro, tmp_path / "seq", samples=4)
+    rep = run(kit, micro, tmp_path / "kl", samples=4, token_kl=True)
+    assert rep.summary["distillation"] == "token-kl"
+    a, b = lorakit.load(tmp_path / "seq" / "adapter"), lorakit.load(tmp_path / "kl" / "adapter")
+    assert set(a) == set(b)
+    assert any(not torch.equal(a[n].B, b[n].B) for n in a)
+
+
+def test_token_level_kl_needs_a_shared_tokenizer(micro):
+    from lorakit.transfer.student import train_student
+
+    model, tok = load_causal_lm(micro["target"])
+
+    class OtherTok:
+        def get_vocab(self):
+            return {"a": 0}
+
+    with pytest.raises(LorakitError, match="share a tokenizer"):
+        train_student(model, tok, ["ab"], ["a"], STUDENT, teacher_model=model, teacher_tok=OtherTok())
