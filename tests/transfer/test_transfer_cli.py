@@ -129,3 +129,39 @@ def test_kit_whose_seeds_file_lost_examples(cli, kit, micro, tmp_path):
                        micro["target"], "-o", tmp_path / "out")
     assert code == 1 and "2 examples, fewer than the 5 the kit was made with" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_through_the_cli_and_resume_a_finished_run(cli, kit, micro, tmp_path):
+    args = ("transfer", "run", kit, "--source-base", micro["source"], "--target-base", micro["target"],
+            "--samples", "3", "--epochs", "1", "--rank", "2", "--no-filter", "--device", "cpu",
+            "-o", tmp_path / "out", "--json")
+    code, out, err = cli(*args)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["accepted"] == 3 and rep["filter"] is False
+    first = lorakit.load(tmp_path / "out" / "adapter")
+    assert first.meta.base_model == micro["target"]
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert state["done"] == ["synthesize", "teacher", "student"]
+    code, out2, err = cli(*args)  # everything is done: nothing is recomputed, the same report comes back
+    assert code == 0, err
+    assert json.loads(out2)["accepted"] == 3
+    again = lorakit.load(tmp_path / "out" / "adapter")
+    for name in first:
+        assert torch.equal(first[name].A, again[name].A)
+
+
+def test_run_dry_run_writes_nothing(cli, kit, micro, tmp_path):
+    code, out, _ = cli("transfer", "run", kit, "--source-base", micro["source"], "--target-base", micro["target"],
+                       "-o", tmp_path / "out", "--dry-run")
+    assert code == 0 and "would transfer" in out and not (tmp_path / "out").exists()
+
+
+def test_run_refuses_an_output_directory_that_is_not_a_run(cli, kit, micro, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = cli("transfer", "run", kit, "--source-base", micro["source"], "--target-base", micro["target"],
+                       "-o", out)
+    assert code == 1 and "not a transfer run" in err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
