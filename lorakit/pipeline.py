@@ -63,7 +63,7 @@ class MergePlan:
         for label, a, w in zip(self.labels, self.adapters, self.weights):
             infos = a.infos().values()
             scales = sorted({round(i.scale, 6) for i in infos})
-            report.add_row(label, a.meta.source_format or "in-memory", a.meta.base_model, len(a), a.rank_summary(),
+            report.add_row(Path(label).name, a.meta.source_format or "in-memory", a.meta.base_model, len(a), a.rank_summary(),
                            scales[0] if len(scales) == 1 else f"{scales[0]}..{scales[-1]}",
                            str(next(iter(infos)).dtype).replace("torch.", "") if len(a) else "-", w,
                            len(wanted - set(a)), len(set(a) - wanted))

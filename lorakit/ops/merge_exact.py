@@ -49,7 +49,7 @@ def output_rank(rule: RankRule | None, ranks: Sequence[int], shape: tuple[int, i
           space="factors")
 def cat(inputs: Sequence[LoraFactors], weights: Sequence[float]) -> MergeResult:
     check_same_shape(inputs)
-    return MergeResult(cat_factors(inputs, weights))
+    return MergeResult(cat_factors(inputs, weights), error=0.0, best_error=0.0)
 
 
 @register("task_arithmetic", description="λ·Σ w_i ΔW_i, exact (rank concatenation); optional truncation",
