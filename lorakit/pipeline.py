@@ -89,7 +89,7 @@ class MergePlan:
             else:
                 flops += 10.0 * (out + inn) * R * R + 20.0 * R**3
                 peak = max(peak, 4 * 4 * (out + inn) * R)
-        return {"estimated_gflop": round(flops / 1e9, 3), "estimated_peak_working_mb": round(peak / 2**20, 1)}
+        return {"estimated_gflop": flops / 1e9, "estimated_peak_working_mb": peak / 2**20}
 
 
 def _shown_params(params: Mapping[str, Any], rule: RankRule | None) -> str:
