@@ -95,7 +95,8 @@ def lorakit_merge(paths, method, subset, params):
     run = run_merge(plan)
     merged = {m: run.adapter[m] for m in plan.modules}
     seconds = time.perf_counter() - t0
-    return seconds, {m: run.results[m].error for m in merged}, {m: (merged[m].A.float(), merged[m].B.float())
+    return seconds, {m: run.results[m].error for m in merged}, {m: (merged[m].A.float().numpy(),
+                                                                   merged[m].B.float().numpy())
                                                                   for m in merged} if subset else None
 
 
@@ -150,7 +151,7 @@ def peft_merge(paths, combination, subset, density):
             else:  # PEFT's own dense TIES (the target both ties_svd and lorakit's ties approximate)
                 target = merge_utils.ties(stack, torch.tensor(weights), density)
             errors[m] = float((got - target).norm() / target.norm())
-            deltas[m] = (got, target)
+            deltas[m] = got.numpy()  # numpy: tensors do not cross process boundaries safely
     return seconds, errors, {m: d for m, d in deltas.items()}
 
 
@@ -181,6 +182,7 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
+    import numpy as np
     import peft
     import torch
 
@@ -207,23 +209,23 @@ def main() -> None:
             (full_s, full_err, _), full_mb = in_child(lorakit_merge, ps, "svd", None, {})
             (sub_s, sub_err, ours), sub_mb = in_child(lorakit_merge, ps, "svd", subset, {})
             if args.skip_peft:
-                say(f"| svd, all modules | {n} | {len(full_err)} | {full_s:.2f} | - | - | {max(full_err):.4f} | - | "
+                say(f"| svd, all modules | {n} | {len(full_err)} | {full_s:.2f} | - | - | {max(full_err.values()):.4f} | - | "
                     f"{full_mb:.0f} | - |")
                 continue
             (p_s, p_err, p_deltas), p_mb = in_child(peft_merge, ps, "svd", subset, None)
-            same = max(float(((ours[m][1] @ ours[m][0]) - p_deltas[m][0]).norm() / p_deltas[m][0].norm())
+            same = max(float(np.linalg.norm(ours[m][1] @ ours[m][0] - p_deltas[m]) / np.linalg.norm(p_deltas[m]))
                        for m in p_deltas)
             say(f"| svd, subset ({args.subset}) | {n} | {len(p_err)} | {sub_s:.3f} | {p_s:.2f} | "
-                f"{p_s / sub_s:.0f}× | {max(sub_err):.4f} | {max(p_err):.4f} | {sub_mb:.0f} | {p_mb:.0f} |")
+                f"{p_s / sub_s:.0f}× | {max(sub_err.values()):.4f} | {max(p_err.values()):.4f} | {sub_mb:.0f} | {p_mb:.0f} |")
             est = p_s * all_cost / sub_cost
             say(f"| svd, all modules (PEFT extrapolated) | {n} | {len(full_err)} | {full_s:.2f} | ~{est:.0f} (est.) | "
-                f"~{est / full_s:.0f}× (est.) | {max(full_err):.4f} | - | {full_mb:.0f} | - |")
+                f"~{est / full_s:.0f}× (est.) | {max(full_err.values()):.4f} | - | {full_mb:.0f} | - |")
             lines.append(f"<!-- n={n}: max relative ΔW difference lorakit svd vs PEFT svd on the subset: {same:.2e} -->")
             print(f"   max relative ΔW difference lorakit svd vs PEFT svd: {same:.2e}")
             (t_s, t_err, _), t_mb = in_child(lorakit_merge, ps, "ties", subset, {"density": 0.5})
             (pt_s, pt_err, _), pt_mb = in_child(peft_merge, ps, "ties_svd", subset, 0.5)
             say(f"| ties density 0.5 → rank {RANK}, subset | {n} | {len(t_err)} | {t_s:.2f} | {pt_s:.2f} | "
-                f"{pt_s / t_s:.1f}× | {max(t_err):.4f} | {max(pt_err):.4f} | {t_mb:.0f} | {pt_mb:.0f} |")
+                f"{pt_s / t_s:.1f}× | {max(t_err.values()):.4f} | {max(pt_err.values()):.4f} | {t_mb:.0f} | {pt_mb:.0f} |")
         out = str(Path(tmp) / "merged.safetensors")
         (e2e_s, e2e_mb), _ = in_child(end_to_end, paths[:2], out)
         say()

@@ -53,7 +53,7 @@ def kth_largest_abs(tiles: Tiles, ks: torch.Tensor, bounds: torch.Tensor) -> tor
         numel = numel + x[0].numel()
         idx = _bin_index(x, scale)
         for i in range(n):
-            counts[i] += torch.bincount(idx[i].reshape(-1), minlength=HIST_BINS)
+            counts[i] += torch.bincount(idx[i].reshape(-1), minlength=HIST_BINS).cpu()
     above = counts.flip(1).cumsum(1).flip(1)  # above[i, b] = entries in bins ≥ b
     out = torch.zeros(n, m, dtype=torch.float64)
     want: dict[tuple[int, int], tuple[int, int]] = {}  # (task, j) → (bin, rank inside the bin)
@@ -74,7 +74,7 @@ def kth_largest_abs(tiles: Tiles, ks: torch.Tensor, bounds: torch.Tensor) -> tor
         for _, x in tiles():
             idx = _bin_index(x, scale)
             for i, b in bins_needed:
-                found[(i, b)].append(x[i].abs()[idx[i] == b].double())
+                found[(i, b)].append(x[i].abs()[idx[i] == b].double().cpu())
         for (i, j), (b, r) in want.items():
             vals = torch.cat(found[(i, b)])
             out[i, j] = float(torch.topk(vals, r).values[-1])
@@ -82,21 +82,21 @@ def kth_largest_abs(tiles: Tiles, ks: torch.Tensor, bounds: torch.Tensor) -> tor
 
 
 def _bin_index(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    s = scale.to(x.dtype if x.dtype == torch.float64 else torch.float64).view(-1, *([1] * (x.ndim - 1)))
+    s = scale.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
     return (x.abs().double() * s).floor().clamp_(0, HIST_BINS - 1).long()
 
 
 def trim(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """TIES trim / magnitude prune: keep entries with ``|x| ≥ threshold`` (per task), zero the rest."""
-    t = threshold.to(torch.float64).view(-1, *([1] * (x.ndim - 1)))
+    t = threshold.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
     return torch.where(x.abs().double() >= t, x, torch.zeros((), dtype=x.dtype))
 
 
 def band(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Breadcrumbs: keep entries with ``low ≤ |x| < high`` (per task), zero both tails."""
     a = x.abs().double()
-    lo = low.to(torch.float64).view(-1, *([1] * (x.ndim - 1)))
-    hi = high.to(torch.float64).view(-1, *([1] * (x.ndim - 1)))
+    lo = low.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
+    hi = high.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
     return torch.where((a >= lo) & (a < hi), x, torch.zeros((), dtype=x.dtype))
 
 
@@ -104,7 +104,7 @@ def dare(x: torch.Tensor, density: float, generators: list[torch.Generator]) -> 
     """DARE: keep each entry with probability ``density`` (Bernoulli), divide the kept ones by ``density``."""
     if density >= 1.0:
         return x
-    keep = torch.stack([torch.rand(x.shape[1:], generator=g) < density for g in generators])
+    keep = torch.stack([torch.rand(x.shape[1:], generator=g) < density for g in generators]).to(x.device)
     return torch.where(keep, x / density, torch.zeros((), dtype=x.dtype))
 
 
@@ -116,7 +116,7 @@ def della(x: torch.Tensor, density: float, epsilon: float, generators: list[torc
     p = density - epsilon + 2 * epsilon * (rank / max(cols - 1, 1))
     if cols == 1:
         p = torch.full_like(p, density)
-    u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=torch.float64) for g in generators])
+    u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=torch.float64) for g in generators]).to(x.device)
     return torch.where(u < p, (x.double() / p).to(x.dtype), torch.zeros((), dtype=x.dtype))
 
 
