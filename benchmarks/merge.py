@@ -42,7 +42,9 @@ def _peak_mb() -> float:
 def _child(target, args, queue):
     import torch
 
-    torch.set_num_threads(2)
+    # One thread per process: on the shared, loaded 2-core machine OpenMP threads contend (a 14336×32 QR ran
+    # 24× slower with 2 threads than with 1 at load average 13). Same setting for lorakit and PEFT.
+    torch.set_num_threads(1)
     try:
         queue.put(("ok", target(*args), _peak_mb()))
     except Exception as e:  # reported, not hidden
@@ -84,6 +86,8 @@ def generate(folder: str, layers: int, count: int) -> list[str]:
 
 def lorakit_merge(paths, method, subset, params):
     """Merge in memory (no file written); returns seconds and the per-module errors."""
+    import torch
+
     from lorakit.pipeline import plan_merge, run_merge
 
     t0 = time.perf_counter()
@@ -92,7 +96,7 @@ def lorakit_merge(paths, method, subset, params):
     if subset:
         plan.modules = [m for m in plan.modules if m.rsplit(".", 1)[-1] in subset and ".layers.0." in m]
         plan.infos = {m: plan.infos[m] for m in plan.modules} if plan.infos else None
-    run = run_merge(plan)
+    run = run_merge(plan, dtype=torch.float32)  # compare in float32, as PEFT computes
     merged = {m: run.adapter[m] for m in plan.modules}
     seconds = time.perf_counter() - t0
     return seconds, {m: run.results[m].error for m in merged}, {m: (merged[m].A.float().numpy(),
@@ -158,7 +162,9 @@ def peft_merge(paths, combination, subset, density):
 def end_to_end(paths, out):
     lk = str(Path(sys.executable).with_name("lorakit"))
     t0 = time.perf_counter()
-    proc = subprocess.run([lk, "merge", paths[0], paths[1], "-o", out, "-q"], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([lk, "merge", paths[0], paths[1], "-o", out, "-q"], capture_output=True, text=True,
+                          env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(proc.stderr)

@@ -238,7 +238,8 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
         inputs = []
         for i in idx:
             f = plan.adapters[i][m]
-            f.check_finite(file=plan.labels[i], module=m)
+            if plan.adapters[i].meta.source_path is None:  # file readers check already, naming the file
+                f.check_finite(file=plan.labels[i], module=m)
             inputs.append(f.to(device=device))
         kwargs = dict(plan.params)
         if _accepts(spec, "rank_rule"):
@@ -250,10 +251,10 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
         except (ShapeMismatchError, NumericalError) as e:
             raise type(e)(e.message, module=m, hint=e.hint) from e
         f = res.factors
+        f.check_finite(module=m)
         out_dtype = dtype or inputs[0].dtype
         f = f.with_(A=f.A.to(device="cpu", dtype=out_dtype), B=f.B.to(device="cpu", dtype=out_dtype),
                     magnitude=None, extras={})
-        f.check_finite(module=m)
         results[m] = res
         if plan.infos is not None and f.rank != plan.infos[m].rank:
             raise NumericalError(f"{spec.name} produced rank {f.rank}, planned {plan.infos[m].rank}", module=m)
