@@ -112,8 +112,9 @@ class LoraFactors:
         root = math.sqrt(abs(self.scale))
         sign = -1.0 if self.scale < 0 else 1.0
         dt = dtype or self.dtype
+        work = torch.promote_types(torch.float32, self.dtype)  # float64 factors stay float64
         return self.with_(
-            A=(self.A.to(torch.float32) * root).to(dt), B=(self.B.to(torch.float32) * (root * sign)).to(dt), scale=1.0
+            A=(self.A.to(work) * root).to(dt), B=(self.B.to(work) * (root * sign)).to(dt), scale=1.0
         )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraFactors:

@@ -146,3 +146,5 @@ def _load_builtins() -> None:
 
 
 __all__ = ["MergeResult", "OperatorSpec", "available", "register", "resolve"]
+
+BUILTIN_MODULES += ["lorakit.ops.merge_exact", "lorakit.ops.merge_delta", "lorakit.ops.knots"]

@@ -1,0 +1,123 @@
+"""Similarity between adapters in factored form: inner products, cosines and norm ratios, no dense ΔW.
+
+For ``ΔW_a = s_a B_a A_a`` and ``ΔW_b = s_b B_b A_b``::
+
+    ⟨ΔW_a, ΔW_b⟩_F = s_a s_b · Σ (B_aᵀ B_b) ⊙ (A_a A_bᵀ)        O((out + in)·r_a·r_b)
+
+so the cosine ``⟨a, b⟩/(‖a‖‖b‖)`` per module and overall (inner products and squared norms summed over the
+common modules) cost no more than reading the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.adapter import Adapter
+from lorakit.errors import IncompatibleAdaptersError
+from lorakit.factors import LoraFactors
+
+
+def inner(a: LoraFactors, b: LoraFactors) -> float:
+    """``⟨ΔW_a, ΔW_b⟩_F`` in factored form (float64)."""
+    Ba, Aa, Bb, Ab = a.B.double(), a.A.double(), b.B.double(), b.A.double()
+    return a.scale * b.scale * float(((Ba.T @ Bb) * (Aa @ Ab.T)).sum())
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Pairwise facts about ``n`` adapters over their common modules.
+
+    Attributes:
+        names: the adapters' labels.
+        modules: the common module names.
+        gram: ``(n, n)`` summed inner products ``Σ_modules ⟨ΔW_i, ΔW_j⟩``.
+        per_module: module → ``(n, n)`` Gram matrix of that module.
+    """
+
+    names: list[str]
+    modules: list[str]
+    gram: torch.Tensor
+    per_module: dict[str, torch.Tensor]
+
+    @staticmethod
+    def _cos(g: torch.Tensor) -> torch.Tensor:
+        d = g.diagonal().clamp_min(0).sqrt()
+        denom = d.unsqueeze(0) * d.unsqueeze(1)
+        return torch.where(denom > 0, g / denom.clamp_min(1e-300), torch.zeros_like(g))
+
+    def cosine(self, module: str | None = None) -> torch.Tensor:
+        """``(n, n)`` cosine similarities, overall or of one module."""
+        return self._cos(self.gram if module is None else self.per_module[module])
+
+    def norms(self, module: str | None = None) -> torch.Tensor:
+        """``‖ΔW_i‖_F`` (overall: over all common modules)."""
+        g = self.gram if module is None else self.per_module[module]
+        return g.diagonal().clamp_min(0).sqrt()
+
+    def norm_ratio(self, module: str | None = None) -> torch.Tensor:
+        """``(n, n)`` matrix of ``‖ΔW_i‖/‖ΔW_j‖``."""
+        nrm = self.norms(module)
+        return nrm.unsqueeze(1) / nrm.unsqueeze(0).clamp_min(1e-300)
+
+
+def similarity(adapters: Sequence[Adapter], names: Sequence[str] | None = None) -> Similarity:
+    """Cosines and norms of ``adapters`` over their common modules, module by module (bounded memory).
+
+    Raises:
+        IncompatibleAdaptersError: no module in common, or a common module with different shapes.
+    """
+    names = list(names or [f"#{i}" for i in range(len(adapters))])
+    common = [m for m in adapters[0] if all(m in a for a in adapters[1:])]
+    if not common:
+        raise IncompatibleAdaptersError("the adapters have no module in common")
+    n = len(adapters)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    per: dict[str, torch.Tensor] = {}
+    for m in common:
+        shapes = {a.info(m).shape for a in adapters}
+        if len(shapes) > 1:
+            raise IncompatibleAdaptersError(f"shapes differ: {sorted(shapes)} (adapters for different base models?)",
+                                            module=m)
+        fs = [a[m] for a in adapters]
+        g = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                g[i, j] = g[j, i] = inner(fs[i], fs[j])
+        per[m] = g
+        gram += g
+    return Similarity(names, common, gram, per)
+
+
+def cosine(a: Adapter, b: Adapter) -> float:
+    """Overall cosine similarity of two adapters."""
+    return float(similarity([a, b]).cosine()[0, 1])
+
+
+__all__ = ["Similarity", "cosine", "inner", "similarity"]
+
+
+def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_pickle: bool = False):
+    """The ``lorakit similarity`` report: the cosine matrix, norms and norm ratios (and per module on request)."""
+    from lorakit.api import load
+    from lorakit.report import Report
+
+    if len(paths) < 2:
+        raise IncompatibleAdaptersError("give at least two adapters to compare")
+    sim = similarity([load(p, allow_pickle=allow_pickle) for p in paths], [str(p) for p in paths])
+    labels = [f"#{i}" for i in range(len(paths))]
+    cos, norms = sim.cosine(), sim.norms()
+    report = Report(f"cosine similarity over {len(sim.modules)} common modules",
+                    ["adapter", "‖ΔW‖_F", *labels])
+    for i, p in enumerate(paths):
+        report.add_row(f"{labels[i]} {p}", float(norms[i]), *[round(float(c), 6) for c in cos[i]])
+    ratio = sim.norm_ratio()
+    report.summary = {"norm_ratio_to_first": [round(float(ratio[i, 0]), 6) for i in range(len(paths))]}
+    if per_module:
+        report.columns = ["module", "cosine #0·#1", *[f"‖{lb}‖" for lb in labels]]
+        overall = report.rows
+        report.rows = [[m, float(sim.cosine(m)[0, 1]), *[float(x) for x in sim.norms(m)]] for m in sim.modules]
+        report.summary["overall_cosine"] = [[r[0], *r[2:]] for r in overall]
+    return report

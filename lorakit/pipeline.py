@@ -1,0 +1,348 @@
+"""The streaming merge pipeline: plan from headers, check compatibility, stream module by module, write, report.
+
+1. **Plan** (:func:`plan_merge`): open every input lazily (headers and configs only), resolve the operator and
+   validate its parameters, the weights and the rank rule, choose the module set (``exact``, ``union`` or
+   ``intersection``) and check that every module has one shape across inputs. Nothing is computed, so a
+   mismatch fails in milliseconds, and ``--dry-run`` prints this plan with a cost estimate.
+2. **Run** (:func:`run_merge`): the merged adapter is lazy: each module is read from the inputs, checked for
+   NaN/Inf, merged by the operator and cast to the output dtype when the writer asks for it, so peak memory is
+   a few modules (plus, for delta-space methods, one dense ``out × in`` result). When the output ranks depend
+   on the data (``--energy``/``--error``), modules are merged first and held (the output adapter's size).
+3. **Report**: per module the input ranks, the output rank, the relative error against the method's exact
+   target and the best error possible at that rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lorakit.adapter import Adapter, ModuleInfo
+from lorakit.api import default_output_format, load, save
+from lorakit.errors import IncompatibleAdaptersError, NumericalError, OperatorParameterError, ShapeMismatchError
+from lorakit.factors import LoraFactors
+from lorakit.io.atomic import check_output_path
+from lorakit.ops import _kernels
+from lorakit.ops.merge_delta import check_params
+from lorakit.ops.rank_rules import RankRule, rank_rule
+from lorakit.ops.registry import MergeResult, OperatorSpec, resolve
+from lorakit.provenance import make_provenance
+from lorakit.report import Report
+
+ModuleSet = Literal["exact", "union", "intersection"]
+FACTOR_RANK_EXACT = ("cat", "task_arithmetic")  # rank Σr_i when no rank rule is given
+
+
+@dataclass
+class MergePlan:
+    """Everything decided before any tensor is read."""
+
+    adapters: list[Adapter]
+    labels: list[str]
+    spec: OperatorSpec
+    weights: list[float]
+    params: dict[str, Any]
+    rule: RankRule | None
+    modules: list[str]
+    present: dict[str, list[int]]  # module → indices of the inputs that have it
+    infos: dict[str, ModuleInfo] | None  # output infos, when known before computing
+    notes: list[str] = field(default_factory=list)
+
+    def compatibility(self) -> Report:
+        """One row per input: format, base model, modules, ranks, scales, dtype, and module-set differences."""
+        report = Report(title=f"merge plan: {self.spec.name} of {len(self.adapters)} adapters, "
+                              f"{len(self.modules)} modules",
+                        columns=["input", "format", "base model", "modules", "ranks", "scales", "dtype", "weight",
+                                 "missing", "extra"])
+        wanted = set(self.modules)
+        for label, a, w in zip(self.labels, self.adapters, self.weights):
+            infos = a.infos().values()
+            scales = sorted({round(i.scale, 6) for i in infos})
+            report.add_row(Path(label).name, a.meta.source_format or "in-memory", a.meta.base_model, len(a), a.rank_summary(),
+                           scales[0] if len(scales) == 1 else f"{scales[0]}..{scales[-1]}",
+                           str(next(iter(infos)).dtype).replace("torch.", "") if len(a) else "-", w,
+                           len(wanted - set(a)), len(set(a) - wanted))
+        report.summary = {"method": self.spec.name, "parameters": _shown_params(self.params, self.rule),
+                          **self.cost()}
+        report.notes = list(self.notes)
+        return report
+
+    def cost(self) -> dict[str, Any]:
+        """A rough cost estimate from the shapes: floating-point operations and peak working memory."""
+        flops, peak = 0.0, 0
+        n = len(self.adapters)
+        for m in self.modules:
+            i0 = self.adapters[self.present[m][0]].info(m)
+            out, inn = i0.shape
+            R = sum(self.adapters[i].info(m).rank for i in self.present[m])
+            if self.spec.space == "delta":
+                K = int(self.rule.value) if self.rule and self.rule.kind == "rank" else R
+                # three passes form the task tiles (two for thresholds, one to merge), then six products
+                # of the merged matrix with K + 10 columns in the randomized SVD
+                flops += 2.0 * out * inn * (3 * R + 6 * (K + 10))
+                peak = max(peak, 4 * out * inn + 4 * n * _kernels.tile_rows(out, inn) * inn * 2)
+            else:
+                flops += 10.0 * (out + inn) * R * R + 20.0 * R**3
+                peak = max(peak, 4 * 4 * (out + inn) * R)
+        return {"estimated_gflop": flops / 1e9, "estimated_peak_working_mb": peak / 2**20}
+
+
+def _shown_params(params: Mapping[str, Any], rule: RankRule | None) -> str:
+    shown = {k: v for k, v in params.items() if k not in ("module", "rank_rule")}
+    if rule is not None:
+        shown["rank rule"] = str(rule)
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
+
+
+def _accepts(spec: OperatorSpec, name: str) -> bool:
+    return name in spec.params
+
+
+def plan_merge(
+    inputs: Sequence[str | Path | Adapter],
+    weights: Sequence[float] | None = None,
+    method: str = "cat",
+    *,
+    params: Mapping[str, Any] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    error: float | None = None,
+    module_set: ModuleSet = "exact",
+    allow_pickle: bool = False,
+) -> MergePlan:
+    """Open the inputs lazily and decide everything: operator, parameters, weights, modules, output ranks.
+
+    Raises:
+        UnknownOperatorError: ``method`` is not registered (with the nearest name).
+        OperatorParameterError: weights count ≠ inputs, a parameter out of range, a rank rule for an exact method.
+        IncompatibleAdaptersError: module sets differ (and ``module_set`` is ``exact``).
+        ShapeMismatchError: a module's shape differs between inputs (adapters for different base models).
+    """
+    spec = resolve(method)
+    if not inputs:
+        raise OperatorParameterError("give at least one adapter to merge")
+    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(inputs):
+        raise OperatorParameterError(f"{len(weights)} weights for {len(inputs)} inputs; give one weight per input",
+                                     parameter="weights")
+    if not all(math.isfinite(w) for w in weights):
+        raise OperatorParameterError(f"weights must be finite, got {weights}", parameter="weights")
+    params = spec.validate({k: v for k, v in (params or {}).items() if v is not None})
+    check_params(**params)
+    rule = rank_rule(rank=rank, energy=energy, error=error)
+    if rule is not None and not _accepts(spec, "rank_rule"):
+        raise OperatorParameterError(f"{spec.name} is exact and keeps rank Σr; use --method svd to choose a rank",
+                                     parameter="rank")
+    labels = [str(x) if not isinstance(x, Adapter) else (x.meta.source_path or f"#{i}")
+              for i, x in enumerate(inputs)]
+    adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=allow_pickle) for x in inputs]
+    modules, present, notes = _module_set(adapters, labels, module_set)
+    _check_shapes(adapters, labels, modules, present)
+    bases = {a.meta.base_model for a in adapters if a.meta.base_model}
+    if len(bases) > 1:
+        notes.append(f"the inputs name different base models ({', '.join(sorted(bases))}); shapes match, "
+                     "so the merge proceeds")
+    plan = MergePlan(adapters, labels, spec, weights, params, rule, modules, present, None, notes)
+    plan.infos = _predicted_infos(plan)
+    return plan
+
+
+def _module_set(adapters: list[Adapter], labels: list[str], mode: ModuleSet):
+    order: list[str] = []
+    seen: set[str] = set()
+    for a in adapters:
+        for m in a:
+            if m not in seen:
+                seen.add(m)
+                order.append(m)
+    in_all = [m for m in order if all(m in a for a in adapters)]
+    notes: list[str] = []
+    if mode == "exact" and len(in_all) != len(order):
+        for label, a in zip(labels, adapters):
+            missing = [m for m in order if m not in a]
+            if missing:
+                raise IncompatibleAdaptersError(
+                    f"module sets differ: {len(missing)} module(s) missing here, e.g. {missing[0]}", file=label,
+                    missing=missing[:5],
+                )
+    modules = in_all if mode == "intersection" else order
+    if not modules:
+        raise IncompatibleAdaptersError("the adapters have no module in common", hint="check that they target "
+                                        "the same base model, or pass --union")
+    if len(modules) != len(order):
+        notes.append(f"--intersection: {len(order) - len(modules)} module(s) not in every input were left out")
+    elif len(in_all) != len(order):
+        notes.append(f"--union: {len(order) - len(in_all)} module(s) are merged from the inputs that have them")
+    present = {m: [i for i, a in enumerate(adapters) if m in a] for m in modules}
+    return modules, present, notes
+
+
+def _check_shapes(adapters: list[Adapter], labels: list[str], modules: list[str], present) -> None:
+    for m in modules:
+        idx = present[m]
+        first = adapters[idx[0]].info(m)
+        for i in idx[1:]:
+            info = adapters[i].info(m)
+            if info.shape != first.shape or info.kind != first.kind:
+                raise ShapeMismatchError(
+                    f"shape {info.shape} here but {first.shape} in {labels[idx[0]]} "
+                    "(adapters for different base models?)", file=labels[i], module=m,
+                )
+
+
+def _predicted_infos(plan: MergePlan) -> dict[str, ModuleInfo] | None:
+    """Output module infos when the output ranks follow from the headers; ``None`` when they need the data."""
+    out: dict[str, ModuleInfo] = {}
+    name = plan.spec.name
+    for m in plan.modules:
+        infos = [plan.adapters[i].info(m) for i in plan.present[m]]
+        total = sum(i.rank for i in infos)
+        shape = infos[0].shape
+        if plan.rule is None and name in FACTOR_RANK_EXACT:
+            r = total
+        elif plan.rule is None and plan.spec.space == "delta":
+            r = min(max(i.rank for i in infos), *shape)
+        elif plan.rule is None and name == "svd":
+            r = min(max(i.rank for i in infos), total, *shape)
+        elif plan.rule is not None and plan.rule.kind == "rank" and plan.spec.space == "delta":
+            r = min(int(plan.rule.value), *shape)
+        elif plan.rule is not None and plan.rule.kind == "rank" and name in ("svd", "task_arithmetic"):
+            r = min(int(plan.rule.value), total, *shape)
+        else:
+            return None
+        out[m] = ModuleInfo(m, shape[0], shape[1], r, 1.0, infos[0].dtype, infos[0].kind, infos[0].kernel)
+    return out
+
+
+@dataclass
+class MergeRun:
+    """The lazy merged adapter and the per-module results, filled in as modules are computed."""
+
+    plan: MergePlan
+    adapter: Adapter
+    results: dict[str, MergeResult]
+
+
+def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MergeRun:
+    """The merged adapter, lazy where the output ranks are known (see the module docstring)."""
+    results: dict[str, MergeResult] = {}
+    spec = plan.spec
+
+    def one(m: str) -> LoraFactors:
+        idx = plan.present[m]
+        inputs = []
+        for i in idx:
+            f = plan.adapters[i][m]
+            if plan.adapters[i].meta.source_path is None:  # file readers check already, naming the file
+                f.check_finite(file=plan.labels[i], module=m)
+            inputs.append(f.to(device=device))
+        kwargs = dict(plan.params)
+        if _accepts(spec, "rank_rule"):
+            kwargs["rank_rule"] = plan.rule
+        if _accepts(spec, "module"):
+            kwargs["module"] = m
+        try:
+            res: MergeResult = spec.fn(inputs, [plan.weights[i] for i in idx], **kwargs)
+        except (ShapeMismatchError, NumericalError) as e:
+            raise type(e)(e.message, module=m, hint=e.hint) from e
+        f = res.factors
+        f.check_finite(module=m)
+        out_dtype = dtype or inputs[0].dtype
+        f = f.with_(A=f.A.to(device="cpu", dtype=out_dtype), B=f.B.to(device="cpu", dtype=out_dtype),
+                    magnitude=None, extras={})
+        results[m] = res
+        if plan.infos is not None and f.rank != plan.infos[m].rank:
+            raise NumericalError(f"{spec.name} produced rank {f.rank}, planned {plan.infos[m].rank}", module=m)
+        return f
+
+    meta = plan.adapters[0].meta.with_(passthrough={}, notes=())
+    if plan.infos is not None:
+        infos = {m: replace(i, dtype=dtype or i.dtype) for m, i in plan.infos.items()}
+        adapter = Adapter({m: (lambda m=m: one(m)) for m in plan.modules}, meta, infos)
+    else:
+        adapter = Adapter({m: one(m) for m in plan.modules}, meta)
+    return MergeRun(plan, adapter, results)
+
+
+def merge_adapters(
+    adapters: Sequence[str | Path | Adapter], weights: Sequence[float] | None = None, method: str = "cat", *,
+    rank: int | None = None, energy: float | None = None, error: float | None = None,
+    module_set: ModuleSet = "exact", dtype: torch.dtype | None = None, **params: Any,
+) -> tuple[Adapter, dict[str, MergeResult]]:
+    """Merge in memory (Python API): the merged adapter (fully computed) and the per-module results.
+
+    >>> merged, results = merge_adapters([a, b], [0.5, 0.5], "ties", density=0.3, rank=16)   # doctest: +SKIP
+    """
+    plan = plan_merge(adapters, weights, method, params=params, rank=rank, energy=energy, error=error,
+                      module_set=module_set)
+    run = run_merge(plan, dtype=dtype)
+    merged = run.adapter.materialize()
+    return merged, run.results
+
+
+def merge(
+    inputs: Sequence[str | Path],
+    output: str | Path | None,
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "cat",
+    params: Mapping[str, Any] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    error: float | None = None,
+    module_set: ModuleSet = "exact",
+    to_format: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+) -> Report:
+    """``lorakit merge``: plan, then (unless ``dry_run``) stream the merge into ``output``; returns the report."""
+    if output is not None:
+        check_output_path(output, list(inputs))
+    plan = plan_merge(inputs, weights, method, params=params, rank=rank, energy=energy, error=error,
+                      module_set=module_set, allow_pickle=allow_pickle)
+    if dry_run:
+        return plan.compatibility()
+    if output is None:
+        raise OperatorParameterError("give an output path with -o")
+    from lorakit.device import resolve_device
+
+    run = run_merge(plan, dtype=dtype, device=resolve_device(device))
+    prov = make_provenance("merge", {"method": plan.spec.name, "weights": plan.weights,
+                                     "parameters": _shown_params(plan.params, plan.rule)}, list(inputs))
+    fmt = to_format or default_output_format(plan.adapters[0])
+    save(run.adapter, output, format=fmt, provenance=prov, inputs=tuple(inputs))
+    return merge_report(run, output, fmt)
+
+
+def merge_report(run: MergeRun, output: str | Path, fmt: str) -> Report:
+    plan = run.plan
+    report = Report(title=f"merged {len(plan.adapters)} adapters with {plan.spec.name} → {output} ({fmt})",
+                    columns=["module", "ranks in", "rank out", "error", "best error"])
+    errors = []
+    for m in plan.modules:
+        res = run.results[m]
+        ranks_in = "+".join(str(plan.adapters[i].info(m).rank) for i in plan.present[m])
+        report.add_row(m, ranks_in, res.factors.rank, res.error, res.best_error)
+        errors.append(res.error)
+    report.summary = {
+        "method": plan.spec.name, "weights": plan.weights, "parameters": _shown_params(plan.params, plan.rule),
+        "modules": len(plan.modules), "max_error": max(errors) if errors else 0.0,
+        "mean_error": sum(errors) / len(errors) if errors else 0.0, "output": str(output), "format": fmt,
+    }
+    report.notes = list(plan.notes)
+    if not plan.spec.exact and plan.spec.space == "delta":
+        report.notes.append("error is relative to the method's dense result; the best error at that rank needs a "
+                            "dense SVD and is not computed")
+    if any(a.info(m).has_magnitude for a in plan.adapters for m in a if m in plan.present):
+        report.notes.append("DoRA magnitudes cannot be merged and were dropped")
+    return report
+
+
+__all__ = ["MergePlan", "MergeRun", "merge", "merge_adapters", "plan_merge", "run_merge"]

@@ -1,0 +1,140 @@
+"""Delta-space merges against float64 dense implementations of the papers' formulas (tests/merge/_ref.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.errors import OperatorParameterError
+from lorakit.ops import _kernels as K
+from lorakit.ops import merge_delta as D
+from lorakit.ops.rank_rules import rank_rule
+from lorakit.testing import random_factors
+
+from . import _ref
+
+F64 = torch.float64
+
+
+def make(out=30, inn=20, ranks=(3, 5, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [random_factors(out, inn, r, scale=s, generator=g, dtype=F64) for r, s in zip(ranks, (0.5, 2.0, 1.0))]
+
+
+def taus(fs, ws):
+    return [w * f.delta(F64) for f, w in zip(fs, ws)]
+
+
+FULL = rank_rule(rank=20)  # min(shape): the randomized SVD then reproduces the dense result exactly
+
+
+@pytest.fixture(params=[False, True], ids=["one-tile", "many-tiles"])
+def tiling(request, monkeypatch):
+    if request.param:  # 3 rows per tile: thresholds and merges must not depend on the tiling
+        monkeypatch.setattr(K, "TILE_ELEMENTS", 60)
+    return request.param
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.75, 1.0])
+def test_ties_matches_the_paper(density, tiling):
+    fs, ws = make(), [0.7, -0.4, 1.1]
+    got = D.ties(fs, ws, density=density, lam=0.8, rank_rule=FULL)
+    want = 0.8 * _ref.ties(taus(fs, ws), density)
+    torch.testing.assert_close(got.factors.delta(F64), want, rtol=1e-8, atol=1e-10)
+    assert got.error < 1e-7
+
+
+def test_magnitude_prune_and_breadcrumbs_match_the_formulas(tiling):
+    fs, ws = make(), [1.0, 0.5, -0.5]
+    got = D.magnitude_prune(fs, ws, density=0.25, rank_rule=FULL).factors.delta(F64)
+    torch.testing.assert_close(got, _ref.magnitude_prune(taus(fs, ws), 0.25), rtol=1e-8, atol=1e-10)
+    got = D.breadcrumbs(fs, ws, density=0.6, gamma=0.05, rank_rule=FULL).factors.delta(F64)
+    torch.testing.assert_close(got, _ref.breadcrumbs(taus(fs, ws), 0.6, 0.05), rtol=1e-8, atol=1e-10)
+
+
+def _masks(shape, density, seed, n, module):
+    """The Bernoulli keep masks, drawn tile by tile with the documented per-(task, module, tile) RNG."""
+    rows = K.tile_rows(*shape)
+    out = []
+    for i in range(n):
+        parts = [torch.rand(min(rows, shape[0] - r0), shape[1], generator=K.tile_generator(seed, i, module, r0))
+                 < density for r0 in range(0, shape[0], rows)]
+        out.append(torch.cat(parts))
+    return out
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_matches_the_formula(method, tiling):
+    fs, ws, d = make(), [0.7, -0.4, 1.1], 0.4
+    got = getattr(D, method)(fs, ws, density=d, seed=3, module="m", rank_rule=FULL).factors.delta(F64)
+    dropped = [m * t / d for m, t in zip(_masks((30, 20), d, 3, 3, "m"), taus(fs, ws))]
+    want = sum(dropped) if method == "dare_linear" else _ref._disjoint(torch.stack(dropped))
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_della_matches_the_formula():
+    fs, ws, d, eps = make(), [0.7, -0.4, 1.1], 0.5, 0.2
+    got = D.della(fs, ws, density=d, epsilon=eps, seed=1, module="m", rank_rule=FULL).factors.delta(F64)
+    kept = []
+    for i, t in enumerate(taus(fs, ws)):
+        ranks = torch.empty_like(t)
+        for r in range(t.shape[0]):  # rank of |τ| inside its row, 0 = smallest
+            ranks[r, t[r].abs().argsort()] = torch.arange(t.shape[1], dtype=F64)
+        p = d - eps + 2 * eps * ranks / (t.shape[1] - 1)
+        u = torch.rand(t.shape, generator=K.tile_generator(1, i, "m", 0), dtype=F64)
+        kept.append(torch.where(u < p, t / p, 0.0))
+    torch.testing.assert_close(got, _ref._disjoint(torch.stack(kept)), rtol=1e-8, atol=1e-10)
+
+
+def test_dare_is_unbiased_and_seeded():
+    (f,) = make(ranks=(4,))
+    runs = [D.dare_linear([f], [1.0], density=0.3, seed=s, rank_rule=FULL).factors.delta(F64) for s in range(400)]
+    mean = torch.stack(runs).mean(0)
+    assert float((mean - f.delta(F64)).norm() / f.delta(F64).norm()) < 0.15  # Monte-Carlo mean → τ
+    again = D.dare_linear([f], [1.0], density=0.3, seed=7, rank_rule=FULL).factors
+    assert torch.equal(again.A, D.dare_linear([f], [1.0], density=0.3, seed=7, rank_rule=FULL).factors.A)
+    assert not torch.equal(runs[0], runs[1])
+
+
+def test_ties_full_density_unanimous_entries_get_the_plain_mean_and_order_does_not_matter():
+    g = torch.Generator().manual_seed(2)
+    base = random_factors(12, 9, 3, generator=g, dtype=F64)
+    fs = [base.scaled(1.0), base.scaled(3.0)]  # same signs everywhere
+    got = D.ties(fs, [1.0, 1.0], density=1.0, rank_rule=rank_rule(rank=9)).factors.delta(F64)
+    torch.testing.assert_close(got, 2.0 * base.delta(F64), rtol=1e-9, atol=1e-11)
+    more = make(out=12, inn=9)
+    a = D.ties(more, [1, 2, 3], density=0.4, rank_rule=rank_rule(rank=9)).factors.delta(F64)
+    b = D.ties(more[::-1], [3, 2, 1], density=0.4, rank_rule=rank_rule(rank=9)).factors.delta(F64)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_kth_largest_is_exact_across_tiles(monkeypatch):
+    monkeypatch.setattr(K, "TILE_ELEMENTS", 100)
+    x = torch.randn(3, 50, 40, generator=torch.Generator().manual_seed(0), dtype=F64)
+    rows = K.tile_rows(50, 40)
+    tiles = lambda: ((r0, x[:, r0:r0 + rows]) for r0 in range(0, 50, rows))  # noqa: E731
+    ks = torch.tensor([[1, 17, 1999], [0, 2000, 600], [5, 5, 3000]])
+    got = K.kth_largest_abs(tiles, ks, x.abs().flatten(1).max(1).values * 2)
+    for i in range(3):
+        s = x[i].abs().flatten().sort(descending=True).values
+        for j in range(3):
+            k = int(ks[i, j])
+            want = float("inf") if k <= 0 else (0.0 if k >= 2000 else float(s[k - 1]))
+            assert float(got[i, j]) == want
+
+
+def test_rank_rules_and_reported_error_are_exact():
+    fs, ws = make(), [1.0, 1.0, 1.0]
+    full = D.ties(fs, ws, density=0.3, rank_rule=FULL).factors.delta(F64)
+    for rule in (rank_rule(rank=4), rank_rule(error=0.3), rank_rule(energy=0.8)):
+        res = D.ties(fs, ws, density=0.3, rank_rule=rule)
+        err = float((res.factors.delta(F64) - full).norm() / full.norm())
+        assert res.error == pytest.approx(err, rel=1e-6)
+        assert err >= float((_ref.svd_truncate(full, res.factors.rank) - full).norm() / full.norm()) - 1e-12
+    assert D.ties(fs, ws, density=0.3, rank_rule=rank_rule(error=0.3)).error <= 0.3 + 1e-9
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_density_outside_the_unit_interval_is_refused(bad):
+    with pytest.raises(OperatorParameterError, match="density"):
+        D.ties(make(), [1, 1, 1], density=bad)
