@@ -154,7 +154,7 @@ def resize_report(rows: list[ModuleResize], title: str) -> Report:
     lost = sum((r.rel_error * r.norm) ** 2 for r in rows)
     p_in, p_out = sum(r.params_in for r in rows), sum(r.params_out for r in rows)
     report.summary = {
-        "modules": len(rows),
+        "module_count": len(rows),
         "parameters_before": p_in,
         "parameters_after": p_out,
         "parameter_ratio": p_out / p_in if p_in else 1.0,
@@ -195,7 +195,7 @@ def resize_file(
                         columns=["module", "out x in", "rank in"])
         for n, i in infos.items():
             report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
-        report.summary = {"modules": len(infos), "parameters_before": adapter.num_params}
+        report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
         return report
     resized, rows = resize(adapter, rule, budget=budget, expand=expand, device=resolve_device(device))
     if dtype is not None:

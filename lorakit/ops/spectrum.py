@@ -42,7 +42,7 @@ def spectrum_report(adapter: Adapter, *, device: torch.device | str = "cpu", ful
         total_params += info.num_params
         kept90 += r90 * (info.out_features + info.in_features)
     report.summary = {
-        "modules": len(report.rows),
+        "module_count": len(report.rows),
         "parameters": total_params,
         "parameters_at_90pct_energy": kept90,
     }
