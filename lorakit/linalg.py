@@ -79,6 +79,20 @@ class SVD:
         return (self.U * self.S.unsqueeze(-2)) @ self.Vh
 
 
+def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair ``(u_j, v_j)`` so that the largest-magnitude entry of ``u_j`` is positive.
+
+    Singular vectors are defined up to a joint sign; fixing it makes the canonical form reproducible
+    (resizing a canonical adapter returns the same factors, not sign-flipped ones). Batched; O(out·k).
+    """
+    if U.shape[-1] == 0:
+        return U, Vh
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # (…, 1, k)
+    sign = torch.gather(U, -2, idx).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, Vh * sign.transpose(-1, -2)
+
+
 def _qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.qr(x, mode="reduced")
 
@@ -116,9 +130,8 @@ def factored_svd(
     wide = torch.float64
     core = Rb.to(wide) @ Ra.to(wide).transpose(-1, -2)
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
-    U = (Qb.to(wide) @ Uc).to(dt)
-    Vh = (Vhc @ Qa.to(wide).transpose(-1, -2)).to(dt)
-    return SVD(U, S.to(dt), Vh)
+    U, Vh = fix_signs(Qb.to(wide) @ Uc, Vhc @ Qa.to(wide).transpose(-1, -2))
+    return SVD(U.to(dt), S.to(dt), Vh.to(dt))
 
 
 def svd_of(f: LoraFactors, *, dtype: torch.dtype | None = None) -> SVD:
@@ -193,7 +206,8 @@ def randomized_svd(
     Bt = rmatmul(Q)  # (in, k) = (Qᵀ M)ᵀ
     Ub, S, Vh = torch.linalg.svd(Bt.T, full_matrices=False)
     r = min(rank, S.shape[-1])
-    return SVD((Q @ Ub)[:, :r], S[:r], Vh[:r])
+    U, Vh = fix_signs((Q @ Ub)[:, :r], Vh[:r])
+    return SVD(U, S[:r], Vh)
 
 
 # ---- batched factored SVD over an adapter's modules -------------------------------------------------------
