@@ -4,7 +4,8 @@ The plan is checked from headers alone before any weight is read: every adapter 
 tensor (``<module>.weight``; see :func:`weight_key`) whose shape fits the module's ΔW in its layer's
 orientation:
 
-- linear: ``W (out, in)`` gets ΔW; with PEFT ``fan_in_fan_out`` (GPT-2 ``Conv1D``) ``W (in, out)`` gets ΔWᵀ;
+- linear: ``W (out, in)`` gets ΔW; with PEFT ``fan_in_fan_out`` (GPT-2 ``Conv1D``) ``W (in, out)`` gets ΔWᵀ
+  (a non-square ``(out, in)`` weight stays a Linear, as in PEFT);
 - embedding: ``W (num_embeddings, dim)`` gets ΔWᵀ (PEFT's embedding LoRA has ``A (r, num_embeddings)``);
 - conv: ``W (out, in, kh, kw)`` gets ΔW reshaped from the flattened ``(out, in·kh·kw)``.
 
@@ -67,7 +68,9 @@ def place(info: ModuleInfo, key: str, shape: tuple[int, ...], *, fan_in_fan_out:
             raise ShapeMismatchError(f"conv ΔW is {out}x{inn} (flattened) but {key} has shape {list(shape)}",
                                      file=file, module=info.name)
         return Placement(info.name, key, False, shape)
-    elif fan_in_fan_out:
+    elif fan_in_fan_out and not (tuple(shape) == (out, inn) and out != inn):
+        # PEFT's fan_in_fan_out is global, but it resets the flag for nn.Linear targets: a non-square
+        # (out, in) weight is a Linear; a square one is ambiguous and the config decides.
         expected, transpose = (inn, out), True
     else:
         expected, transpose = (out, inn), False
