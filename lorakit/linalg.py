@@ -222,43 +222,89 @@ def group_by_shape(infos: Mapping[str, ModuleInfo]) -> dict[ShapeKey, list[str]]
     return groups
 
 
+def _stacked_batches(
+    adapter: Adapter, names: Sequence[str] | None, device: torch.device | str | None, dtype: torch.dtype | None,
+    max_batch_bytes: int,
+) -> Iterator[tuple[list[str], list[LoraFactors], torch.Tensor, torch.Tensor, tuple[int, int]]]:
+    """Same-shaped modules stacked: ``(names, factors, B (n, out, r) scale folded in, A (n, r, in), (out, in))``."""
+    infos = adapter.infos()
+    wanted = list(adapter) if names is None else list(names)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    for (out, inn, r), group in group_by_shape({n: infos[n] for n in wanted}).items():
+        dt = dtype or (torch.float64 if any(infos[n].dtype == torch.float64 for n in group) else torch.float32)
+        # the QRs and the float64 rotations hold a few copies of the stacked factors
+        per_module = max(1, 4 * (out + inn) * max(r, 1) * torch.finfo(dt).bits // 8)
+        step = max(1, max_batch_bytes // per_module)
+        for start in range(0, len(group), step):
+            chunk = group[start:start + step]
+            fs = [adapter[n] for n in chunk]
+            B = torch.stack([f.B.to(dev, dt) * f.scale for f in fs])
+            A = torch.stack([f.A.to(dev, dt) for f in fs])
+            yield chunk, fs, B, A, (out, inn)
+
+
 def adapter_svds(
     adapter: Adapter,
     names: Sequence[str] | None = None,
     *,
     device: torch.device | str | None = "cpu",
     dtype: torch.dtype | None = None,
-    max_batch_bytes: int = 256 << 20,
+    max_batch_bytes: int = 64 << 20,
 ) -> Iterator[tuple[str, SVD]]:
     """Exact thin SVDs of every module's ``scale·B @ A``, batched over modules of the same shape.
 
     Modules with equal ``(out, in, rank)`` are stacked (``B (n, out, r)``, ``A (n, r, in)``, scale folded into B)
-    and go through one batched :func:`factored_svd` on ``device``; batches are cut so that the stacked
-    factors stay under ``max_batch_bytes``. Results come back on CPU, in ``names`` order within each shape
-    group (groups in first-seen order), one module at a time, so memory stays at one batch.
+    and go through one batched :func:`factored_svd` on ``device``; batches are cut so that the work stays under
+    about ``max_batch_bytes``. Results come back on CPU, grouped by shape (groups in first-seen order, ``names``
+    order within a group), one module at a time, so memory stays at one batch.
 
     Cost: O((out + in)·r² + r³) per module, no dense ΔW.
     """
-    infos = adapter.infos()
-    wanted = list(adapter) if names is None else list(names)
-    dev = torch.device("cpu") if device is None else torch.device(device)
-    for (out, inn, r), group in group_by_shape({n: infos[n] for n in wanted}).items():
-        dt = dtype or (torch.float64 if any(infos[n].dtype == torch.float64 for n in group) else torch.float32)
-        per_module = max(1, (out + inn) * max(r, 1) * torch.finfo(dt).bits // 8)
-        step = max(1, max_batch_bytes // per_module)
-        for start in range(0, len(group), step):
-            chunk = group[start:start + step]
-            if r == 0:  # an empty module has an empty spectrum
-                for n in chunk:
-                    yield n, SVD(torch.zeros(out, 0, dtype=dt), torch.zeros(0, dtype=dt), torch.zeros(0, inn, dtype=dt))
-                continue
-            fs = [adapter[n] for n in chunk]
-            B = torch.stack([f.B.to(dev, dt) * f.scale for f in fs])
-            A = torch.stack([f.A.to(dev, dt) for f in fs])
-            svd = factored_svd(B, A, dtype=dt)
-            U, S, Vh = svd.U.cpu(), svd.S.cpu(), svd.Vh.cpu()
-            for i, n in enumerate(chunk):
-                yield n, SVD(U[i], S[i], Vh[i])
+    for name, svd, _ in adapter_svds_with_factors(adapter, names, device=device, dtype=dtype,
+                                                  max_batch_bytes=max_batch_bytes):
+        yield name, svd
+
+
+def adapter_svds_with_factors(
+    adapter: Adapter,
+    names: Sequence[str] | None = None,
+    *,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = None,
+    max_batch_bytes: int = 64 << 20,
+) -> Iterator[tuple[str, SVD, LoraFactors]]:
+    """:func:`adapter_svds`, also yielding each module's factors as read (so a caller reads the file once)."""
+    for chunk, fs, B, A, (out, inn) in _stacked_batches(adapter, names, device, dtype, max_batch_bytes):
+        if B.shape[-1] == 0:  # an empty module has an empty spectrum
+            for n, f in zip(chunk, fs):
+                yield n, SVD(B.new_zeros(out, 0).cpu(), B.new_zeros(0).cpu(), B.new_zeros(0, inn).cpu()), f
+            continue
+        svd = factored_svd(B, A, dtype=B.dtype)
+        del B, A
+        U, S, Vh = svd.U.cpu(), svd.S.cpu(), svd.Vh.cpu()
+        for i, (n, f) in enumerate(zip(chunk, fs)):
+            yield n, SVD(U[i], S[i], Vh[i]), f
+
+
+def adapter_spectra(
+    adapter: Adapter,
+    names: Sequence[str] | None = None,
+    *,
+    device: torch.device | str | None = "cpu",
+    max_batch_bytes: int = 64 << 20,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Singular values only (float64, descending) of every module's ``scale·B @ A``, batched like
+    :func:`adapter_svds` but without forming the singular vectors: σ(ΔW) = σ(R_B R_Aᵀ)."""
+    for chunk, _, B, A, _ in _stacked_batches(adapter, names, device, None, max_batch_bytes):
+        if B.shape[-1] == 0:
+            for n in chunk:
+                yield n, torch.zeros(0, dtype=torch.float64)
+            continue
+        Rb = torch.linalg.qr(B, mode="r")[1]
+        Ra = torch.linalg.qr(A.transpose(-1, -2), mode="r")[1]
+        S = torch.linalg.svdvals(Rb.double() @ Ra.double().transpose(-1, -2)).cpu()
+        for i, n in enumerate(chunk):
+            yield n, S[i]
 
 
 def effective_rank(S: torch.Tensor) -> float:

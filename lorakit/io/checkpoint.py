@@ -129,8 +129,25 @@ class Checkpoint:
         return dict(self.shards[shard or next(iter(self.shards))].metadata)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (from its shard, memory-mapped)."""
-        return self.shards[self._where[name]].get(name)
+        """Read one tensor from its shard into a fresh buffer.
+
+        Plain reads, not a memory map: the pages of a mapped file that were touched stay in the process's
+        resident set until it is unmapped, so streaming a whole checkpoint through a map would make the
+        resident set grow to the checkpoint's size. With reads, memory is the tensor itself.
+        """
+        f = self.shards[self._where[name]]
+        info = f.info(name)
+        dtype = DTYPES[info.dtype][0]
+        if dtype is None:
+            raise CorruptFileError(f"tensor {name!r} has dtype {info.dtype}, which torch cannot hold", file=f.path)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            with open(f.path, "rb") as fh:
+                fh.seek(f.data_start + info.begin)
+                got = fh.readinto(memoryview(buf.numpy()))
+            if got != info.nbytes:
+                raise CorruptFileError(f"truncated while reading tensor {name!r}", file=f.path)
+        return buf.view(dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=dtype)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self._where:

@@ -25,7 +25,7 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import OperatorParameterError, RankError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, adapter_svds, check_rank
+from lorakit.linalg import SVD, adapter_spectra, adapter_svds_with_factors, check_rank
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 
@@ -120,29 +120,30 @@ def resize(
     """
     infos = adapter.infos()
     _check_rule(rule, budget, infos, expand)
-    svds: dict[str, SVD] = dict(adapter_svds(adapter, device=device))
-    if budget is not None:
-        ranks = allocate_budget({n: s.S for n, s in svds.items()},
-                                {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
-    else:
-        assert rule is not None
-        ranks = {n: rule.select(s.S) for n, s in svds.items()}
+    ranks: dict[str, int] = {}
+    if budget is not None:  # first pass: spectra only (no singular vectors), to allocate the budget
+        spectra = dict(adapter_spectra(adapter, device=device))
+        ranks = allocate_budget(spectra, {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
+    pad = int(rule.value) if expand and rule is not None else None
     modules: dict[str, LoraFactors] = {}
-    rows: list[ModuleResize] = []
-    for name in adapter:
-        svd, k, info = svds[name], ranks[name], infos[name]
-        pad = int(rule.value) if expand and rule is not None else None
-        f = truncated_factors(svd, k, adapter[name], expand_to=pad)
+    rows: dict[str, ModuleResize] = {}
+    # streamed: one batch of SVDs alive at a time, each module read once
+    for name, svd, original in adapter_svds_with_factors(adapter, device=device):
+        info = infos[name]
+        k = ranks[name] if budget is not None else rule.select(svd.S)  # type: ignore[union-attr]
+        f = truncated_factors(svd, k, original, expand_to=pad)
         modules[name] = f
         s2 = svd.S.double() ** 2
         total = float(s2.sum())
         kept = float(s2[:k].sum())
-        rows.append(ModuleResize(
+        rows[name] = ModuleResize(
             name, info.rank, f.rank, kept / total if total > 0 else 1.0,
             math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
             info.num_params, f.num_params, math.sqrt(total),
-        ))
-    return Adapter(modules, adapter.meta), rows
+        )
+    modules = {n: modules[n] for n in adapter}
+    rows_list = [rows[n] for n in adapter]
+    return Adapter(modules, adapter.meta), rows_list
 
 
 def resize_report(rows: list[ModuleResize], title: str) -> Report:

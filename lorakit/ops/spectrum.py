@@ -1,7 +1,7 @@
 """Per-module spectra of an adapter, exactly, from the factors: what ``lorakit inspect --spectrum`` shows.
 
 For each module the singular values of ``s·B @ A`` come from the batched QR-core SVD
-(:func:`lorakit.linalg.adapter_svds`), O((out + in)·r² + r³) per module and no dense ΔW. Alongside them: the
+(:func:`lorakit.linalg.adapter_spectra`: σ of the small core only), O((out + in)·r² + r³) per module and no dense ΔW. Alongside them: the
 Roy–Vetterli effective rank ``exp(H(σ/Σσ))`` and the ranks that keep 90% and 99% of ``Σσ²``.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.adapter import Adapter
-from lorakit.linalg import adapter_svds, effective_rank
+from lorakit.linalg import adapter_spectra, effective_rank
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 
@@ -18,9 +18,9 @@ SHOWN = 4  # leading singular values shown in the table (JSON has all)
 
 
 def spectra(adapter: Adapter, *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Module → singular values of its ΔW (descending, float32 or wider, on CPU), in the adapter's order."""
-    svds = {n: s.S for n, s in adapter_svds(adapter, device=device)}
-    return {n: svds[n] for n in adapter}
+    """Module → singular values of its ΔW (descending, float64, on CPU), in the adapter's order."""
+    found = dict(adapter_spectra(adapter, device=device))
+    return {n: found[n] for n in adapter}
 
 
 def spectrum_report(adapter: Adapter, *, device: torch.device | str = "cpu", full: bool = False) -> Report:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit.factors import LoraFactors
-from lorakit.linalg import adapter_svds, canonical, effective_rank, factored_svd, group_by_shape, randomized_svd, \
+from lorakit.linalg import adapter_spectra, adapter_svds, canonical, effective_rank, factored_svd, group_by_shape, randomized_svd, \
     svd_of
 from lorakit.testing import random_adapter, random_factors
 
@@ -114,10 +114,12 @@ def test_adapter_svds_batched_equals_one_by_one():
     shapes = {"a": (24, 16), "b": (24, 16), "c": (8, 16), "d": (24, 16)}
     ad = random_adapter(shapes, rank={"a": 4, "b": 4, "c": 4, "d": 6}, scale=0.3, decay=0.8, seed=7)
     assert group_by_shape(ad.infos()) == {(24, 16, 4): ["a", "b"], (8, 16, 4): ["c"], (24, 16, 6): ["d"]}
+    spectra = dict(adapter_spectra(ad, device="cpu"))
     got = dict(adapter_svds(ad, device="cpu", max_batch_bytes=1))  # batches of one
     got2 = dict(adapter_svds(ad, device="cpu"))
     for n in shapes:
         ref = torch.linalg.svdvals(ad[n].delta(torch.float64))
+        assert torch.allclose(spectra[n], ref[: spectra[n].numel()], atol=1e-6 * float(ref[0]))
         for g in (got, got2):
             assert torch.allclose(g[n].S.double(), ref[: g[n].rank], atol=1e-6 * float(ref[0]))
             assert torch.allclose(g[n].dense().double(), ad[n].delta(torch.float64), atol=1e-6 * float(ref[0]))
