@@ -48,12 +48,12 @@ def optimal_error(k: int) -> float:
     return math.sqrt(float(s2[k:].sum() / s2.sum()))
 
 
-def make_pair(root: Path, layers: int, shards: int, seed: int) -> tuple[Path, Path, int]:
+def make_pair(root: Path, layers: int, shards: int, seed: int, vocab: int = 128256) -> tuple[Path, Path, int]:
     """Write base/ and tuned/ (sharded, with index); returns their paths and the largest extracted tensor's bytes."""
     from lorakit.io.checkpoint import CheckpointWriter
 
     g = torch.Generator().manual_seed(seed)
-    names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (128256, 2048)}
+    names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, 2048)}
     for i in range(layers):
         names[f"model.layers.{i}.input_layernorm.weight"] = (2048,)
         for p, s in SHAPES.items():
@@ -127,13 +127,14 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks" / "rank.md"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     with tempfile.TemporaryDirectory(prefix="lorakit-extract-", dir=os.environ.get("TMPDIR")) as tmp:
         t0 = time.perf_counter()
-        base, tuned, largest = make_pair(Path(tmp), a.layers, a.shards, 0)
+        base, tuned, largest = make_pair(Path(tmp), a.layers, a.shards, 0, a.vocab)
         size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         print(f"wrote 2 × {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f}s", flush=True)
         idle = run_child(IDLE)

@@ -121,17 +121,20 @@ def factored_svd(
     dt = dtype or compute_dtype(*Bs, *As)  # type: ignore[arg-type]
     B = torch.cat([b.to(dt) * s for b, s in zip(Bs, scales)], dim=-1)
     A = torch.cat([a.to(dt) for a in As], dim=-2)
-    if not bool(torch.isfinite(B).all()) or not bool(torch.isfinite(A).all()):
-        raise NumericalError("non-finite values in the factors")
     Qb, Rb = _qr(B)
     Qa, Ra = _qr(A.transpose(-1, -2))
     # The core (≤ R×R) and the rotations of Q_B, Q_A are done in float64: negligible cost next to the QRs,
     # and it takes the float32 result from ~1e-6 to ~3e-7 of ‖ΔW‖ against a float64 dense SVD.
     wide = torch.float64
     core = Rb.to(wide) @ Ra.to(wide).transpose(-1, -2)
-    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
-    U, Vh = fix_signs(Qb.to(wide) @ Uc, Vhc @ Qa.to(wide).transpose(-1, -2))
-    return SVD(U.to(dt), S.to(dt), Vh.to(dt))
+    try:
+        Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
+    except torch.linalg.LinAlgError as e:  # raised for NaN/Inf on some backends
+        raise NumericalError("non-finite values in the factors") from e
+    if not bool(torch.isfinite(S).all()):  # NaN/Inf anywhere in the factors reaches the core's spectrum
+        raise NumericalError("non-finite values in the factors")
+    U, Vh = fix_signs((Qb.to(wide) @ Uc).to(dt), (Vhc @ Qa.to(wide).transpose(-1, -2)).to(dt))
+    return SVD(U, S.to(dt), Vh)
 
 
 def svd_of(f: LoraFactors, *, dtype: torch.dtype | None = None) -> SVD:

@@ -165,3 +165,15 @@ def test_effective_rank():
     assert effective_rank(torch.ones(5)) == pytest.approx(5.0)
     assert effective_rank(torch.zeros(3)) == 0.0
     assert effective_rank(2 * torch.tensor([3.0, 1.0])) == pytest.approx(effective_rank(torch.tensor([3.0, 1.0])))
+
+
+def test_non_finite_factors_are_refused():
+    from lorakit.errors import NumericalError
+
+    B, A = torch.randn(6, 2), torch.randn(2, 5)
+    B[3, 1] = float("nan")
+    with pytest.raises(NumericalError):
+        factored_svd(B, A)
+    A[0, 0], B[3, 1] = float("inf"), 1.0
+    with pytest.raises(NumericalError):
+        factored_svd(B, A)
