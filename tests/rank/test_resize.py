@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import lorakit
@@ -211,3 +213,15 @@ def test_peft_loads_resized_adapter_and_logits_match_dense_reference(tmp_path, c
         ref = reference(input_ids=ids).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(base(input_ids=ids).logits, ref, atol=1e-3)  # the adapter matters
+
+
+@settings(max_examples=15, deadline=None)
+@given(c=st.floats(0.01, 100), energy=st.floats(0.3, 1.0), seed=st.integers(0, 1000))
+def test_resize_commutes_with_scaling(c, energy, seed):
+    a = random_adapter({"x": (20, 12), "y": (9, 12)}, rank=5, decay=0.7, seed=seed, dtype=torch.float64)
+    r1, rows1 = resize(c * a, rank_rule(energy=energy))
+    r2, rows2 = resize(a, rank_rule(energy=energy))
+    assert [r.rank_out for r in rows1] == [r.rank_out for r in rows2]
+    for n in a:
+        torch.testing.assert_close(r1[n].delta(torch.float64), c * r2[n].delta(torch.float64), rtol=1e-8,
+                                   atol=1e-10 * c)
