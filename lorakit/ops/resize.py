@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
-from lorakit.errors import OperatorParameterError, RankError
+from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import SVD, adapter_spectra, adapter_svds_with_factors, check_rank
 from lorakit.ops.rank_rules import RankRule
