@@ -89,11 +89,13 @@ def run_child(code: str) -> dict:
 
 
 IDLE = """
-import json, resource, torch, lorakit, lorakit.ops.extract, lorakit.cli.main
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+import json, torch, lorakit, lorakit.ops.extract, lorakit.cli.main
+from benchmarks.resize import peak_rss_mb
+print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 """
 EXTRACT = """
-import json, resource, time, io, contextlib, torch
+import json, time, io, contextlib, torch
+from benchmarks.resize import peak_rss_mb
 torch.set_num_threads({threads})
 from lorakit.cli.main import cli
 t0 = time.perf_counter()
@@ -102,8 +104,7 @@ with contextlib.redirect_stdout(buf):
     cli.main(["extract", {base!r}, {tuned!r}, "--rank", "{rank}", "-o", {out!r}, "--json"], standalone_mode=False)
 dt = time.perf_counter() - t0
 report = json.loads(buf.getvalue())
-print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "report": report}}))
+print(json.dumps({{"seconds": dt, "peak_rss_mb": peak_rss_mb(), "report": report}}))
 """
 
 
@@ -165,7 +166,7 @@ j < {RANK_D}, so the optimal relative error at rank {a.rank} is {opt:.6f}.
 | quantity | value |
 | --- | ---: |
 | wall time, `lorakit extract --rank {a.rank}` (fresh process, imports included) | {res['seconds']:.1f} s |
-| peak RSS of that process | {res['peak_rss_mb']:.0f} MB |
+| peak RSS of that process (`VmHWM`) | {res['peak_rss_mb']:.0f} MB |
 | peak RSS of an idle process with the same imports | {idle['peak_rss_mb']:.0f} MB |
 | extra memory for the extraction | {extra:.0f} MB = {extra * 1e6 / largest:.1f} × the largest tensor ({largest / 1e6:.0f} MB) |
 | checkpoint size, for scale | {size / 1e6:.0f} MB each |

@@ -36,6 +36,17 @@ THREADS = ["1"]  # torch threads in every child (same for both routes), set from
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (MB): ``VmHWM``, which starts afresh at exec.
+
+    ``ru_maxrss`` is not used: Linux carries it over from the parent across fork and exec, so a child of a
+    big parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -241,7 +252,7 @@ float32, one PEFT safetensors file of {size_mb:.0f} MB.
 - Errors on the dense subset (the modules the dense route ran): both routes reach the optimal (Eckart–Young) error; the largest difference between
   their relative errors is {err_gap:.1e}, and the truncated ΔW of the two routes differ by at most {agree:.1e} of
   ‖ΔW‖ (float32 round-off).
-- Peak RSS is per process (its own `ru_maxrss`), imports included; the lorakit processes' figure includes the pages
+- Peak RSS is per process (its own `VmHWM`), imports included; the lorakit processes' figure includes the pages
   of the memory-mapped input file (671 MB here) that the adapter reader touched, and the library run holds the
   whole adapter in memory on purpose (materialized before timing).
 """
