@@ -71,13 +71,18 @@ def select_weights(base: Checkpoint, tuned: Checkpoint, include: str | None, exc
     return chosen
 
 
+def squared_norm(D: torch.Tensor, rows: int = 256) -> float:
+    """‖D‖_F² accumulated in float64 over blocks of rows (a float64 copy of all of D would double the memory)."""
+    return sum(float(blk.double().square().sum()) for blk in D.split(rows))
+
+
 def low_rank_fit(D: torch.Tensor, rule: RankRule, *, oversample: int = 10, n_iter: int = 4, seed: int = 0,
                  max_rank: int | None = None) -> tuple[SVD, float]:
     """Rank-k factors of dense ``D`` under ``rule`` and the relative error of the fit (measured on the residual).
 
     ``D`` is overwritten by the residual (to keep memory at one dense copy).
     """
-    total = float(D.double().square().sum())
+    total = squared_norm(D)
     cap = min(D.shape) if max_rank is None else min(max_rank, *D.shape)
     if rule.kind == "rank":
         k_probe = min(int(rule.value), cap)
@@ -97,7 +102,7 @@ def low_rank_fit(D: torch.Tensor, rule: RankRule, *, oversample: int = 10, n_ite
         k_probe = min(2 * k_probe, cap)
     svd = svd.truncate(max(k, 1))
     D.addmm_(svd.U * svd.S, svd.Vh, alpha=-1.0)
-    err = math.sqrt(float(D.double().square().sum()) / total) if total > 0 else 0.0
+    err = math.sqrt(squared_norm(D) / total) if total > 0 else 0.0
     return svd, err
 
 
@@ -152,8 +157,9 @@ def extract_file(
     unchanged: list[str] = []
     for k in names:
         wb, wt = b.get(k), t.get(k)
-        D = wt.to(dev, torch.float32) - wb.to(dev, torch.float32)
         out_dtype = dtype or wt.dtype
+        D = wt.to(dev, torch.float32)  # wt's own buffer when already float32: it was read fresh, ours to overwrite
+        D.sub_(wb.to(dev, torch.float32))
         del wb, wt
         shape4 = tuple(D.shape)
         D = D.reshape(D.shape[0], -1)
