@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -213,6 +214,8 @@ def main() -> None:
         agree = max(dense["agreement"].values())
         size_mb = src.stat().st_size / 1e6
 
+    s2 = [(2.0 * a.decay**j) ** 2 for j in range(a.rank_in)]
+    optimum = math.sqrt(sum(s2[a.rank:]) / sum(s2))  # the Eckart–Young error of this spectrum, analytically
     ratio = dense_total / lib["compute_s"]
     ratio_cli = dense_total / cli["wall_s"]
     dense_t = dense["total_transposed_s"]
@@ -249,7 +252,8 @@ float32, one PEFT safetensors file of {size_mb:.0f} MB.
   reading, SVD, writing).
 - Dense route: {'timed on one module of each distinct shape (' + str(timed) + ' modules: ' + ', '.join(f'{k.split(".")[-1]} {v:.1f} s' for k, v in dense['per_module_s'].items()) + ') and extrapolated by the number of modules of each shape to all ' + str(modules) + ', because the full run would take far more than 3 minutes (EXTRAPOLATED)' if extrapolated else 'measured on the whole adapter'}.
   lorakit ran on the whole adapter.
-- Errors on the dense subset (the modules the dense route ran): both routes reach the optimal (Eckart–Young) error; the largest difference between
+- The optimal (Eckart–Young) relative error of this spectrum at rank {a.rank} is {optimum:.6f}.
+- Errors on the dense subset (the modules the dense route ran): both routes reach the optimal error; the largest difference between
   their relative errors is {err_gap:.1e}, and the truncated ΔW of the two routes differ by at most {agree:.1e} of
   ‖ΔW‖ (float32 round-off).
 - Peak RSS is per process (its own `VmHWM`), imports included; the lorakit processes' figure includes the pages
