@@ -225,3 +225,25 @@ def test_resize_commutes_with_scaling(c, energy, seed):
     for n in a:
         torch.testing.assert_close(r1[n].delta(torch.float64), c * r2[n].delta(torch.float64), rtol=1e-8,
                                    atol=1e-10 * c)
+
+
+def test_conv_and_embedding_modules_keep_their_kind(tmp_path, cli):
+    from lorakit.adapter import Adapter
+    from lorakit.factors import LoraFactors
+
+    g = torch.Generator().manual_seed(12)
+    a = Adapter({
+        "unet.conv": LoraFactors(torch.randn(6, 4 * 9, generator=g), torch.randn(8, 6, generator=g), 0.5,
+                                 kernel=(3, 3), kind="conv"),
+        "model.embed_tokens": LoraFactors(torch.randn(6, 30, generator=g), torch.randn(16, 6, generator=g), 0.5,
+                                          kind="embedding"),
+    })
+    src = tmp_path / "in.safetensors"
+    lorakit.save(a, src, format="peft")
+    code, _, err = cli("resize", src, "--rank", "3", "-o", tmp_path / "out.safetensors")
+    assert code == 0, err
+    back = lorakit.load(tmp_path / "out.safetensors")
+    assert back.info("unet.conv").kernel == (3, 3) and back.info("model.embed_tokens").kind == "embedding"
+    for n in a:
+        ref = _dense_truncation(a[n].delta(torch.float64), 3)
+        torch.testing.assert_close(back[n].delta(torch.float64), ref, atol=1e-5, rtol=0)
