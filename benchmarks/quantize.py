@@ -140,7 +140,7 @@ def trained(tmp: Path, rank: int) -> tuple[str, list[str], list[list[str]]] | No
         return None
     import lorakit
 
-    base = tiny_tasks.build_base(0)
+    base, _vocab = tiny_tasks.build_base(0)
     tasks = tiny_tasks.make_tasks(0)
     blocks = []
     sizes: set[int] = set()

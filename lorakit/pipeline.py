@@ -333,7 +333,7 @@ def merge_report(run: MergeRun, output: str | Path, fmt: str) -> Report:
         errors.append(res.error)
     report.summary = {
         "method": plan.spec.name, "weights": plan.weights, "parameters": _shown_params(plan.params, plan.rule),
-        "modules": len(plan.modules), "max_error": max(errors) if errors else 0.0,
+        "module_count": len(plan.modules), "max_error": max(errors) if errors else 0.0,
         "mean_error": sum(errors) / len(errors) if errors else 0.0, "output": str(output), "format": fmt,
     }
     report.notes = list(plan.notes)

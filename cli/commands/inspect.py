@@ -11,20 +11,27 @@ from lorakit.cli._options import allow_pickle_option, json_option, keymap_option
 Examples:
   lorakit inspect examples/style.safetensors
   lorakit inspect adapter_dir/ --norms --json
+  lorakit inspect adapter_dir/ --spectrum
   lorakit inspect sdxl_lora.safetensors --arch sdxl
 """)
 @click.argument("adapter")
 @click.option("--norms", is_flag=True, help="Read the tensors and show ‖ΔW‖_F per module (factored, exact).")
+@click.option("--spectrum", is_flag=True, help="Per-module singular values and effective rank (exact, from the factors).")
 @click.option("--all", "show_all", is_flag=True, help="Show every module (default: the first and last 20).")
 @json_option
 @allow_pickle_option
 @keymap_options
-def command(adapter: str, norms: bool, show_all: bool, as_json: bool, allow_pickle: bool, arch: str | None,
-            base: str | None) -> None:
-    """Show what is inside an adapter, reading only the header unless --norms is given."""
+def command(adapter: str, norms: bool, spectrum: bool, show_all: bool, as_json: bool, allow_pickle: bool,
+            arch: str | None, base: str | None) -> None:
+    """Show what is inside an adapter, reading only the header unless --norms or --spectrum is given."""
     import lorakit
     from lorakit.cli._output import emit
     from lorakit.describe import describe
 
     a = lorakit.load(adapter, allow_pickle=allow_pickle, arch=arch, base=base)
+    if spectrum:
+        from lorakit.ops.spectrum import spectrum_report
+
+        emit(spectrum_report(a, full=as_json), as_json=as_json, max_rows=None if show_all else 40)
+        return
     emit(describe(a, norms=norms), as_json=as_json, max_rows=None if show_all else 40)

@@ -26,7 +26,7 @@ def convert(
     prov = make_provenance("convert", params, [source])
     save(adapter, output, format=to_format, provenance=prov, inputs=(source,))
     report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
-    report.summary = {"modules": len(adapter), "parameters": adapter.num_params, "output": str(output)}
+    report.summary = {"module_count": len(adapter), "parameters": adapter.num_params, "output": str(output)}
     if adapter.meta.passthrough and adapter.meta.source_format != to_format:
         report.notes.append(
             f"{len(adapter.meta.passthrough)} non-LoRA tensor(s) (e.g. modules_to_save) have no place in "

@@ -133,9 +133,13 @@ def available(kind: str | None = None) -> list[OperatorSpec]:
     return sorted((s for (k, _), s in _REGISTRY.items() if kind is None or k == kind), key=lambda s: s.name)
 
 
+# The one explicit list of modules that register built-in operators.
 BUILTIN_MODULES: list[str] = [
+    "lorakit.ops.merge_exact",
+    "lorakit.ops.merge_delta",
+    "lorakit.ops.knots",
     "lorakit.ops.lego",
-]  # the one explicit list of modules that register built-in operators
+]
 
 
 def _load_builtins() -> None:
@@ -146,5 +150,3 @@ def _load_builtins() -> None:
 
 
 __all__ = ["MergeResult", "OperatorSpec", "available", "register", "resolve"]
-
-BUILTIN_MODULES += ["lorakit.ops.merge_exact", "lorakit.ops.merge_delta", "lorakit.ops.knots"]

@@ -1,0 +1,209 @@
+"""Rank surgery: shrink (or zero-pad) every module of an adapter, exactly optimal, without dense ΔW.
+
+Per module, the exact thin SVD of ``s·B @ A`` comes from the QR core (:func:`lorakit.linalg.adapter_svds`,
+batched over same-shaped modules), then the kept rank ``k`` is chosen by one rule:
+
+- a :class:`~lorakit.ops.rank_rules.RankRule` per module (``--rank``, ``--energy``, ``--sv-ratio``,
+  ``--sv-cumulative``, ``--error``), or
+- a global parameter ``budget``: every module starts at rank 1, then singular directions are added greedily in
+  order of ``σ_j² / (out + in)`` (energy bought per parameter) while they fit. Within a module that ratio falls
+  with ``j``, so each module keeps a prefix of its spectrum.
+
+The result is the rank-``k`` Eckart–Young truncation in canonical form (``B = U√Σ``, ``A = √Σ Vᵀ``, scale 1),
+whose relative error ``sqrt(Σ_{j>k} σ_j² / Σ σ_j²)`` is the optimum at rank ``k``; it is reported per module.
+Cost: O((out + in)·r² + r³) per module; memory O((out + in)·r) per module in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapter import Adapter, ModuleInfo
+from lorakit.errors import OperatorParameterError
+from lorakit.factors import LoraFactors
+from lorakit.linalg import SVD, adapter_spectra, adapter_svds_with_factors, check_rank
+from lorakit.ops.rank_rules import RankRule
+from lorakit.report import Report
+
+
+@dataclass(frozen=True)
+class ModuleResize:
+    """What resizing did to one module."""
+
+    name: str
+    rank_in: int
+    rank_out: int
+    energy_kept: float  # Σ_{j≤k} σ_j² / Σ σ_j²
+    rel_error: float  # ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F (optimal at rank k)
+    params_in: int
+    params_out: int
+    norm: float  # ‖ΔW‖_F
+
+
+def _check_rule(rule: RankRule | None, budget: int | None, infos: dict[str, ModuleInfo], expand: bool) -> None:
+    """Header-only validation, before any tensor is read."""
+    if (rule is None) == (budget is None):
+        raise OperatorParameterError("give exactly one of a rank rule (--rank, --energy, ...) or --budget",
+                                     parameter="rank")
+    if budget is not None:
+        floor = sum(i.out_features + i.in_features for i in infos.values())
+        if budget < floor:
+            raise OperatorParameterError(
+                f"budget {budget:,} parameters is too small: rank 1 everywhere needs {floor:,}",
+                parameter="budget", hint=f"use --budget {floor} or more",
+            )
+    if rule is not None and rule.kind == "rank":
+        for name, i in infos.items():
+            check_rank(int(rule.value), i.shape, module=name)
+    if expand and (rule is None or rule.kind != "rank"):
+        raise OperatorParameterError("--expand (zero padding) needs a fixed --rank", parameter="expand")
+
+
+def allocate_budget(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int) -> dict[str, int]:
+    """Ranks under a global parameter budget, greedily on ``σ_j² / cost`` (every module gets at least 1).
+
+    Args:
+        spectra: module → singular values (descending).
+        costs: module → parameters per rank (``out + in``).
+        budget: total parameters allowed (≥ Σ costs).
+    """
+    ranks = {n: min(1, int(S.numel())) for n, S in spectra.items()}
+    left = budget - sum(costs[n] * ranks[n] for n in spectra)
+    if left < 0:
+        raise OperatorParameterError(f"budget {budget:,} is too small for rank 1 everywhere", parameter="budget")
+    cand: list[tuple[float, str, int]] = []
+    for n, S in spectra.items():
+        s2 = S.double() ** 2 / costs[n]
+        cand.extend((float(v), n, j) for j, v in enumerate(s2.tolist()) if j >= 1 and v > 0)
+    cand.sort(key=lambda t: -t[0])
+    for _, n, j in cand:
+        # Per module the ratio falls with j, so a direction that does not fit means no later one of it fits.
+        if ranks[n] == j and costs[n] <= left:
+            ranks[n] = j + 1
+            left -= costs[n]
+    return ranks
+
+
+def truncated_factors(svd: SVD, k: int, like: LoraFactors, *, expand_to: int | None = None) -> LoraFactors:
+    """Rank-``k`` canonical factors of ``svd`` in ``like``'s dtype and layer kind; zero-padded to ``expand_to``."""
+    f = svd.truncate(k).to_factors()
+    A, B = f.A, f.B
+    if expand_to is not None and expand_to > A.shape[0]:
+        pad = expand_to - A.shape[0]
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+    return LoraFactors(A.to(like.dtype).contiguous(), B.to(like.dtype).contiguous(), 1.0, like.kernel, like.kind,
+                       like.magnitude, like.extras)
+
+
+def resize(
+    adapter: Adapter,
+    rule: RankRule | None = None,
+    *,
+    budget: int | None = None,
+    expand: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[Adapter, list[ModuleResize]]:
+    """Resize every module of ``adapter`` by ``rule`` or under a global parameter ``budget``.
+
+    ``rule`` of kind ``rank`` keeps ``min(K, current rank)`` unless ``expand``, which zero-pads to exactly K
+    (ΔW unchanged). Other rules choose per module from its spectrum. The output is in canonical form (scale
+    1), in the input's dtype. DoRA magnitudes and extras are carried through.
+
+    Raises:
+        RankError: ``--rank K`` larger than a layer's ``min(out, in)``.
+        OperatorParameterError: no rule or two, ``--expand`` without ``--rank``, a budget below rank 1 everywhere.
+    """
+    infos = adapter.infos()
+    _check_rule(rule, budget, infos, expand)
+    ranks: dict[str, int] = {}
+    if budget is not None:  # first pass: spectra only (no singular vectors), to allocate the budget
+        spectra = dict(adapter_spectra(adapter, device=device))
+        ranks = allocate_budget(spectra, {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
+    pad = int(rule.value) if expand and rule is not None else None
+    modules: dict[str, LoraFactors] = {}
+    rows: dict[str, ModuleResize] = {}
+    # streamed: one batch of SVDs alive at a time, each module read once
+    for name, svd, original in adapter_svds_with_factors(adapter, device=device):
+        info = infos[name]
+        k = ranks[name] if budget is not None else rule.select(svd.S)  # type: ignore[union-attr]
+        f = truncated_factors(svd, k, original, expand_to=pad)
+        modules[name] = f
+        s2 = svd.S.double() ** 2
+        total = float(s2.sum())
+        kept = float(s2[:k].sum())
+        rows[name] = ModuleResize(
+            name, info.rank, f.rank, kept / total if total > 0 else 1.0,
+            math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
+            info.num_params, f.num_params, math.sqrt(total),
+        )
+    modules = {n: modules[n] for n in adapter}
+    rows_list = [rows[n] for n in adapter]
+    return Adapter(modules, adapter.meta), rows_list
+
+
+def resize_report(rows: list[ModuleResize], title: str) -> Report:
+    """Per-module rank in/out, energy kept and relative error; totals and parameter counts."""
+    report = Report(title=title, columns=["module", "rank in", "rank out", "energy kept", "rel error"])
+    for r in rows:
+        report.add_row(r.name, r.rank_in, r.rank_out, r.energy_kept, r.rel_error)
+    total = sum(r.norm**2 for r in rows)
+    lost = sum((r.rel_error * r.norm) ** 2 for r in rows)
+    p_in, p_out = sum(r.params_in for r in rows), sum(r.params_out for r in rows)
+    report.summary = {
+        "module_count": len(rows),
+        "parameters_before": p_in,
+        "parameters_after": p_out,
+        "parameter_ratio": p_out / p_in if p_in else 1.0,
+        "energy_kept": 1.0 - lost / total if total > 0 else 1.0,
+        "rel_error_total": math.sqrt(lost / total) if total > 0 else 0.0,
+        "rel_error_max": max((r.rel_error for r in rows), default=0.0),
+        "ranks_out": f"{min(r.rank_out for r in rows)}..{max(r.rank_out for r in rows)}" if rows else "-",
+    }
+    return report
+
+
+def resize_file(
+    source: str | Path,
+    output: str | Path,
+    rule: RankRule | None = None,
+    *,
+    budget: int | None = None,
+    expand: bool = False,
+    to_format: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str = "auto",
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+) -> Report:
+    """``lorakit resize``: load, validate from the header, resize, write atomically; returns the report."""
+    from lorakit.api import load, save
+    from lorakit.device import resolve_device
+    from lorakit.io.atomic import check_output_path
+    from lorakit.provenance import make_provenance
+
+    check_output_path(output, [source])
+    adapter = load(source, allow_pickle=allow_pickle)
+    infos = adapter.infos()
+    _check_rule(rule, budget, infos, expand)
+    what = f"budget {budget:,}" if budget is not None else str(rule) + (" (expand)" if expand else "")
+    if dry_run:
+        report = Report(title=f"plan: resize {source} by {what} → {output}",
+                        columns=["module", "out x in", "rank in"])
+        for n, i in infos.items():
+            report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
+        report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
+        return report
+    resized, rows = resize(adapter, rule, budget=budget, expand=expand, device=resolve_device(device))
+    if dtype is not None:
+        resized = Adapter({n: resized[n].with_(A=resized[n].A.to(dtype), B=resized[n].B.to(dtype)) for n in resized},
+                          resized.meta)
+    params = {"rule": what, "budget": budget, "expand": expand}
+    save(resized, output, format=to_format, provenance=make_provenance("resize", params, [source]), inputs=(source,))
+    report = resize_report(rows, f"resized {source} by {what} → {output}")
+    report.notes.extend(adapter.meta.notes)
+    return report
