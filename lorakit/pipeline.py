@@ -314,10 +314,12 @@ def merge(
     from lorakit.device import resolve_device
 
     run = run_merge(plan, dtype=dtype, device=resolve_device(device))
+    # Where each input was read from (a Hub input's local snapshot), so provenance can hash it and name its repo.
+    local = [a.meta.source_path or str(i) for a, i in zip(plan.adapters, inputs)]
     prov = make_provenance("merge", {"method": plan.spec.name, "weights": plan.weights,
-                                     "parameters": _shown_params(plan.params, plan.rule)}, list(inputs))
+                                     "parameters": _shown_params(plan.params, plan.rule)}, local)
     fmt = to_format or default_output_format(plan.adapters[0])
-    save(run.adapter, output, format=fmt, provenance=prov, inputs=tuple(inputs))
+    save(run.adapter, output, format=fmt, provenance=prov, inputs=tuple(local))
     return merge_report(run, output, fmt)
 
 

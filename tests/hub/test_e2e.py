@@ -53,3 +53,20 @@ def test_import_lorakit_without_huggingface_hub():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "MissingDependencyError pip install 'lorakit[hub]'"
+
+
+def test_merge_cli_with_two_hub_adapters(fake_hub, hub_env, tmp_path, cli):
+    """`lorakit merge hf://org/a hf://org/b -o m.safetensors`, end to end against the loopback Hub."""
+    commit_a = fake_hub.add_repo("org/a", peft_repo_files(seed=1))
+    commit_b = fake_hub.add_repo("org/b", peft_repo_files(seed=2))
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = cli("merge", "hf://org/a", "hf://org/b", "-o", out, "--weights", "0.7,0.3", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["max_error"] == 0.0
+    back = lorakit.load(out)
+    a, b = random_adapter(SHAPES, rank=4, seed=1), random_adapter(SHAPES, rank=4, seed=2)
+    for name in SHAPES:
+        ref = 0.7 * a[name].delta().double() + 0.3 * b[name].delta().double()
+        assert (back[name].delta().double() - ref).norm() <= 1e-5 * ref.norm()
+    inputs = read_provenance(back.meta.metadata)["inputs"]
+    assert [(i["repo"], i["revision"]) for i in inputs] == [("org/a", commit_a), ("org/b", commit_b)]
