@@ -169,11 +169,7 @@ def dare_linear(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.5, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0, module: str = "",
 ) -> MergeResult:
-    check_params(density=density)
-    tiles = TaskTiles(inputs, weights)
-    n = len(inputs)
-    M = merge_dense(tiles, lambda r0, x: K.dare(x, density, _gens(seed, n, module, r0)), signed=False, lam=lam)
-    return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
+    return _dare(inputs, weights, density, lam, rank_rule, seed, module, signed=False)
 
 
 @register("dare_ties", description="DARE drop and rescale, then TIES sign election and disjoint mean",
@@ -182,10 +178,18 @@ def dare_ties(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.5, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0, module: str = "",
 ) -> MergeResult:
+    return _dare(inputs, weights, density, lam, rank_rule, seed, module, signed=True)
+
+
+def _dare(
+    inputs: Sequence[LoraFactors], weights: Sequence[float], density: float, lam: float,
+    rank_rule: RankRule | None, seed: int, module: str, *, signed: bool,
+) -> MergeResult:
+    """DARE's drop-and-rescale on every input, then a plain sum (``signed=False``) or TIES's election."""
     check_params(density=density)
     tiles = TaskTiles(inputs, weights)
     n = len(inputs)
-    M = merge_dense(tiles, lambda r0, x: K.dare(x, density, _gens(seed, n, module, r0)), signed=True, lam=lam)
+    M = merge_dense(tiles, lambda r0, x: K.dare(x, density, _gens(seed, n, module, r0)), signed=signed, lam=lam)
     return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
 
 
