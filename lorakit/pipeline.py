@@ -371,6 +371,7 @@ def merge(
     allow_pickle: bool = False,
 ) -> Report:
     """``lorakit merge``: plan, then (unless ``dry_run``) stream the merge into ``output``; returns the report."""
+    dev = resolve_device(device)  # before any reading: --device cuda without a GPU fails at once
     if output is not None:
         check_output_path(output, list(inputs))
     plan = plan_merge(inputs, weights, method, params=params, rank=rank, energy=energy, error=error,
@@ -379,7 +380,7 @@ def merge(
         return plan.compatibility()
     if output is None:
         raise OperatorParameterError("give an output path with -o")
-    run = run_merge(plan, dtype=dtype, device=resolve_device(device))
+    run = run_merge(plan, dtype=dtype, device=dev)
     prov = make_provenance("merge", {"method": plan.spec.name, "weights": plan.weights,
                                      "parameters": _shown_params(plan.params, plan.rule)}, list(inputs))
     fmt = to_format or default_output_format(plan.adapters[0])
