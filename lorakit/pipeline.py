@@ -263,7 +263,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
 
     def one(m: str) -> LoraFactors:
         if m not in batched and spec.fn is merge_exact.svd and batch_bytes > 0:
-            batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of))
+            batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of, results))
         res = batched.pop(m, None)
         if res is None:
             inputs = [factors_to(f, dev) for f in inputs_of(m)]
@@ -295,7 +295,8 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     return MergeRun(plan, adapter, results)
 
 
-def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.device, inputs_of) -> dict[str, MergeResult]:
+def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.device, inputs_of,
+                done: Mapping[str, MergeResult]) -> dict[str, MergeResult]:
     """``svd`` merges of the modules from ``plan.modules[start]`` on, up to ``batch_bytes`` of factors, batched.
 
     Modules whose inputs have equal ``(out, in, rank)`` (and come from the same inputs) are stacked per input,
@@ -306,6 +307,8 @@ def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.dev
     window: list[str] = []
     size = 0
     for m in plan.modules[start:]:
+        if m in done:  # asked out of order earlier: never computed twice
+            continue
         infos = [plan.adapters[i].info(m) for i in plan.present[m]]
         size += sum(i.num_params for i in infos) * 4
         window.append(m)
@@ -314,11 +317,12 @@ def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.dev
     keyed = {m: tuple(plan.adapters[i].info(m) for i in plan.present[m]) for m in window}
     groups: dict[tuple, list[str]] = {}
     for key, names in group_by_shape(keyed).items():
-        for m in names:
-            groups.setdefault((key, tuple(plan.present[m])), []).append(m)
+        for m in names:  # one compute dtype per batch, as the per-module operator would choose it
+            wide = any(i.dtype == torch.float64 for i in keyed[m])
+            groups.setdefault((key, tuple(plan.present[m]), wide), []).append(m)
     rule = plan.rule
     out: dict[str, MergeResult] = {}
-    for (_, present), names in groups.items():
+    for (_, present, _), names in groups.items():
         per_module = [inputs_of(m) for m in names]
         dt = compute_dtype(*(t for fs in per_module for f in fs for t in (f.A, f.B)))
         weights = [plan.weights[i] for i in present]

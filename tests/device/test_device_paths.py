@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorakit
+from lorakit.adapter import Adapter
 from lorakit.device import factors_to, resolve_device, to_device
 from lorakit.errors import LorakitError
 from lorakit.factors import LoraFactors
@@ -154,6 +155,20 @@ def test_svd_merge_energy_rule_batched_equals_unbatched():
     y = run_merge(plan, batch_bytes=0).adapter.materialize()
     for n in a:
         assert x[n].rank == y[n].rank and torch.equal(x[n].A, y[n].A) and torch.equal(x[n].B, y[n].B)
+
+
+def test_svd_merge_batches_keep_each_modules_compute_dtype():
+    a, b = pair(17)
+    names = list(a)
+    mixed = Adapter({n: a[n].to(dtype=torch.float64) if i % 2 else a[n] for i, n in enumerate(names)})
+    plan = plan_merge([mixed, b], [1.0, 1.0], "svd", rank=3)
+    merged = run_merge(plan).adapter.materialize()
+    op = resolve("svd").fn
+    for i, n in enumerate(names):
+        one = op([mixed[n], b[n]], [1.0, 1.0], rank_rule=rank_rule(rank=3))
+        assert merged[n].dtype == (torch.float64 if i % 2 else torch.float32)
+        assert torch.equal(merged[n].A, one.factors.A.to(merged[n].dtype))
+        assert torch.equal(merged[n].B, one.factors.B.to(merged[n].dtype))
 
 
 def test_svd_merge_union_groups_by_present_inputs():
