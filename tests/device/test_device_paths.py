@@ -288,3 +288,13 @@ def test_cli_device_cpu_runs_the_merge(cli, tmp_path):
         target = dense64(a[n]) + dense64(b[n])
         U, S, Vh = torch.linalg.svd(target, full_matrices=False)
         assert rel(dense64(merged[n]), (U[:, :3] * S[:3]) @ Vh[:3]) < 1e-2  # stored in float32 → tiny rounding
+
+
+def test_streamed_merge_keeps_no_factors_in_its_results():
+    a, b = pair(18)
+    run = run_merge(plan_merge([a, b], [1.0, 1.0], "svd", rank=3))
+    merged = run.adapter.materialize()
+    for n in a:
+        kept = run.results[n].factors
+        assert kept.A.device.type == "meta" and kept.B.device.type == "meta"  # shape only: nothing held
+        assert kept.rank == merged[n].rank == 3 and kept.shape == merged[n].shape
