@@ -24,7 +24,7 @@ import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.api import default_output_format, load, save
-from lorakit.device import factors_to, resolve_device, to_device
+from lorakit.device import factors_to, release_host_memory, resolve_device, to_device
 from lorakit.errors import IncompatibleAdaptersError, NumericalError, OperatorParameterError, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
@@ -38,6 +38,7 @@ from lorakit.report import Report
 
 ModuleSet = Literal["exact", "union", "intersection"]
 FACTOR_RANK_EXACT = ("cat", "task_arithmetic")  # rank Σr_i when no rank rule is given
+TRIM_EVERY_BYTES = 64 << 20  # give freed heap back to the OS this often (see lorakit.device.release_host_memory)
 
 
 @dataclass
@@ -257,6 +258,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
         batch_bytes = (512 << 20) if dev.type == "cuda" else (8 << 20)
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
+    streamed = [0]  # float32 bytes of factors processed since freed heap memory was last given back
 
     def inputs_of(m: str) -> list[LoraFactors]:
         inputs = []
@@ -270,6 +272,10 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     def one(m: str) -> LoraFactors:
         if m not in batched and spec.fn is merge_exact.svd and batch_bytes > 0:
             batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of, results))
+        streamed[0] += sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
+        if streamed[0] >= TRIM_EVERY_BYTES:
+            release_host_memory()
+            streamed[0] = 0
         res = batched.pop(m, None)
         if res is None:
             inputs = [factors_to(f, dev) for f in inputs_of(m)]
