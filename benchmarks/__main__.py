@@ -1,8 +1,9 @@
-"""``python -m benchmarks [AREA ...] [--assemble-only]``: run the benchmark suite, then assemble the record.
+"""``python -m benchmarks [AREA ...] [--device D] [--assemble-only]``: run the suite, then assemble the record.
 
 Each area is a module ``benchmarks/<area>.py`` with a ``main(argv)`` that writes ``docs/benchmarks/<area>.md``
 (and may write JSON beside it). Every area runs in its own process so peak-memory readings do not leak between
-them. Afterwards ``docs/benchmarks.md`` is rebuilt from every section in ``docs/benchmarks/``.
+them. ``--device`` (auto, cpu, cuda) goes to the areas that take it (``perf``); the others run on CPU.
+Afterwards ``docs/benchmarks.md`` is rebuilt from every section in ``docs/benchmarks/``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from benchmarks._env import DOCS, ROOT, header_markdown
 
+DEVICE_AREAS = {"perf"}  # areas whose main() takes --device
 # Order of the record; each name is a module of this package with a main().
 AREAS = ["perf", "merge", "resize", "extract", "inspect", "lego", "merge_quality", "quantize", "lq_lora", "transfer"]
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Run lorakit's benchmark suite and assemble docs/benchmarks.md.")
     ap.add_argument("areas", nargs="*", help=f"areas to run (default: all of {', '.join(AREAS)})")
     ap.add_argument("--assemble-only", action="store_true", help="only rebuild docs/benchmarks.md")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda, for the perf area")
     args = ap.parse_args()
     if not args.assemble_only:
         for area in args.areas or AREAS:
@@ -49,7 +52,8 @@ def main() -> None:
                 print(f"skipping {area}: no benchmarks/{area}.py", file=sys.stderr)
                 continue
             print(f"== {area}", flush=True)
-            subprocess.run([sys.executable, "-m", f"benchmarks.{area}"], cwd=ROOT, check=True)
+            extra = ["--device", args.device] if area in DEVICE_AREAS else []
+            subprocess.run([sys.executable, "-m", f"benchmarks.{area}", *extra], cwd=ROOT, check=True)
     print(f"wrote {assemble()}")
 
 

@@ -6,10 +6,17 @@ spectra) to ``bench-out/perf/``, then measures in fresh processes:
 - ``lorakit merge … --method svd`` end to end (load, merge, save): wall time and peak resident memory;
 - the physical floor: the time to read every input byte and write as many bytes as the output has, at the
   bandwidth measured on this machine right then (page cache warm, as for lorakit);
-- ``lorakit resize`` of the first input to rank/4.
+- ``lorakit resize`` of the first input to rank/4;
+- peers, in the same run, on the cases where they finish in minutes: PEFT ``add_weighted_adapter``
+  (``svd``, ``cat``, ``ties_svd``, ``dare_ties_svd``; the driver of :mod:`benchmarks.merge`, timed on every
+  projection of layer 0 and extrapolated by the layer count) against ``lorakit merge`` end to end with the same
+  method, and the dense-SVD resize route as kohya does it (the driver of :mod:`benchmarks.resize`, timed on one
+  module per shape and extrapolated by the module counts).
 
-Results go to ``docs/benchmarks/perf.json`` (machine, device, versions, every number) and
-``docs/benchmarks/perf.md``. Run: ``python -m benchmarks.perf [--quick] [--cases NAME,...]``.
+Every child runs with one torch thread (``OMP_NUM_THREADS=1``) unless ``--threads`` says otherwise, as the other
+benchmarks do. Results go to ``docs/benchmarks/perf.json`` (machine, device, versions, load average, every
+number) and ``docs/benchmarks/perf.md``. Run: ``python -m benchmarks.perf [--quick] [--cases NAME,...]
+[--device auto|cpu|cuda] [--no-peers]``.
 """
 
 from __future__ import annotations
@@ -34,11 +41,21 @@ SHAPES: dict[str, dict[str, object]] = {
     "llama3-70b": {"hidden": 8192, "inter": 28672, "kv": 1024, "layers": 80},
 }
 CASES = [
-    # (shape, rank, adapters)
-    ("tinyllama", 16, 2), ("tinyllama", 64, 2), ("tinyllama", 16, 8), ("tinyllama", 64, 8),
+    # (shape, rank, adapters); the full grid minus what does not fit ~15 minutes on the 2-core machine
+    ("tinyllama", 16, 2), ("tinyllama", 64, 2), ("tinyllama", 16, 8),
+    ("tinyllama", 64, 8),
     ("llama3-8b", 16, 2), ("llama3-8b", 64, 2), ("llama3-8b", 16, 8),
-    ("llama3-70b", 16, 2),
+    ("llama3-70b", 16, 2), ("llama3-70b", 64, 2),
 ]
+LEFT_OUT = [("llama3-8b", 64, 8), ("llama3-70b", 16, 8), ("llama3-70b", 64, 8)]
+E2E_PEERS = ("svd", "cat")  # methods also run end to end (whole adapter, fresh process) beside PEFT
+PEER_SHAPES = ("tinyllama",)  # PEFT and the dense resize on 8B shapes take tens of minutes on 2 cores
+PEFT_METHODS = {  # PEFT combination_type -> lorakit merge arguments
+    "svd": ["--method", "svd"],
+    "cat": ["--method", "cat"],
+    "ties_svd": ["--method", "ties", "--density", "0.5", "--rank", "16"],
+    "dare_ties_svd": ["--method", "dare_ties", "--density", "0.5", "--rank", "16"],
+}
 QUICK = [("tinyllama", 16, 2), ("llama3-8b", 16, 2)]
 
 
@@ -102,20 +119,75 @@ def io_floor(inputs: list[Path], output_bytes: int) -> float:
 
 
 def lorakit_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lorakit.cli.main", *args]
+    return [str(Path(sys.executable).with_name("lorakit")), *args]
 
 
-def run_case(shape: str, rank: int, n: int) -> dict[str, object]:
+SETTINGS = {"device": "auto", "threads": "1"}
+
+
+def child_env() -> dict[str, str]:
+    return {"OMP_NUM_THREADS": SETTINGS["threads"], "MKL_NUM_THREADS": SETTINGS["threads"]}
+
+
+def lorakit_merge_e2e(inputs: list[Path], out: Path, method_args: list[str]):
+    r = run_measured(lorakit_cmd("merge", *map(str, inputs), "-o", str(out), *method_args, "--quiet",
+                                 "--device", SETTINGS["device"]), env=child_env())
+    if r.returncode != 0:
+        raise RuntimeError(f"lorakit merge failed: {r.stderr[-2000:]}")
+    return r
+
+
+def peers(shape: str, rank: int, inputs: list[Path]) -> dict[str, object]:
+    """PEFT's add_weighted_adapter (layer 0, extrapolated) and lorakit end to end with the same method;
+    the dense-SVD resize route (one module per shape, extrapolated)."""
+    from benchmarks import merge as merge_bench
+    from benchmarks import resize as resize_bench
+
+    layers = int(SHAPES[shape]["layers"])  # type: ignore[call-overload]
+    subset = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    out: dict[str, object] = {"peft_layers_timed": 1, "peft_extrapolated_by": layers}
+    rows = []
+    if rank == merge_bench.RANK:  # the PEFT driver builds its LoRA config at benchmarks.merge.RANK
+        for combination, args in PEFT_METHODS.items():
+            (p_s, p_err, _), p_mb = merge_bench.in_child(merge_bench.peft_merge, [str(p) for p in inputs[:2]],
+                                                         combination, subset, 0.5)
+            ours_layer0 = None
+            if combination != "cat":  # the driver asks for a rank, which the exact cat refuses
+                method = args[args.index("--method") + 1]
+                params = {"density": 0.5} if "--density" in args else {}
+                (ours_layer0, _, _), _ = merge_bench.in_child(merge_bench.lorakit_merge, [str(p) for p in inputs[:2]],
+                                                              method, subset, params)
+            ours = None
+            if combination in E2E_PEERS:  # the delta-space ones take minutes end to end on 1 core: layer 0 only
+                merged = OUT / "perf" / f"peer-{combination}.safetensors"
+                ours = lorakit_merge_e2e(inputs[:2], merged, args)
+                merged.unlink()
+            rows.append({"method": combination, "peft_layer0_s": round(p_s, 3), "peft_full_s": round(p_s * layers, 1),
+                         "peft_peak_rss_mb": round(p_mb),
+                         "lorakit_layer0_s": None if ours_layer0 is None else round(ours_layer0, 3),
+                         "lorakit_e2e_s": None if ours is None else round(ours.seconds, 3),
+                         "lorakit_peak_rss_mb": None if ours is None else round(ours.peak_rss_mb),
+                         "peft_over_lorakit_e2e": None if ours is None else round(p_s * layers / ours.seconds, 1),
+                         "peft_over_lorakit_layer0": None if ours_layer0 is None else round(p_s / ours_layer0, 1)})
+            print(rows[-1], flush=True)
+    out["peft"] = rows
+    resize_bench.THREADS[0] = SETTINGS["threads"]
+    k = max(1, rank // 4)
+    dense = resize_bench.child(["--child", "dense", "--src", str(inputs[0]), "--rank", str(k), "--device",
+                                "cuda" if SETTINGS["device"] == "cuda" else "cpu", "--threads", SETTINGS["threads"]])
+    out["dense_resize_s"] = round(dense["total_transposed_s"], 2)
+    out["dense_resize_max_agreement"] = max(dense["agreement"].values())
+    return out
+
+
+def run_case(shape: str, rank: int, n: int, with_peers: bool = True) -> dict[str, object]:
     inputs = make_adapters(shape, rank, n)
     out = OUT / "perf" / f"merged-{shape}-r{rank}-n{n}.safetensors"
-    merged = run_measured(lorakit_cmd("merge", *map(str, inputs), "-o", str(out), "--method", "svd", "--quiet"),
-                          env={"LORAKIT_DEBUG": "1"})
-    if merged.returncode != 0:
-        raise RuntimeError(f"lorakit merge failed: {merged.stderr[-2000:]}")
+    merged = lorakit_merge_e2e(inputs, out, ["--method", "svd"])
     floor = io_floor(inputs, out.stat().st_size)
     small = OUT / "perf" / f"resized-{shape}-r{rank}.safetensors"
     resized = run_measured(lorakit_cmd("resize", str(inputs[0]), "-o", str(small), "--rank", str(max(1, rank // 4)),
-                                       "--quiet"), env={"LORAKIT_DEBUG": "1"})
+                                       "--quiet", "--device", SETTINGS["device"]), env=child_env())
     if resized.returncode != 0:
         raise RuntimeError(f"lorakit resize failed: {resized.stderr[-2000:]}")
     resize_floor = io_floor(inputs[:1], small.stat().st_size)
@@ -128,37 +200,118 @@ def run_case(shape: str, rank: int, n: int) -> dict[str, object]:
         "resize_s": round(resized.seconds, 3), "resize_peak_rss_mb": round(resized.peak_rss_mb),
         "resize_floor_s": round(resize_floor, 3),
     }
+    module_mb = max(o + i for o, i in module_shapes(shape).values()) * rank * 2 * n / 2**20
+    result["largest_module_inputs_mb"] = round(module_mb, 2)
     out.unlink()
     small.unlink()
+    if with_peers and shape in PEER_SHAPES and n == 2:  # the peers merge two adapters
+        result["peers"] = peers(shape, rank, inputs)
+        result["resize_over_dense"] = round(result["peers"]["dense_resize_s"] / resized.seconds, 1)
     return result
 
 
-def baseline_rss_mb() -> float:
-    """Peak RSS of a process that only imports lorakit and torch and parses the CLI: the fixed cost."""
-    return run_measured(lorakit_cmd("--version")).peak_rss_mb
+def baseline() -> tuple[float, float]:
+    """(seconds, peak RSS MB) of a process that only imports torch, lorakit and its CLI: the fixed cost."""
+    r = min((run_measured([sys.executable, "-c", "import torch, lorakit, lorakit.cli.main"]) for _ in range(3)),
+            key=lambda m: m.seconds)
+    return r.seconds, r.peak_rss_mb
 
 
-def markdown(results: list[dict[str, object]], base_rss: float, command: str) -> str:
+def markdown(results: list[dict[str, object]], base_rss: float, command: str, loadavg: list[float],
+             device: str, startup_s: float) -> str:
     lines = [
-        "## Performance record: end to end against the I/O floor",
+        "## Performance record: end to end against the I/O floor and the peers",
         "",
         header_markdown(),
         "",
-        f"Command: `{command}`. Each lorakit run is a fresh process (`python -m lorakit.cli.main`), so times include",
-        "interpreter and torch start-up (about a second). The floor is the time to read the inputs and write the",
-        "output's bytes at this machine's measured bandwidth in the same run, page cache warm.",
-        f"A process that only starts lorakit peaks at {base_rss:.0f} MB resident.",
+        f"Command: `{command}` (device: {device}; torch threads per process: {SETTINGS['threads']}; load average "
+        f"at start/end: {loadavg[0]:.1f} / {loadavg[1]:.1f} on this shared 2-core machine).",
+        "Each lorakit run is a fresh process (the `lorakit` CLI), so times include interpreter and torch start-up",
+        "(about a second). The floor is the time to read the inputs and write the output's bytes at this machine's",
+        "measured bandwidth in the same run, page cache warm (no fsync, like lorakit); it is one timing on a shared",
+        "machine, so sub-second floors move by 2-3× between runs and the ratios with them.",
+        f"A process that only starts lorakit takes {startup_s:.2f} s and peaks at {base_rss:.0f} MB resident; the",
+        "`(merge − start-up)/floor` column takes that fixed start-up cost out.",
         "",
-        "| shape | modules | rank | adapters | inputs MB | svd merge s | floor s | merge/floor | merge peak MB "
-        "| resize→r/4 s | resize peak MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| shape | modules | rank | adapters | inputs MB | svd merge s | floor s | merge/floor "
+        "| (merge − start-up)/floor | merge peak MB "
+        "| largest module (all inputs) MB | resize→r/4 s | resize peak MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['shape']} | {r['modules']} | {r['rank']} | {r['adapters']} | {r['input_mb']} | {r['merge_s']} "
-            f"| {r['floor_s']} | {r['merge_over_floor']} | {r['merge_peak_rss_mb']} | {r['resize_s']} "
-            f"| {r['resize_peak_rss_mb']} |"
+            f"| {r['floor_s']} | {r['merge_over_floor']} "
+            f"| {max(0.0, float(r['merge_s']) - startup_s) / float(r['floor_s']):.1f} | {r['merge_peak_rss_mb']} "
+            f"| {r['largest_module_inputs_mb']} | {r['resize_s']} | {r['resize_peak_rss_mb']} |"
         )
+    peer_rows = [(r, p) for r in results for p in (r.get("peers") or {}).get("peft", [])]
+    if peer_rows:
+        lines += [
+            "",
+            "### Peers: PEFT `add_weighted_adapter` against lorakit",
+            "",
+            "PEFT is timed in-process on the 7 projections of layer 0 (adapters already loaded into a model made of",
+            "just those Linear layers, so its time excludes loading and saving) and extrapolated by the layer count;",
+            "`lorakit e2e` is the whole adapter end to end in a fresh process (load, merge, save). PEFT's `svd`/",
+            "`*_svd` methods form the dense ΔW and take a full SVD per module; `ties_svd`/`dare_ties_svd` run at",
+            "density 0.5 and rank 16, lorakit's `ties`/`dare_ties` likewise.",
+            "",
+            "The `lorakit layer 0` column is lorakit's in-process merge of the same layer-0 modules, timed the way",
+            "PEFT is (the driver of `benchmarks/merge.py`; not run for `cat`, whose driver call asks for a rank).",
+            "End to end (whole adapter, fresh process) lorakit runs `svd` and `cat` only: its delta-space `ties`/",
+            "`dare_ties` took about two minutes each on the whole TinyLlama adapter on one core in a trial run, too",
+            "long for this record's budget, so those two are compared on layer 0.",
+            "",
+            "| shape | rank | method | PEFT layer 0 s | lorakit layer 0 s | PEFT / lorakit (layer 0) "
+            "| PEFT whole adapter s (×layers) | lorakit e2e s | PEFT / lorakit e2e | PEFT peak MB "
+            "| lorakit e2e peak MB |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+
+        def cell(x: object) -> str:
+            return "-" if x is None else str(x)
+
+        for r, p in peer_rows:
+            lines.append(f"| {r['shape']} | {r['rank']} | {p['method']} | {p['peft_layer0_s']} "
+                         f"| {cell(p['lorakit_layer0_s'])} | {cell(p['peft_over_lorakit_layer0'])} "
+                         f"| {p['peft_full_s']} | {cell(p['lorakit_e2e_s'])} | {cell(p['peft_over_lorakit_e2e'])} "
+                         f"| {p['peft_peak_rss_mb']} | {cell(p['lorakit_peak_rss_mb'])} |")
+    dense_rows = [r for r in results if r.get("peers")]
+    if dense_rows:
+        lines += [
+            "",
+            "### Peer: the dense-SVD resize route (kohya's `resize_lora`: dense ΔW, full SVD, truncate)",
+            "",
+            "Timed on one module per distinct shape and extrapolated by the module counts (compute only, inputs",
+            "loaded); lorakit's resize time above is end to end in a fresh process.",
+            "",
+            "| shape | rank → r/4 | dense route s | lorakit resize e2e s | dense / lorakit | max disagreement |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in dense_rows:
+            p = r["peers"]
+            lines.append(f"| {r['shape']} | {r['rank']} → {max(1, int(r['rank']) // 4)} | {p['dense_resize_s']} "
+                         f"| {r['resize_s']} | {r['resize_over_dense']} | {p['dense_resize_max_agreement']:.1e} |")
+    big = [r for r in results if r["shape"] == "llama3-70b"]
+    lines += ["", "### Memory of the 70B-shaped merge", ""]
+    if big:
+        for r in big:
+            lines.append(
+                f"The {r['modules']}-module 70B-shaped merge of {r['adapters']} r={r['rank']} adapters "
+                f"({r['input_mb']} MB of inputs) peaked at {r['merge_peak_rss_mb']} MB resident against "
+                f"{base_rss:.0f} MB for a process that only starts lorakit: "
+                f"{float(r['merge_peak_rss_mb']) - base_rss:.0f} MB above the baseline, where the largest module's "
+                f"factors (all inputs, bf16) are {r['largest_module_inputs_mb']} MB; a CPU batching window holds "
+                "8 MiB of float32 factors plus its QRs and results.")
+    else:
+        lines.append("Not run in this invocation.")
+    lines += ["", "### Left out of this run", "",
+              "Cases not run (to keep the record under ~15 minutes on 2 shared cores): "
+              + ", ".join(f"{s} r={r} ×{n}" for s, r, n in LEFT_OUT) + ". Peers run on "
+              + ", ".join(PEER_SHAPES) + " shapes only: on 8B shapes PEFT's dense SVDs (14336×4096) and the dense "
+              "resize take tens of minutes single-threaded. No GPU exists on this machine: the GPU half of the "
+              "record (`--device cuda`) is not measured here; see docs/performance.md to reproduce it."]
     return "\n".join(lines) + "\n"
 
 
@@ -166,26 +319,36 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the small cases")
     ap.add_argument("--cases", help="comma-separated shape names to run")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda, for every lorakit run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fair on a shared box)")
+    ap.add_argument("--no-peers", action="store_true", help="skip PEFT and the dense resize route")
     ap.add_argument("--keep", action="store_true", help="keep the generated adapters in bench-out/perf")
     args = ap.parse_args(argv)
+    from lorakit.device import resolve_device
+
+    device = str(resolve_device(args.device))
+    SETTINGS.update(device=device.split(":")[0], threads=str(args.threads))
+    torch.set_num_threads(args.threads)
     cases = QUICK if args.quick else CASES
     if args.cases:
         wanted = set(args.cases.split(","))
         cases = [c for c in cases if c[0] in wanted]
-    base = baseline_rss_mb()
+    load0 = os.getloadavg()[0]
+    base_s, base = baseline()
     results = []
     for case in cases:
         print(f"running {case} ...", flush=True)
-        r = run_case(*case)
+        r = run_case(*case, with_peers=not args.no_peers)
         print(r, flush=True)
         results.append(r)
-    command = "python -m benchmarks.perf" + (" --quick" if args.quick else "") + (
-        f" --cases {args.cases}" if args.cases else "")
+    loadavg = [load0, os.getloadavg()[0]]
+    command = "python -m benchmarks.perf" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "perf.json").write_text(json.dumps(
-        {"machine": machine(), "versions": versions(), "baseline_rss_mb": base, "command": command,
+        {"machine": machine(), "device": device, "versions": versions(), "threads": args.threads,
+         "loadavg": loadavg, "baseline_rss_mb": base, "startup_s": base_s, "command": command, "left_out": LEFT_OUT,
          "results": results}, indent=2) + "\n")
-    (DOCS / "perf.md").write_text(markdown(results, base, command))
+    (DOCS / "perf.md").write_text(markdown(results, base, command, loadavg, device, base_s))
     if not args.keep:
         shutil.rmtree(OUT / "perf", ignore_errors=True)
     print((DOCS / "perf.md").read_text())

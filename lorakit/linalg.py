@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorakit.device import to_device
 from lorakit.errors import NumericalError, RankError
 from lorakit.factors import LoraFactors
 
@@ -217,11 +218,17 @@ def randomized_svd(
 ShapeKey = tuple[int, int, int]  # (out, in, rank) of the flattened ΔW
 
 
-def group_by_shape(infos: Mapping[str, ModuleInfo]) -> dict[ShapeKey, list[str]]:
-    """Module names grouped by ``(out, in, rank)``, in first-seen order: the groups :func:`adapter_svds` batches."""
-    groups: dict[ShapeKey, list[str]] = {}
+def group_by_shape(infos: Mapping[str, ModuleInfo | Sequence[ModuleInfo]]) -> dict[ShapeKey, list[str]]:
+    """Module names grouped by ``(out, in, rank)``, in first-seen order: the groups :func:`adapter_svds` batches.
+
+    A value may also be a sequence of infos (one module across several adapters, as a merge sees it): the key is
+    then the tuple of every input's ``(out, in, rank)``, so a group stacks into one tensor per input.
+    """
+    groups: dict = {}
     for name, info in infos.items():
-        groups.setdefault((info.out_features, info.in_features, info.rank), []).append(name)
+        key = (tuple((i.out_features, i.in_features, i.rank) for i in info) if isinstance(info, Sequence)
+               else (info.out_features, info.in_features, info.rank))
+        groups.setdefault(key, []).append(name)
     return groups
 
 
@@ -241,8 +248,8 @@ def _stacked_batches(
         for start in range(0, len(group), step):
             chunk = group[start:start + step]
             fs = [adapter[n] for n in chunk]
-            B = torch.stack([f.B.to(dev, dt) * f.scale for f in fs])
-            A = torch.stack([f.A.to(dev, dt) for f in fs])
+            B = to_device(torch.stack([f.B.to(dt) * f.scale for f in fs]), dev)
+            A = to_device(torch.stack([f.A.to(dt) for f in fs]), dev)
             yield chunk, fs, B, A, (out, inn)
 
 

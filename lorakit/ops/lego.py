@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 
 from lorakit.adapter import Adapter, AdapterMeta
-from lorakit.device import resolve_device
+from lorakit.device import factors_to, resolve_device
 from lorakit.errors import IncompatibleAdaptersError, OperatorParameterError, RankError, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import factored_svd, svd_of
@@ -116,7 +116,7 @@ def _input_units(
     f: LoraFactors, weight: float, gauge: Gauge, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` in float64 on ``device`` whose units sum to ``weight·ΔW`` in the given gauge."""
-    f = f.to(device).scaled(weight)
+    f = factors_to(f, device).scaled(weight)
     if gauge == "canonical":
         svd = svd_of(f, dtype=torch.float64)
         root = svd.S.clamp_min(0).sqrt()

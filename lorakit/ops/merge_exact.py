@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from lorakit.errors import ShapeMismatchError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import factored_svd
+from lorakit.linalg import SVD, factored_svd
 from lorakit.ops.algebra import cat_factors
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register
@@ -71,6 +71,13 @@ def svd(
     check_same_shape(inputs)
     decomposition = factored_svd([f.B for f in inputs], [f.A for f in inputs],
                                  [w * f.scale for f, w in zip(inputs, weights)])
+    return svd_result(decomposition, inputs, rank_rule)
+
+
+def svd_result(decomposition: SVD, inputs: Sequence[LoraFactors], rank_rule: RankRule | None) -> MergeResult:
+    """The ``svd`` merge's result from the exact SVD of one module's weighted sum: truncate by the rule
+    (default: the largest input rank), report the tail error. Shared by the operator and the pipeline's
+    batched path (:func:`lorakit.pipeline.run_merge` stacks same-shaped modules into one ``factored_svd``)."""
     rule = rank_rule or default_rank(inputs)
     k = max(1, min(rule.select(decomposition.S), decomposition.rank))
     err = decomposition.tail_error(k)

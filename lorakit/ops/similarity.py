@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapter import Adapter
+from lorakit.device import factors_to, resolve_device
 from lorakit.errors import IncompatibleAdaptersError
 from lorakit.factors import LoraFactors
 
@@ -63,8 +64,11 @@ class Similarity:
         return nrm.unsqueeze(1) / nrm.unsqueeze(0).clamp_min(1e-300)
 
 
-def similarity(adapters: Sequence[Adapter], names: Sequence[str] | None = None) -> Similarity:
+def similarity(adapters: Sequence[Adapter], names: Sequence[str] | None = None, *,
+               device: str | torch.device = "cpu") -> Similarity:
     """Cosines and norms of ``adapters`` over their common modules, module by module (bounded memory).
+
+    ``device``: where the small Gram products run (factors moved by :func:`lorakit.device.factors_to`).
 
     Raises:
         IncompatibleAdaptersError: no module in common, or a common module with different shapes.
@@ -81,7 +85,7 @@ def similarity(adapters: Sequence[Adapter], names: Sequence[str] | None = None) 
         if len(shapes) > 1:
             raise IncompatibleAdaptersError(f"shapes differ: {sorted(shapes)} (adapters for different base models?)",
                                             module=m)
-        fs = [a[m] for a in adapters]
+        fs = [factors_to(a[m], device) for a in adapters]
         g = torch.zeros(n, n, dtype=torch.float64)
         for i in range(n):
             for j in range(i, n):
@@ -99,14 +103,16 @@ def cosine(a: Adapter, b: Adapter) -> float:
 __all__ = ["Similarity", "cosine", "inner", "similarity"]
 
 
-def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_pickle: bool = False):
+def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_pickle: bool = False,
+                      device: str = "cpu"):
     """The ``lorakit similarity`` report: the cosine matrix, norms and norm ratios (and per module on request)."""
     from lorakit.api import load
     from lorakit.report import Report
 
     if len(paths) < 2:
         raise IncompatibleAdaptersError("give at least two adapters to compare")
-    sim = similarity([load(p, allow_pickle=allow_pickle) for p in paths], [str(p) for p in paths])
+    sim = similarity([load(p, allow_pickle=allow_pickle) for p in paths], [str(p) for p in paths],
+                     device=resolve_device(device))
     labels = [f"#{i}" for i in range(len(paths))]
     cos, norms = sim.cosine(), sim.norms()
     report = Report(f"cosine similarity over {len(sim.modules)} common modules",

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from lorakit.adapter import Adapter
+from lorakit.device import factors_to
 from lorakit.errors import FormatError, OperatorParameterError
 from lorakit.factors import LoraFactors
 from lorakit.quant.blockwise import QuantConfig
@@ -60,7 +61,7 @@ def quantize_module(
     """
     f.check_finite(module=name)
     if device is not None:
-        f = f.to(device)
+        f = factors_to(f, device)
     canon = to_canonical(f)
     norm = f.norm()
     if bits is not None:
