@@ -143,11 +143,7 @@ def ties(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.2, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0,
 ) -> MergeResult:
-    check_params(density=density)
-    tiles = TaskTiles(inputs, weights)
-    t = tiles.thresholds([keep_count(density, tiles.numel)])[:, 0]
-    M = merge_dense(tiles, lambda _r0, x: K.trim(x, t), signed=True, lam=lam)
-    return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
+    return _trimmed(inputs, weights, density, lam, rank_rule, seed, signed=True)
 
 
 @register("magnitude_prune", description="keep the top-density fraction of |τ_i| per module, weighted sum",
@@ -156,10 +152,19 @@ def magnitude_prune(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.2, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0,
 ) -> MergeResult:
+    return _trimmed(inputs, weights, density, lam, rank_rule, seed, signed=False)
+
+
+def _trimmed(
+    inputs: Sequence[LoraFactors], weights: Sequence[float], density: float, lam: float,
+    rank_rule: RankRule | None, seed: int, *, signed: bool,
+) -> MergeResult:
+    """Trim every input to its top-``density`` magnitudes, then a plain sum (``signed=False``) or TIES's
+    sign election and disjoint mean."""
     check_params(density=density)
     tiles = TaskTiles(inputs, weights)
     t = tiles.thresholds([keep_count(density, tiles.numel)])[:, 0]
-    M = merge_dense(tiles, lambda _r0, x: K.trim(x, t), signed=False, lam=lam)
+    M = merge_dense(tiles, lambda _r0, x: K.trim(x, t), signed=signed, lam=lam)
     return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
 
 
