@@ -95,9 +95,7 @@ class LoraFactors:
 
     def norm(self) -> float:
         """‖ΔW‖_F in factored form: ``|s|·sqrt(Σ (BᵀB) ⊙ (AAᵀ))``, O((out + in)·r²), no dense ΔW."""
-        A, B = self.A.double(), self.B.double()
-        gram = (B.T @ B) * (A @ A.T)
-        return abs(self.scale) * float(gram.sum().clamp_min(0).sqrt())
+        return math.sqrt(max(frobenius_inner(self, self), 0.0))
 
     def with_(self, **changes: object) -> LoraFactors:
         """A copy with some fields replaced (factors are validated again)."""
@@ -141,3 +139,12 @@ class LoraFactors:
         assert self.kernel is not None
         kh, kw = self.kernel
         return (self.rank, self.in_features // (kh * kw), kh, kw), (self.out_features, self.rank, 1, 1)
+
+
+def frobenius_inner(a: LoraFactors, b: LoraFactors) -> float:
+    """``⟨ΔW_a, ΔW_b⟩_F = s_a·s_b·Σ (B_aᵀB_b) ⊙ (A_a A_bᵀ)`` in float64; O((out + in)·r_a·r_b), no dense ΔW.
+
+    The one factored inner product: norms, cosine similarities and errors are built from it.
+    """
+    Ba, Aa, Bb, Ab = a.B.double(), a.A.double(), b.B.double(), b.A.double()
+    return a.scale * b.scale * float(((Ba.T @ Bb) * (Aa @ Ab.T)).sum())

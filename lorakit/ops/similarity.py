@@ -18,13 +18,10 @@ import torch
 from lorakit.adapter import Adapter
 from lorakit.device import factors_to, resolve_device
 from lorakit.errors import IncompatibleAdaptersError
-from lorakit.factors import LoraFactors
+from lorakit.factors import LoraFactors, frobenius_inner
 
 
-def inner(a: LoraFactors, b: LoraFactors) -> float:
-    """``⟨ΔW_a, ΔW_b⟩_F`` in factored form (float64)."""
-    Ba, Aa, Bb, Ab = a.B.double(), a.A.double(), b.B.double(), b.A.double()
-    return a.scale * b.scale * float(((Ba.T @ Bb) * (Aa @ Ab.T)).sum())
+inner = frobenius_inner  # ⟨ΔW_a, ΔW_b⟩_F in factored form (float64)
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,7 @@ def to_canonical(f: LoraFactors) -> LoraFactors:
 
 def factored_error(ref: LoraFactors, approx: LoraFactors) -> float:
     """``‖ΔW_ref − ΔW_approx‖_F`` via the Gram matrices of ``[s·B, −ŝ·B̂]`` and ``[A; Â]`` (float64, no dense ΔW)."""
+    # The difference as one concatenated low-rank term (not ⟨a,a⟩ − 2⟨a,b⟩ + ⟨b,b⟩, which cancels badly).
     X = torch.cat([ref.B.double() * ref.scale, -approx.B.double() * approx.scale], dim=1)
     Y = torch.cat([ref.A.double(), approx.A.double()], dim=0)
-    return float(((X.T @ X) * (Y @ Y.T)).sum().clamp_min(0).sqrt())
+    return LoraFactors(Y, X).norm()
