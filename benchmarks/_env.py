@@ -59,6 +59,30 @@ def machine() -> dict[str, str | int]:
     return info
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MB): ``VmHWM``, which starts afresh at exec.
+
+    ``ru_maxrss`` is only the fallback: Linux carries it over from the parent across fork and exec, so a child of a
+    big parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def header_markdown() -> str:
     m, v = machine(), versions()
     return (

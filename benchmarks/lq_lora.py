@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._env import markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks" / "lq_lora.md"
 SHAPES_1B = {
@@ -42,10 +44,6 @@ def make_matrix(out: int, inn: int, seed: int, spike_rank: int = 128) -> torch.T
     return torch.randn(out, inn, generator=g) / inn**0.5 + (U * s) @ V.T
 
 
-def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

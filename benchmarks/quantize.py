@@ -13,13 +13,14 @@ import argparse
 import math
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks._env import markdown_table, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks" / "quantize.md"
@@ -46,8 +47,6 @@ def header() -> str:
         )
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cast_error(adapter, dtype: torch.dtype) -> float:
@@ -113,10 +112,6 @@ def table_for(adapter, src: Path, tmp: Path, accuracy=None, block: int = 64) -> 
     return rows
 
 
-def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def eight_b(layers: int, rank: int, decay: float, tmp: Path) -> tuple[str, list[list[str]]]:

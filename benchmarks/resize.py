@@ -32,23 +32,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._env import peak_rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = ["1"]  # torch threads in every child (same for both routes), set from --threads
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (MB): ``VmHWM``, which starts afresh at exec.
-
-    ``ru_maxrss`` is not used: Linux carries it over from the parent across fork and exec, so a child of a
-    big parent would report the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_s() -> float:
