@@ -7,6 +7,8 @@ a next step; :meth:`LorakitError.hint` supplies that next step.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,19 @@ class LorakitError(Exception):
         """``file: module: message`` with whichever parts are known."""
         parts = [p for p in (self.file, f"module {self.module}" if self.module else None) if p]
         return ": ".join([*parts, self.message])
+
+
+@contextlib.contextmanager
+def naming_file(path: str | Path | None) -> Iterator[None]:
+    """Inside the block, a :class:`LorakitError` that names no file is attributed to ``path`` (the input the
+    operation was reading), so the CLI's one line says which file was at fault."""
+    try:
+        yield
+    except LorakitError as e:
+        if e.file is None and path is not None:
+            e.file = str(path)
+            e.args = (e.one_line(),)
+        raise
 
 
 class AdapterError(LorakitError, ValueError):

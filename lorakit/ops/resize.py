@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
-from lorakit.errors import OperatorParameterError
+from lorakit.errors import OperatorParameterError, naming_file
 from lorakit.factors import LoraFactors
 from lorakit.linalg import SVD, adapter_spectra, adapter_svds_with_factors, check_rank
 from lorakit.ops.rank_rules import RankRule
@@ -189,7 +189,8 @@ def resize_file(
     check_output_path(output, [source])
     adapter = load(source, allow_pickle=allow_pickle)
     infos = adapter.infos()
-    _check_rule(rule, budget, infos, expand)
+    with naming_file(source):
+        _check_rule(rule, budget, infos, expand)
     what = f"budget {budget:,}" if budget is not None else str(rule) + (" (expand)" if expand else "")
     if dry_run:
         report = Report(title=f"plan: resize {source} by {what} → {output}",

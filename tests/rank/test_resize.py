@@ -247,3 +247,11 @@ def test_conv_and_embedding_modules_keep_their_kind(tmp_path, cli):
     for n in a:
         ref = _dense_truncation(a[n].delta(torch.float64), 3)
         torch.testing.assert_close(back[n].delta(torch.float64), ref, atol=1e-5, rtol=0)
+
+
+def test_rank_error_names_the_file_and_the_module(tmp_path, cli):
+    src = tmp_path / "in.safetensors"
+    lorakit.save(_adapter(), src, format="peft")
+    code, _, err = cli("resize", src, "--rank", "17", "-o", tmp_path / "out.safetensors")
+    first = err.splitlines()[0]
+    assert code == 1 and first.startswith(f"error: {src}: module ") and "rank 17 is outside" in first
