@@ -114,6 +114,10 @@ class Adapter(Mapping[str, LoraFactors]):
         m = self._modules[name]
         return m if isinstance(m, LoraFactors) else m()
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default tries self[name], which would read a lazy module's tensors
+        return name in self._modules
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._modules)
 

@@ -16,7 +16,7 @@ Cost O((out + in)·R² + R³) instead of O(out·in·min(out, in)) for a dense SV
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,11 @@ def compute_dtype(*tensors: torch.Tensor, at_least: torch.dtype = torch.float32)
         if t.dtype == torch.float64:
             dt = torch.float64
     return dt
+
+
+def widest_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The floating dtype with the most bits among ``dtypes``."""
+    return max(dtypes, key=lambda d: torch.finfo(d).bits)
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,7 @@ class SVD:
 
     def tail_error(self, k: int) -> float:
         """Relative Frobenius error of the rank-``k`` truncation: sqrt(Σ_{i>k} σ_i² / Σ σ_i²)."""
-        s2 = self.S.double() ** 2
-        total = float(s2.sum())
-        return math.sqrt(float(s2[k:].sum()) / total) if total > 0 else 0.0
+        return tail_error(self.S, k)
 
     def to_factors(self, dtype: torch.dtype | None = None, **extras: object) -> LoraFactors:
         """LoRA factors with singular values folded evenly: ``B = U·√S``, ``A = √S·Vh``, scale 1."""
@@ -78,6 +81,13 @@ class SVD:
 
     def dense(self) -> torch.Tensor:
         return (self.U * self.S.unsqueeze(-2)) @ self.Vh
+
+
+def tail_error(S: torch.Tensor, k: int) -> float:
+    """sqrt(Σ_{i>k} σ_i² / Σ σ_i²) for one descending spectrum ``S``: the relative error of keeping ``k``."""
+    s2 = S.double() ** 2
+    total = float(s2.sum())
+    return math.sqrt(float(s2[k:].sum()) / total) if total > 0 else 0.0
 
 
 def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,44 +108,107 @@ def _qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.qr(x, mode="reduced")
 
 
-def factored_svd(
+def core_svd(
     Bs: Sequence[torch.Tensor] | torch.Tensor,
     As: Sequence[torch.Tensor] | torch.Tensor,
     scales: Sequence[float] | None = None,
     *,
     dtype: torch.dtype | None = None,
-) -> SVD:
-    """Exact thin SVD of ``Σ_i scales[i]·Bs[i] @ As[i]`` by the QR-core construction (see module docstring).
+    storage_dtype: torch.dtype | None = None,
+) -> CoreSVD:
+    """The exact SVD of ``Σ_i scales[i]·Bs[i] @ As[i]`` up to its rotations (see the module docstring).
+
+    Does the two QRs and the small core SVD: O((out + in)·R² + R³). The singular values are then exact
+    and complete; :meth:`CoreSVD.leading` forms the singular vectors of as many leading triplets as the caller
+    keeps.
 
     Args:
         Bs: up factors ``(…, out, r_i)`` (or one tensor).
         As: down factors ``(…, r_i, in)`` (or one tensor).
         scales: one scale per term (default 1).
         dtype: compute dtype (default float32, float64 if an input is float64).
-
-    Returns:
-        An :class:`SVD` of rank ``min(out, in, R)``; zero singular values are kept (truncate to drop them).
+        storage_dtype: the dtype the result will be stored in (default: the widest input's). For 16-bit
+            storage, the rotations run in the compute dtype instead of float64, because float32's ~1e-6 relative
+            error is 4000× below bf16's rounding, and float64 rotations cost twice the QRs on CPU.
     """
     if isinstance(Bs, torch.Tensor):
         Bs, As = [Bs], [As]  # type: ignore[list-item]
     scales = list(scales) if scales is not None else [1.0] * len(Bs)
     dt = dtype or compute_dtype(*Bs, *As)  # type: ignore[arg-type]
-    B = torch.cat([b.to(dt) * s for b, s in zip(Bs, scales)], dim=-1)
-    A = torch.cat([a.to(dt) for a in As], dim=-2)
+    storage_dtype = storage_dtype or widest_dtype(t.dtype for t in (*Bs, *As))  # type: ignore[union-attr]
+    B = _concat([b.to(dt) if s == 1.0 else b.to(dt) * s for b, s in zip(Bs, scales)], dim=-1)
+    A = _concat([a.to(dt) for a in As], dim=-2)
     Qb, Rb = _qr(B)
     Qa, Ra = _qr(A.transpose(-1, -2))
-    # The core (≤ R×R) and the rotations of Q_B, Q_A are done in float64: negligible cost next to the QRs,
-    # and it takes the float32 result from ~1e-6 to ~3e-7 of ‖ΔW‖ against a float64 dense SVD.
-    wide = torch.float64
-    core = Rb.to(wide) @ Ra.to(wide).transpose(-1, -2)
+    # The core (≤ R×R) is always decomposed in float64: negligible cost next to the QRs.
+    core = Rb.double() @ Ra.double().transpose(-1, -2)
     try:
         Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
     except torch.linalg.LinAlgError as e:  # raised for NaN/Inf on some backends
         raise NumericalError("non-finite values in the factors") from e
     if not bool(torch.isfinite(S).all()):  # NaN/Inf anywhere in the factors reaches the core's spectrum
         raise NumericalError("non-finite values in the factors")
-    U, Vh = fix_signs((Qb.to(wide) @ Uc).to(dt), (Vhc @ Qa.to(wide).transpose(-1, -2)).to(dt))
-    return SVD(U, S.to(dt), Vh)
+    wide = dt if torch.finfo(storage_dtype).bits <= 16 else torch.float64
+    return CoreSVD(Qb, Uc, S, Vhc, Qa, dt, wide)
+
+
+def _concat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim=dim)
+
+
+@dataclass(frozen=True)
+class CoreSVD:
+    """An exact thin SVD held before its rotations: ``M = (Q_B U_c) diag(S) (V_cᵀ Q_Aᵀ)``.
+
+    ``S`` (float64, descending) is complete. The rotations ``Q_B U_c`` and ``V_cᵀ Q_Aᵀ``, O((out + in)·R·k),
+    are the largest cost of the factored SVD (float64 on CPU, twice the QRs), so :meth:`leading` forms them for
+    the ``k`` leading triplets a caller keeps: merging 8 rank-16 adapters to rank 16 rotates 16 columns, not 128.
+    """
+
+    Qb: torch.Tensor  # (…, out, R)
+    Uc: torch.Tensor  # (…, R, R) float64
+    S: torch.Tensor  # (…, R) float64
+    Vhc: torch.Tensor  # (…, R, R) float64
+    Qa: torch.Tensor  # (…, in, R)
+    dtype: torch.dtype  # the result's dtype (the compute dtype)
+    rotation_dtype: torch.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[-1])
+
+    def tail_error(self, k: int) -> float:
+        """Relative Frobenius error of the rank-``k`` truncation (see :meth:`SVD.tail_error`)."""
+        return tail_error(self.S, k)
+
+    def __getitem__(self, i: int) -> CoreSVD:
+        """The ``i``-th module of a batched core (views)."""
+        return CoreSVD(self.Qb[i], self.Uc[i], self.S[i], self.Vhc[i], self.Qa[i], self.dtype, self.rotation_dtype)
+
+    def leading(self, k: int | None = None) -> SVD:
+        """The thin SVD restricted to the leading ``k`` triplets (all of them by default), signs fixed."""
+        k = self.rank if k is None else min(k, self.rank)
+        wide = self.rotation_dtype
+        U = (self.Qb.to(wide) @ self.Uc[..., :k].to(wide)).to(self.dtype)
+        Vh = (self.Vhc[..., :k, :].to(wide) @ self.Qa.to(wide).transpose(-1, -2)).to(self.dtype)
+        U, Vh = fix_signs(U, Vh)
+        return SVD(U, self.S[..., :k].to(self.dtype), Vh)
+
+
+def factored_svd(
+    Bs: Sequence[torch.Tensor] | torch.Tensor,
+    As: Sequence[torch.Tensor] | torch.Tensor,
+    scales: Sequence[float] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype | None = None,
+) -> SVD:
+    """Exact thin SVD of ``Σ_i scales[i]·Bs[i] @ As[i]`` by the QR-core construction (see module docstring).
+
+    ``core_svd(…).leading()``: every triplet, of rank ``min(out, in, R)``; zero singular values are kept
+    (truncate to drop them). Arguments as for :func:`core_svd`.
+    """
+    return core_svd(Bs, As, scales, dtype=dtype, storage_dtype=storage_dtype).leading()
 
 
 def svd_of(f: LoraFactors, *, dtype: torch.dtype | None = None) -> SVD:
@@ -253,6 +326,38 @@ def _stacked_batches(
             yield chunk, fs, B, A, (out, inn)
 
 
+def adapter_cores(
+    adapter: Adapter,
+    names: Sequence[str] | None = None,
+    *,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = None,
+    max_batch_bytes: int = 64 << 20,
+) -> Iterator[tuple[str, CoreSVD, LoraFactors]]:
+    """Every module's :class:`CoreSVD` of ``scale·B @ A`` and its factors as read, batched over modules of the
+    same shape.
+
+    Modules with equal ``(out, in, rank)`` are stacked (``B (n, out, r)``, ``A (n, r, in)``, scale folded into B)
+    and go through one batched :func:`core_svd` on ``device``; batches are cut so that the work stays under
+    about ``max_batch_bytes``. Results are yielded grouped by shape (groups in first-seen order, ``names``
+    order within a group), one module at a time, so memory stays at one batch; each core stays on ``device``
+    and its :meth:`~CoreSVD.leading` triplets are formed only for what the caller keeps.
+
+    Cost: O((out + in)·r² + r³) per module, no dense ΔW.
+    """
+    for chunk, fs, B, A, (out, inn) in _stacked_batches(adapter, names, device, dtype, max_batch_bytes):
+        if B.shape[-1] == 0:  # an empty module has an empty spectrum
+            empty = CoreSVD(B.new_zeros(out, 0), B.new_zeros(0, 0).double(), B.new_zeros(0).double(),
+                            B.new_zeros(0, 0).double(), B.new_zeros(inn, 0), B.dtype, B.dtype)
+            for n, f in zip(chunk, fs):
+                yield n, empty, f
+            continue
+        core = core_svd(B, A, dtype=B.dtype, storage_dtype=widest_dtype(f.dtype for f in fs))
+        del B, A
+        for i, (n, f) in enumerate(zip(chunk, fs)):
+            yield n, core[i], f
+
+
 def adapter_svds(
     adapter: Adapter,
     names: Sequence[str] | None = None,
@@ -261,39 +366,10 @@ def adapter_svds(
     dtype: torch.dtype | None = None,
     max_batch_bytes: int = 64 << 20,
 ) -> Iterator[tuple[str, SVD]]:
-    """Exact thin SVDs of every module's ``scale·B @ A``, batched over modules of the same shape.
-
-    Modules with equal ``(out, in, rank)`` are stacked (``B (n, out, r)``, ``A (n, r, in)``, scale folded into B)
-    and go through one batched :func:`factored_svd` on ``device``; batches are cut so that the work stays under
-    about ``max_batch_bytes``. Results come back on CPU, grouped by shape (groups in first-seen order, ``names``
-    order within a group), one module at a time, so memory stays at one batch.
-
-    Cost: O((out + in)·r² + r³) per module, no dense ΔW.
-    """
-    for name, svd, _ in adapter_svds_with_factors(adapter, names, device=device, dtype=dtype,
-                                                  max_batch_bytes=max_batch_bytes):
-        yield name, svd
-
-
-def adapter_svds_with_factors(
-    adapter: Adapter,
-    names: Sequence[str] | None = None,
-    *,
-    device: torch.device | str | None = "cpu",
-    dtype: torch.dtype | None = None,
-    max_batch_bytes: int = 64 << 20,
-) -> Iterator[tuple[str, SVD, LoraFactors]]:
-    """:func:`adapter_svds`, also yielding each module's factors as read (so a caller reads the file once)."""
-    for chunk, fs, B, A, (out, inn) in _stacked_batches(adapter, names, device, dtype, max_batch_bytes):
-        if B.shape[-1] == 0:  # an empty module has an empty spectrum
-            for n, f in zip(chunk, fs):
-                yield n, SVD(B.new_zeros(out, 0).cpu(), B.new_zeros(0).cpu(), B.new_zeros(0, inn).cpu()), f
-            continue
-        svd = factored_svd(B, A, dtype=B.dtype)
-        del B, A
-        U, S, Vh = svd.U.cpu(), svd.S.cpu(), svd.Vh.cpu()
-        for i, (n, f) in enumerate(zip(chunk, fs)):
-            yield n, SVD(U[i], S[i], Vh[i]), f
+    """Exact thin SVDs (every triplet, on CPU) of every module's ``scale·B @ A``: :func:`adapter_cores`, rotated."""
+    for name, core, _ in adapter_cores(adapter, names, device=device, dtype=dtype, max_batch_bytes=max_batch_bytes):
+        svd = core.leading()
+        yield name, SVD(svd.U.cpu(), svd.S.cpu(), svd.Vh.cpu())
 
 
 def adapter_spectra(

@@ -25,10 +25,16 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.api import default_output_format, load, save
 from lorakit.device import factors_to, release_host_memory, resolve_device, to_device
-from lorakit.errors import IncompatibleAdaptersError, NumericalError, OperatorParameterError, ShapeMismatchError
+from lorakit.errors import (
+    IncompatibleAdaptersError,
+    NumericalError,
+    OperatorParameterError,
+    ShapeMismatchError,
+)
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
-from lorakit.linalg import SVD, compute_dtype, factored_svd, group_by_shape
+from lorakit.io.prefetch import Prefetcher
+from lorakit.linalg import SVD, compute_dtype, core_svd, group_by_shape, widest_dtype
 from lorakit.ops import _kernels, merge_exact
 from lorakit.ops.merge_delta import check_params
 from lorakit.ops.rank_rules import RankRule, rank_rule
@@ -38,7 +44,7 @@ from lorakit.report import Report
 
 ModuleSet = Literal["exact", "union", "intersection"]
 FACTOR_RANK_EXACT = ("cat", "task_arithmetic")  # rank Σr_i when no rank rule is given
-TRIM_EVERY_BYTES = 64 << 20  # give freed heap back to the OS this often (see lorakit.device.release_host_memory)
+TRIM_EVERY_BYTES = 16 << 20  # give freed heap back to the OS this often (see lorakit.device.release_host_memory)
 
 
 @dataclass
@@ -55,6 +61,10 @@ class MergePlan:
     present: dict[str, list[int]]  # module → indices of the inputs that have it
     infos: dict[str, ModuleInfo] | None  # output infos, when known before computing
     notes: list[str] = field(default_factory=list)
+
+    def output_dtype(self, module: str, dtype: torch.dtype | None = None) -> torch.dtype:
+        """The dtype a merged module is stored in: ``dtype`` if given, else its first input's."""
+        return dtype or self.adapters[self.present[module][0]].info(module).dtype
 
     def compatibility(self) -> Report:
         """One row per input: format, base model, modules, ranks, scales, dtype, and module-set differences."""
@@ -241,26 +251,27 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     """The merged adapter, lazy where the output ranks are known (see the module docstring).
 
     ``device``: where the arithmetic runs (inputs are moved by :func:`lorakit.device.to_device`: pinned,
-    non-blocking copies on CUDA); results come back to CPU in the output dtype.
+    non-blocking copies on CUDA); results come back to CPU in the output dtype. Inputs are read ahead of the
+    compute in a background thread (:class:`~lorakit.io.prefetch.Prefetcher`).
 
-    ``batch_bytes``: for the ``svd`` method, modules are read in windows of about this many bytes of factors
-    (default 8 MiB on CPU, where batching saves no measurable time and a small window keeps memory
-    at a few modules; 512 MiB on CUDA, where it saves launches; 0 turns batching off) and the same-shaped ones in a window go
-    through one batched :func:`~lorakit.linalg.factored_svd` (grouped by
-    :func:`~lorakit.linalg.group_by_shape`), so a Llama-3-8B adapter takes a handful of batched QR/SVD calls
-    instead of 224 per-module ones. Peak memory: one window of factors plus its results. On CPU each module's
-    numbers equal the per-module operator's (batched LAPACK runs the same routine per matrix).
+    ``batch_bytes``: for the ``svd`` method, modules are taken in windows of about this many bytes of float32
+    factors (default: one module at a time on CPU, where batching saves no measurable time and memory stays at
+    a module's working set; 512 MiB on CUDA, where it saves launches; 0 turns batching off), and the same-shaped
+    ones in a window go through one batched :func:`~lorakit.linalg.core_svd` (grouped by
+    :func:`~lorakit.linalg.group_by_shape`), so on CUDA a Llama-3-8B adapter takes a handful of batched QR/SVD
+    calls instead of 224 per-module ones. Peak memory: one window of factors plus its results. On CPU each
+    module's numbers equal the per-module operator's (batched LAPACK runs the same routine per matrix).
     """
     results: dict[str, MergeResult] = {}
     spec = plan.spec
     dev = torch.device(device)
     if batch_bytes is None:
-        batch_bytes = (512 << 20) if dev.type == "cuda" else (8 << 20)
+        batch_bytes = (512 << 20) if dev.type == "cuda" else 1
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
     streamed = [0]  # float32 bytes of factors processed since freed heap memory was last given back
 
-    def inputs_of(m: str) -> list[LoraFactors]:
+    def read_inputs(m: str) -> list[LoraFactors]:
         inputs = []
         for i in plan.present[m]:
             f = plan.adapters[i][m]
@@ -269,9 +280,15 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
             inputs.append(f)
         return inputs
 
+    stored = {m: sum(plan.adapters[i].info(m).num_params * plan.adapters[i].info(m).dtype.itemsize
+                     for i in plan.present[m]) for m in plan.modules}
+    # read ahead: one module on CPU (a second core's worth of overlap, little memory), a window on CUDA
+    ahead = batch_bytes // 2 if dev.type == "cuda" else 0
+    inputs_of = Prefetcher(read_inputs, plan.modules, stored, ahead).get
+
     def one(m: str) -> LoraFactors:
         if m not in batched and spec.fn is merge_exact.svd and batch_bytes > 0:
-            batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of, results))
+            batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of, results, dtype))
         streamed[0] += sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
         if streamed[0] >= TRIM_EVERY_BYTES:
             release_host_memory()
@@ -290,7 +307,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
                 raise type(e)(e.message, module=m, hint=e.hint) from e
         f = res.factors
         f.check_finite(module=m)
-        out_dtype = dtype or plan.adapters[plan.present[m][0]].info(m).dtype
+        out_dtype = plan.output_dtype(m, dtype)
         f = f.with_(A=f.A.to(device="cpu", dtype=out_dtype), B=f.B.to(device="cpu", dtype=out_dtype),
                     magnitude=None, extras={})
         # the report needs ranks and errors only: keeping every result's factors would hold the whole
@@ -310,13 +327,32 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     return MergeRun(plan, adapter, results)
 
 
+def _stack_concatenated(per_module: list[list[LoraFactors]], weights: list[float], dt: torch.dtype, *,
+                        pinned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B (n, out, R)`` and ``A (n, R, in)``: each module's ``[w_i·s_i·B_i]`` and ``[A_i]`` concatenated, the
+    modules stacked, written straight into one buffer each (no per-input stacks to concatenate again).
+    Each slice is ``B_i.to(dt) * (w_i·s_i)``, as the per-module operator computes it."""
+    first = per_module[0]
+    R = sum(f.rank for f in first)
+    B = torch.empty(len(per_module), first[0].out_features, R, dtype=dt, pin_memory=pinned)
+    A = torch.empty(len(per_module), R, first[0].in_features, dtype=dt, pin_memory=pinned)
+    for n, fs in enumerate(per_module):
+        at = 0
+        for f, w in zip(fs, weights):
+            torch.mul(f.B.to(dt), w * f.scale, out=B[n, :, at:at + f.rank])
+            A[n, at:at + f.rank].copy_(f.A)
+            at += f.rank
+    return B, A
+
+
 def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.device, inputs_of,
-                done: Mapping[str, MergeResult]) -> dict[str, MergeResult]:
+                done: Mapping[str, MergeResult], out_dtype: torch.dtype | None) -> dict[str, MergeResult]:
     """``svd`` merges of the modules from ``plan.modules[start]`` on, up to ``batch_bytes`` of factors, batched.
 
-    Modules whose inputs have equal ``(out, in, rank)`` (and come from the same inputs) are stacked per input,
-    weight·scale folded into B exactly as the per-module operator folds it, and decomposed by one
-    :func:`factored_svd` call on ``device``. A batch with a non-finite value is left to the per-module path,
+    Modules whose inputs have equal ``(out, in, rank)`` (and come from the same inputs) are stacked
+    (:func:`_stack_concatenated`: weight·scale folded into B exactly as the per-module operator folds it) and
+    decomposed by one :func:`~lorakit.linalg.core_svd` call on ``device``; the rotations are formed for the
+    largest rank any module of the batch keeps. A batch with a non-finite value is left to the per-module path,
     which names the module.
     """
     window: list[str] = []
@@ -341,17 +377,19 @@ def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.dev
         per_module = [inputs_of(m) for m in names]
         dt = compute_dtype(*(t for fs in per_module for f in fs for t in (f.A, f.B)))
         weights = [plan.weights[i] for i in present]
-        Bs = [to_device(torch.stack([fs[j].B.to(dt) * (w * fs[j].scale) for fs in per_module]), device)
-              for j, w in enumerate(weights)]
-        As = [to_device(torch.stack([fs[j].A.to(dt) for fs in per_module]), device) for j in range(len(weights))]
+        B, A = _stack_concatenated(per_module, weights, dt, pinned=device.type == "cuda")
+        B, A = to_device(B, device), to_device(A, device)
+        storage = widest_dtype(plan.output_dtype(m, out_dtype) for m in names)
         try:
-            decomposition = factored_svd(Bs, As, dtype=dt)
+            core = core_svd(B, A, dtype=dt, storage_dtype=storage)
         except NumericalError:
             continue
-        del Bs, As
-        U, S, Vh = decomposition.U.cpu(), decomposition.S.cpu(), decomposition.Vh.cpu()
+        del B, A
+        ks = [merge_exact.svd_rank(core.S[i], fs, rule) for i, fs in enumerate(per_module)]
+        lead = core.leading(max(ks))  # batched rotations of the directions any module of the batch keeps
+        U, S_lead, Vh, S = lead.U.cpu(), lead.S.cpu(), lead.Vh.cpu(), core.S.cpu()
         for i, (m, fs) in enumerate(zip(names, per_module)):
-            out[m] = merge_exact.svd_result(SVD(U[i], S[i], Vh[i]), fs, rule)
+            out[m] = merge_exact.svd_result(S[i], SVD(U[i], S_lead[i], Vh[i]), fs, rule)
     return out
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from lorakit.errors import ShapeMismatchError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, factored_svd
+from lorakit.linalg import SVD, core_svd, tail_error
 from lorakit.ops.algebra import cat_factors
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register
@@ -69,18 +71,23 @@ def svd(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, rank_rule: RankRule | None = None
 ) -> MergeResult:
     check_same_shape(inputs)
-    decomposition = factored_svd([f.B for f in inputs], [f.A for f in inputs],
-                                 [w * f.scale for f, w in zip(inputs, weights)])
-    return svd_result(decomposition, inputs, rank_rule)
+    core = core_svd([f.B for f in inputs], [f.A for f in inputs], [w * f.scale for f, w in zip(inputs, weights)])
+    return svd_result(core.S, core.leading(svd_rank(core.S, inputs, rank_rule)), inputs, rank_rule)
 
 
-def svd_result(decomposition: SVD, inputs: Sequence[LoraFactors], rank_rule: RankRule | None) -> MergeResult:
-    """The ``svd`` merge's result from the exact SVD of one module's weighted sum: truncate by the rule
-    (default: the largest input rank), report the tail error. Shared by the operator and the pipeline's
-    batched path (:func:`lorakit.pipeline.run_merge` stacks same-shaped modules into one ``factored_svd``)."""
-    rule = rank_rule or default_rank(inputs)
-    k = max(1, min(rule.select(decomposition.S), decomposition.rank))
-    err = decomposition.tail_error(k)
+def svd_rank(S: torch.Tensor, inputs: Sequence[LoraFactors], rank_rule: RankRule | None) -> int:
+    """The rank the ``svd`` merge keeps for the weighted sum's spectrum ``S`` (default: the largest input rank)."""
+    return max(1, min((rank_rule or default_rank(inputs)).select(S), int(S.shape[-1])))
+
+
+def svd_result(S: torch.Tensor, leading: SVD, inputs: Sequence[LoraFactors],
+               rank_rule: RankRule | None) -> MergeResult:
+    """The ``svd`` merge's result from one module's exact spectrum ``S`` and (at least) its leading
+    :func:`svd_rank` triplets: truncate by the rule, report the tail error. Shared by the operator and the
+    pipeline's batched path (:func:`lorakit.pipeline.run_merge` stacks same-shaped modules into one
+    :func:`~lorakit.linalg.core_svd`)."""
+    k = svd_rank(S, inputs, rank_rule)
+    err = tail_error(S, k)
     first = inputs[0]
-    out = decomposition.truncate(k).to_factors(kernel=first.kernel, kind=first.kind)
+    out = leading.truncate(k).to_factors(kernel=first.kernel, kind=first.kind)
     return MergeResult(out, error=err, best_error=err, info={"rank": k})

@@ -1,7 +1,8 @@
 """Rank surgery: shrink (or zero-pad) every module of an adapter, exactly optimal, without dense ΔW.
 
-Per module, the exact thin SVD of ``s·B @ A`` comes from the QR core (:func:`lorakit.linalg.adapter_svds`,
-batched over same-shaped modules), then the kept rank ``k`` is chosen by one rule:
+Per module, the exact spectrum of ``s·B @ A`` comes from the QR core (:func:`lorakit.linalg.adapter_cores`,
+batched over same-shaped modules), then the kept rank ``k`` is chosen by one rule, and only the ``k`` kept singular
+vectors are formed:
 
 - a :class:`~lorakit.ops.rank_rules.RankRule` per module (``--rank``, ``--energy``, ``--sv-ratio``,
   ``--sv-cumulative``, ``--error``), or
@@ -25,7 +26,7 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import OperatorParameterError, naming_file
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, adapter_spectra, adapter_svds_with_factors, check_rank
+from lorakit.linalg import SVD, adapter_cores, adapter_spectra, check_rank
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 
@@ -96,7 +97,8 @@ def truncated_factors(svd: SVD, k: int, like: LoraFactors, *, expand_to: int | N
         pad = expand_to - A.shape[0]
         A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-    return LoraFactors(A.to(like.dtype).contiguous(), B.to(like.dtype).contiguous(), 1.0, like.kernel, like.kind,
+    home = {"device": like.A.device, "dtype": like.dtype}  # the input's: results come back from the device
+    return LoraFactors(A.to(**home).contiguous(), B.to(**home).contiguous(), 1.0, like.kernel, like.kind,
                        like.magnitude, like.extras)
 
 
@@ -128,12 +130,12 @@ def resize(
     modules: dict[str, LoraFactors] = {}
     rows: dict[str, ModuleResize] = {}
     # streamed: one batch of SVDs alive at a time, each module read once
-    for name, svd, original in adapter_svds_with_factors(adapter, device=device):
+    for name, core, original in adapter_cores(adapter, device=device):
         info = infos[name]
-        k = ranks[name] if budget is not None else rule.select(svd.S)  # type: ignore[union-attr]
-        f = truncated_factors(svd, k, original, expand_to=pad)
+        k = ranks[name] if budget is not None else rule.select(core.S)  # type: ignore[union-attr]
+        f = truncated_factors(core.leading(k), k, original, expand_to=pad)
         modules[name] = f
-        s2 = svd.S.double() ** 2
+        s2 = core.S.double() ** 2
         total = float(s2.sum())
         kept = float(s2[:k].sum())
         rows[name] = ModuleResize(

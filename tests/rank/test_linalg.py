@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit.factors import LoraFactors
-from lorakit.linalg import adapter_spectra, adapter_svds, canonical, effective_rank, factored_svd, group_by_shape, randomized_svd, \
-    svd_of
+from lorakit.linalg import adapter_spectra, adapter_svds, canonical, core_svd, effective_rank, factored_svd, group_by_shape, \
+    randomized_svd, svd_of
 from lorakit.testing import random_adapter, random_factors
 
 CASES = [  # (out, in, r, decay, deficient rank or None)
@@ -177,3 +177,41 @@ def test_non_finite_factors_are_refused():
     A[0, 0], B[3, 1] = float("inf"), 1.0
     with pytest.raises(NumericalError):
         factored_svd(B, A)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_leading_triplets_equal_the_full_svd_truncated(case):
+    f = _factors(*case, seed=5).to(dtype=torch.float64)
+    core = core_svd([f.B], [f.A], [f.scale])
+    full = factored_svd([f.B], [f.A], [f.scale])
+    assert torch.equal(core.S, full.S)  # the spectrum is complete before any rotation
+    for k in range(1, core.rank + 1):
+        lead, ref = core.leading(k), full.truncate(k)
+        assert lead.rank == k
+        for ours, theirs in ((lead.U, ref.U), (lead.S, ref.S), (lead.Vh, ref.Vh)):
+            assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+        assert core.tail_error(k) == pytest.approx(full.tail_error(k), abs=1e-15)
+
+
+def test_rotations_are_float64_unless_the_result_is_stored_in_16_bits():
+    g = torch.Generator().manual_seed(0)
+    f = random_factors(64, 48, 8, decay=0.7, generator=g)
+    assert core_svd(f.B, f.A).rotation_dtype == torch.float64
+    half = f.to(dtype=torch.bfloat16)
+    core = core_svd(half.B, half.A)
+    assert core.rotation_dtype == torch.float32  # float64 digits would be rounded away by bf16 storage
+    assert core_svd(half.B, half.A, storage_dtype=torch.float32).rotation_dtype == torch.float64
+    # float32 rotations stay far inside bf16's rounding (2^-8 relative)
+    dense = half.delta(torch.float64)
+    svd = core.leading()
+    assert float(torch.linalg.norm(svd.dense().double() - dense) / torch.linalg.norm(dense)) < 1e-5
+
+
+def test_batched_core_indexes_to_each_module():
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(3, 20, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, 10, generator=g,
+                                                                                 dtype=torch.float64)
+    core = core_svd(B, A)
+    for i in range(3):
+        one = core[i].leading(2)
+        assert torch.allclose(one.dense(), factored_svd(B[i], A[i]).truncate(2).dense(), atol=1e-12)

@@ -26,3 +26,30 @@ def test_save_load_roundtrip(tmp_path):
         lorakit.save(a, out, format=fmt)
         assert_adapters_close(lorakit.load(out), a)
     assert isinstance(a, Adapter)
+
+
+def test_membership_does_not_read_a_lazy_module():
+    from lorakit.adapter import ModuleInfo
+
+    reads = []
+    f = LoraFactors(torch.randn(2, 6), torch.randn(5, 2), 1.0)
+    lazy = Adapter({"m": lambda: reads.append("m") or f}, infos={"m": ModuleInfo.of("m", f)})
+    assert "m" in lazy and "x" not in lazy and 3 not in lazy
+    assert reads == []  # Mapping's default __contains__ would have loaded the tensors
+    assert lazy["m"] is f and reads == ["m"]
+
+
+def test_all_finite_is_exact_on_nan_inf_and_overflowing_sums():
+    from lorakit.factors import all_finite
+
+    big = torch.full((4,), 3e38)  # every value finite; the float32 sum overflows
+    assert all_finite(big) and all_finite(big.double()) and all_finite(torch.zeros(0))
+    assert all_finite(torch.arange(5))  # integers cannot hold NaN
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = torch.randn(7, 3).to(dtype)
+            t[5, 1] = bad
+            assert not all_finite(t), (dtype, bad)
+        assert all_finite(torch.randn(7, 3).to(dtype))
+    mixed = torch.tensor([float("inf"), -float("inf")])  # sums to NaN, never to a finite number
+    assert not all_finite(mixed)
