@@ -57,6 +57,24 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _libc_malloc_trim()
 
 
+class HostMemoryTrimmer:
+    """Calls :func:`release_host_memory` each time ``every_bytes`` more have been processed by a streaming loop.
+
+    Trimming costs a few ms a call; every 16 MB of float32 factors keeps a 70B-shaped stream's heap within tens of
+    MB of its working set for a few percent of its time.
+    """
+
+    def __init__(self, every_bytes: int = 16 << 20) -> None:
+        self.every_bytes = every_bytes
+        self._since = 0
+
+    def processed(self, nbytes: int) -> None:
+        self._since += nbytes
+        if self._since >= self.every_bytes:
+            release_host_memory()
+            self._since = 0
+
+
 def release_host_memory() -> None:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lorakit.device import to_device
+from lorakit.device import HostMemoryTrimmer, to_device
 from lorakit.errors import NumericalError, RankError
 from lorakit.factors import LoraFactors
 
@@ -138,6 +138,11 @@ def core_svd(
     storage_dtype = storage_dtype or widest_dtype(t.dtype for t in (*Bs, *As))  # type: ignore[union-attr]
     B = _concat([b.to(dt) if s == 1.0 else b.to(dt) * s for b, s in zip(Bs, scales)], dim=-1)
     A = _concat([a.to(dt) for a in As], dim=-2)
+    wide = dt if torch.finfo(storage_dtype).bits <= 16 else torch.float64
+    if B.shape[-1] == 0:  # an empty module: an empty spectrum, no triplets
+        square = B.new_zeros((*B.shape[:-2], 0, 0), dtype=torch.float64)
+        S = B.new_zeros((*B.shape[:-2], 0), dtype=torch.float64)
+        return CoreSVD(B, square, S, square, A.transpose(-1, -2), dt, wide)
     Qb, Rb = _qr(B)
     Qa, Ra = _qr(A.transpose(-1, -2))
     # The core (≤ R×R) is always decomposed in float64: negligible cost next to the QRs.
@@ -148,7 +153,6 @@ def core_svd(
         raise NumericalError("non-finite values in the factors") from e
     if not bool(torch.isfinite(S).all()):  # NaN/Inf anywhere in the factors reaches the core's spectrum
         raise NumericalError("non-finite values in the factors")
-    wide = dt if torch.finfo(storage_dtype).bits <= 16 else torch.float64
     return CoreSVD(Qb, Uc, S, Vhc, Qa, dt, wide)
 
 
@@ -313,6 +317,7 @@ def _stacked_batches(
     infos = adapter.infos()
     wanted = list(adapter) if names is None else list(names)
     dev = torch.device("cpu") if device is None else torch.device(device)
+    trimmer = HostMemoryTrimmer()
     for (out, inn, r), group in group_by_shape({n: infos[n] for n in wanted}).items():
         dt = dtype or (torch.float64 if any(infos[n].dtype == torch.float64 for n in group) else torch.float32)
         # the QRs and the float64 rotations hold a few copies of the stacked factors
@@ -324,6 +329,7 @@ def _stacked_batches(
             B = to_device(torch.stack([f.B.to(dt) * f.scale for f in fs]), dev)
             A = to_device(torch.stack([f.A.to(dt) for f in fs]), dev)
             yield chunk, fs, B, A, (out, inn)
+            trimmer.processed(per_module * len(chunk))
 
 
 def adapter_cores(
@@ -346,12 +352,6 @@ def adapter_cores(
     Cost: O((out + in)·r² + r³) per module, no dense ΔW.
     """
     for chunk, fs, B, A, (out, inn) in _stacked_batches(adapter, names, device, dtype, max_batch_bytes):
-        if B.shape[-1] == 0:  # an empty module has an empty spectrum
-            empty = CoreSVD(B.new_zeros(out, 0), B.new_zeros(0, 0).double(), B.new_zeros(0).double(),
-                            B.new_zeros(0, 0).double(), B.new_zeros(inn, 0), B.dtype, B.dtype)
-            for n, f in zip(chunk, fs):
-                yield n, empty, f
-            continue
         core = core_svd(B, A, dtype=B.dtype, storage_dtype=widest_dtype(f.dtype for f in fs))
         del B, A
         for i, (n, f) in enumerate(zip(chunk, fs)):

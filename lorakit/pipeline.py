@@ -24,7 +24,7 @@ import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.api import default_output_format, load, save
-from lorakit.device import factors_to, release_host_memory, resolve_device, to_device
+from lorakit.device import HostMemoryTrimmer, factors_to, resolve_device, to_device
 from lorakit.errors import (
     IncompatibleAdaptersError,
     NumericalError,
@@ -44,7 +44,6 @@ from lorakit.report import Report
 
 ModuleSet = Literal["exact", "union", "intersection"]
 FACTOR_RANK_EXACT = ("cat", "task_arithmetic")  # rank Σr_i when no rank rule is given
-TRIM_EVERY_BYTES = 16 << 20  # give freed heap back to the OS this often (see lorakit.device.release_host_memory)
 
 
 @dataclass
@@ -269,7 +268,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
         batch_bytes = (512 << 20) if dev.type == "cuda" else 1
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
-    streamed = [0]  # float32 bytes of factors processed since freed heap memory was last given back
+    trimmer = HostMemoryTrimmer()
 
     def read_inputs(m: str) -> list[LoraFactors]:
         inputs = []
@@ -289,10 +288,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     def one(m: str) -> LoraFactors:
         if m not in batched and spec.fn is merge_exact.svd and batch_bytes > 0:
             batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of, results, dtype))
-        streamed[0] += sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
-        if streamed[0] >= TRIM_EVERY_BYTES:
-            release_host_memory()
-            streamed[0] = 0
+        trimmer.processed(sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4)
         res = batched.pop(m, None)
         if res is None:
             inputs = [factors_to(f, dev) for f in inputs_of(m)]

@@ -1,8 +1,9 @@
 """Rank surgery: shrink (or zero-pad) every module of an adapter, exactly optimal, without dense ΔW.
 
-Per module, the exact spectrum of ``s·B @ A`` comes from the QR core (:func:`lorakit.linalg.adapter_cores`,
-batched over same-shaped modules), then the kept rank ``k`` is chosen by one rule, and only the ``k`` kept singular
-vectors are formed:
+Per module, the exact spectrum of ``s·B @ A`` comes from the QR core (:func:`lorakit.linalg.adapter_cores`:
+batched over same-shaped modules in windows of 512 MiB on CUDA, one module at a time on CPU), the
+kept rank ``k`` is chosen by one rule (:func:`planned_ranks`, before any singular vector is formed, so the output
+streams to disk one module at a time), and only the ``k`` kept singular vectors are formed:
 
 - a :class:`~lorakit.ops.rank_rules.RankRule` per module (``--rank``, ``--energy``, ``--sv-ratio``,
   ``--sv-cumulative``, ``--error``), or
@@ -18,7 +19,7 @@ Cost: O((out + in)·r² + r³) per module; memory O((out + in)·r) per module in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -102,6 +103,80 @@ def truncated_factors(svd: SVD, k: int, like: LoraFactors, *, expand_to: int | N
                        like.magnitude, like.extras)
 
 
+def planned_ranks(adapter: Adapter, rule: RankRule | None, budget: int | None, *,
+                  device: torch.device | str = "cpu") -> dict[str, int]:
+    """The rank each module keeps, before any singular vector is formed.
+
+    ``--rank K`` needs only the headers (``min(K, out, in, r)``); any other rule, or a ``budget``, reads the
+    spectra first (:func:`~lorakit.linalg.adapter_spectra`: the QR R-factors and singular values, no
+    singular vectors, about half the work of the resize itself).
+    """
+    infos = adapter.infos()
+    if rule is not None and rule.kind == "rank":
+        return {n: min(int(rule.value), i.out_features, i.in_features, i.rank) for n, i in infos.items()}
+    batch = (64 << 20) if torch.device(device).type == "cuda" else 1  # on CPU, one module at a time
+    spectra = dict(adapter_spectra(adapter, device=device, max_batch_bytes=batch))
+    if budget is not None:
+        return allocate_budget(spectra, {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
+    assert rule is not None
+    return {n: rule.select(S) for n, S in spectra.items()}
+
+
+def resize_stream(
+    adapter: Adapter,
+    rule: RankRule | None = None,
+    *,
+    budget: int | None = None,
+    expand: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[Adapter, dict[str, ModuleResize]]:
+    """The resized adapter, lazy, and the per-module results, filled in as its modules are computed.
+
+    The output ranks come from :func:`planned_ranks`, so the adapter's headers are known before any module is
+    decomposed; a writer then pulls the modules in order (read, QR core, the ``k`` kept singular vectors, cast),
+    a window at a time (one module on CPU; 512 MiB of same-shaped modules batched on CUDA), and memory stays at
+    one window whatever the adapter's size. Arguments as for :func:`resize`.
+    """
+    infos = adapter.infos()
+    _check_rule(rule, budget, infos, expand)
+    ranks = planned_ranks(adapter, rule, budget, device=device)
+    pad = int(rule.value) if expand and rule is not None else None
+    dev = torch.device(device)
+    window_bytes = (512 << 20) if dev.type == "cuda" else 1  # as the merge pipeline: batches pay off on CUDA only
+    order = list(adapter)
+    position = {n: i for i, n in enumerate(order)}
+    rows: dict[str, ModuleResize] = {}
+    ready: dict[str, LoraFactors] = {}
+
+    def window(name: str) -> list[str]:
+        names, size = [name], infos[name].num_params * 4
+        for n in order[position[name] + 1:]:
+            if size >= window_bytes:
+                break
+            if n not in rows:
+                names.append(n)
+                size += infos[n].num_params * 4
+        return names
+
+    def one(name: str) -> LoraFactors:
+        if name not in ready:
+            for n, core, original in adapter_cores(adapter, window(name), device=dev):
+                k = ranks[n]
+                ready[n] = out = truncated_factors(core.leading(k), k, original, expand_to=pad)
+                info = infos[n]
+                s2 = core.S.double() ** 2
+                total, kept = float(s2.sum()), float(s2[:k].sum())
+                rows[n] = ModuleResize(
+                    n, info.rank, out.rank, kept / total if total > 0 else 1.0,
+                    math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
+                    info.num_params, out.num_params, math.sqrt(total),
+                )
+        return ready.pop(name)
+
+    out_infos = {n: replace(i, rank=max(ranks[n], pad or 0), scale=1.0) for n, i in infos.items()}
+    return Adapter({n: (lambda n=n: one(n)) for n in order}, adapter.meta, out_infos), rows
+
+
 def resize(
     adapter: Adapter,
     rule: RankRule | None = None,
@@ -110,7 +185,8 @@ def resize(
     expand: bool = False,
     device: torch.device | str = "cpu",
 ) -> tuple[Adapter, list[ModuleResize]]:
-    """Resize every module of ``adapter`` by ``rule`` or under a global parameter ``budget``.
+    """Resize every module of ``adapter`` by ``rule`` or under a global parameter ``budget`` (in memory; the CLI
+    streams the same computation, :func:`resize_stream`, into the output file).
 
     ``rule`` of kind ``rank`` keeps ``min(K, current rank)`` unless ``expand``, which zero-pads to exactly K
     (ΔW unchanged). Other rules choose per module from its spectrum. The output is in canonical form (scale
@@ -120,32 +196,9 @@ def resize(
         RankError: ``--rank K`` larger than a layer's ``min(out, in)``.
         OperatorParameterError: no rule or two, ``--expand`` without ``--rank``, a budget below rank 1 everywhere.
     """
-    infos = adapter.infos()
-    _check_rule(rule, budget, infos, expand)
-    ranks: dict[str, int] = {}
-    if budget is not None:  # first pass: spectra only (no singular vectors), to allocate the budget
-        spectra = dict(adapter_spectra(adapter, device=device))
-        ranks = allocate_budget(spectra, {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
-    pad = int(rule.value) if expand and rule is not None else None
-    modules: dict[str, LoraFactors] = {}
-    rows: dict[str, ModuleResize] = {}
-    # streamed: one batch of SVDs alive at a time, each module read once
-    for name, core, original in adapter_cores(adapter, device=device):
-        info = infos[name]
-        k = ranks[name] if budget is not None else rule.select(core.S)  # type: ignore[union-attr]
-        f = truncated_factors(core.leading(k), k, original, expand_to=pad)
-        modules[name] = f
-        s2 = core.S.double() ** 2
-        total = float(s2.sum())
-        kept = float(s2[:k].sum())
-        rows[name] = ModuleResize(
-            name, info.rank, f.rank, kept / total if total > 0 else 1.0,
-            math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
-            info.num_params, f.num_params, math.sqrt(total),
-        )
-    modules = {n: modules[n] for n in adapter}
-    rows_list = [rows[n] for n in adapter]
-    return Adapter(modules, adapter.meta), rows_list
+    lazy, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=device)
+    resized = lazy.materialize()
+    return resized, [rows[n] for n in adapter]
 
 
 def resize_report(rows: list[ModuleResize], title: str) -> Report:
@@ -201,12 +254,12 @@ def resize_file(
             report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
         report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
         return report
-    resized, rows = resize(adapter, rule, budget=budget, expand=expand, device=resolve_device(device))
+    resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=resolve_device(device))
     if dtype is not None:
-        resized = Adapter({n: resized[n].with_(A=resized[n].A.to(dtype), B=resized[n].B.to(dtype)) for n in resized},
-                          resized.meta)
+        resized = resized.map(lambda _n, f: f.with_(A=f.A.to(dtype), B=f.B.to(dtype)),
+                              {n: replace(i, dtype=dtype) for n, i in resized.infos().items()})
     params = {"rule": what, "budget": budget, "expand": expand}
     save(resized, output, format=to_format, provenance=make_provenance("resize", params, [source]), inputs=(source,))
-    report = resize_report(rows, f"resized {source} by {what} → {output}")
+    report = resize_report([rows[n] for n in adapter], f"resized {source} by {what} → {output}")
     report.notes.extend(adapter.meta.notes)
     return report

@@ -255,3 +255,24 @@ def test_rank_error_names_the_file_and_the_module(tmp_path, cli):
     code, _, err = cli("resize", src, "--rank", "17", "-o", tmp_path / "out.safetensors")
     first = err.splitlines()[0]
     assert code == 1 and first.startswith(f"error: {src}: module ") and "rank 17 is outside" in first
+
+
+@pytest.mark.parametrize("how", [dict(rule=rank_rule(rank=3)), dict(rule=rank_rule(energy=0.9)),
+                                 dict(rule=rank_rule(rank=12), expand=True), dict(budget=2000)])
+def test_stream_announces_the_ranks_it_writes_and_reads_each_module_once_for_rank(how):
+    from lorakit.adapter import Adapter
+    from lorakit.ops.resize import resize_stream
+
+    a = _adapter(dtype=torch.float64)
+    reads: list[str] = []
+    lazy_in = Adapter({n: (lambda n=n: reads.append(n) or a[n]) for n in a}, a.meta, a.infos())
+    lazy, rows = resize_stream(lazy_in, how.get("rule"), budget=how.get("budget"), expand=how.get("expand", False))
+    assert rows == {}  # nothing computed before the writer asks
+    eager, eager_rows = resize(a, how.get("rule"), budget=how.get("budget"), expand=how.get("expand", False))
+    for n in a:
+        f = lazy[n]
+        assert lazy.info(n).rank == f.rank == eager[n].rank  # the header written first is the truth
+        torch.testing.assert_close(f.delta(torch.float64), eager[n].delta(torch.float64), atol=1e-12, rtol=0)
+    assert [rows[n] for n in a] == eager_rows
+    if how.get("budget") is None and how["rule"].kind == "rank":
+        assert sorted(reads) == sorted(a)  # ranks from the headers: one read per module
