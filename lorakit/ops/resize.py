@@ -129,20 +129,23 @@ def resize_stream(
     budget: int | None = None,
     expand: bool = False,
     device: torch.device | str = "cpu",
+    window_bytes: int | None = None,
 ) -> tuple[Adapter, dict[str, ModuleResize]]:
     """The resized adapter, lazy, and the per-module results, filled in as its modules are computed.
 
     The output ranks come from :func:`planned_ranks`, so the adapter's headers are known before any module is
     decomposed; a writer then pulls the modules in order (read, QR core, the ``k`` kept singular vectors, cast),
-    a window at a time (one module on CPU; 512 MiB of same-shaped modules batched on CUDA), and memory stays at
-    one window whatever the adapter's size. Arguments as for :func:`resize`.
+    a window at a time (``window_bytes`` of float32 factors; default one module on CPU, 512 MiB of same-shaped
+    modules batched on CUDA), and memory stays at one window whatever the adapter's size. Other arguments as
+    for :func:`resize`.
     """
     infos = adapter.infos()
     _check_rule(rule, budget, infos, expand)
     ranks = planned_ranks(adapter, rule, budget, device=device)
     pad = int(rule.value) if expand and rule is not None else None
     dev = torch.device(device)
-    window_bytes = (512 << 20) if dev.type == "cuda" else 1  # as the merge pipeline: batches pay off on CUDA only
+    if window_bytes is None:  # as the merge pipeline: batches pay off on CUDA only
+        window_bytes = (512 << 20) if dev.type == "cuda" else 1
     order = list(adapter)
     position = {n: i for i, n in enumerate(order)}
     rows: dict[str, ModuleResize] = {}

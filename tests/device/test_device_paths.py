@@ -134,8 +134,30 @@ def test_resize_on_device_matches_float64_truncation(device):
         assert rel(dense64(out[n]), best) < 1e-5
 
 
+
+@pytest.mark.parametrize("how", [{"rule": rank_rule(rank=3)}, {"rule": rank_rule(energy=0.8)}, {"budget": 4000}])
+def test_resize_windows_equal_one_module_at_a_time(device, how):
+    """The CUDA default batches 512 MiB windows of same-shaped modules; the CPU default takes one module at a
+    time. Both give the same modules (bit for bit on CPU) and the same report."""
+    from lorakit.ops.resize import resize_stream
+
+    a = random_adapter(SHAPES, 8, scale=2.0, decay=0.7, seed=6)
+    one_by_one, rows1 = resize_stream(a, device="cpu", window_bytes=1, **how)
+    windowed, rows2 = resize_stream(a, device=device, window_bytes=1 << 30, **how)
+    for n in reversed(list(a)):  # out of order: a window computes modules ahead of the one asked for
+        x, y = one_by_one[n], windowed[n]
+        assert windowed.info(n).rank == y.rank == x.rank and y.A.device.type == "cpu"
+        if device == "cpu":
+            assert torch.equal(x.A, y.A) and torch.equal(x.B, y.B)
+        else:
+            assert rel(dense64(y), dense64(x)) < 1e-5
+    assert rows1.keys() == rows2.keys()
+    for n in a:
+        assert rows1[n].rank_out == rows2[n].rank_out
+        assert rows1[n].rel_error == pytest.approx(rows2[n].rel_error, rel=1e-6, abs=1e-9)
+
 # ---- merges -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("batch_bytes", [None, 4096])  # one window; many small windows
+@pytest.mark.parametrize("batch_bytes", [None, 4096, 1 << 30])  # the default (one module); small windows; one
 def test_svd_merge_batched_equals_per_module_operator_on_cpu(batch_bytes):
     a, b = pair(6)
     plan = plan_merge([a, b], [0.6, -0.4], "svd", rank=5)
