@@ -128,8 +128,9 @@ def core_svd(
         scales: one scale per term (default 1).
         dtype: compute dtype (default float32, float64 if an input is float64).
         storage_dtype: the dtype the result will be stored in (default: the widest input's). For 16-bit
-            storage, the rotations run in the compute dtype instead of float64, because float32's ~1e-6 relative
-            error is 4000× below bf16's rounding, and float64 rotations cost twice the QRs on CPU.
+            storage, the core SVD and the rotations run in the compute dtype instead of float64, because
+            float32's ~1e-6 relative error is 4000× below bf16's rounding, and float64 rotations cost twice the
+            QRs on CPU.
     """
     if isinstance(Bs, torch.Tensor):
         Bs, As = [Bs], [As]  # type: ignore[list-item]
@@ -140,13 +141,14 @@ def core_svd(
     A = _concat([a.to(dt) for a in As], dim=-2)
     wide = dt if torch.finfo(storage_dtype).bits <= 16 else torch.float64
     if B.shape[-1] == 0:  # an empty module: an empty spectrum, no triplets
-        square = B.new_zeros((*B.shape[:-2], 0, 0), dtype=torch.float64)
-        S = B.new_zeros((*B.shape[:-2], 0), dtype=torch.float64)
+        square = B.new_zeros((*B.shape[:-2], 0, 0), dtype=wide)
+        S = B.new_zeros((*B.shape[:-2], 0), dtype=wide)
         return CoreSVD(B, square, S, square, A.transpose(-1, -2), dt, wide)
     Qb, Rb = _qr(B)
     Qa, Ra = _qr(A.transpose(-1, -2))
-    # The core (≤ R×R) is always decomposed in float64: negligible cost next to the QRs.
-    core = Rb.double() @ Ra.double().transpose(-1, -2)
+    # The core (≤ R×R) is decomposed in float64 (the compute dtype for 16-bit storage, as the rotations):
+    # negligible cost next to the QRs while R is small, 15% of a merge of 8 rank-64 adapters (R = 512).
+    core = Rb.to(wide) @ Ra.to(wide).transpose(-1, -2)
     try:
         Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
     except torch.linalg.LinAlgError as e:  # raised for NaN/Inf on some backends
@@ -164,18 +166,18 @@ def _concat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
 class CoreSVD:
     """An exact thin SVD held before its rotations: ``M = (Q_B U_c) diag(S) (V_cᵀ Q_Aᵀ)``.
 
-    ``S`` (float64, descending) is complete. The rotations ``Q_B U_c`` and ``V_cᵀ Q_Aᵀ``, O((out + in)·R·k),
+    ``S`` (descending) is complete. The rotations ``Q_B U_c`` and ``V_cᵀ Q_Aᵀ``, O((out + in)·R·k),
     are the largest cost of the factored SVD (float64 on CPU, twice the QRs), so :meth:`leading` forms them for
     the ``k`` leading triplets a caller keeps: merging 8 rank-16 adapters to rank 16 rotates 16 columns, not 128.
     """
 
     Qb: torch.Tensor  # (…, out, R)
-    Uc: torch.Tensor  # (…, R, R) float64
-    S: torch.Tensor  # (…, R) float64
-    Vhc: torch.Tensor  # (…, R, R) float64
+    Uc: torch.Tensor  # (…, R, R) in core_dtype
+    S: torch.Tensor  # (…, R) in core_dtype
+    Vhc: torch.Tensor  # (…, R, R) in core_dtype
     Qa: torch.Tensor  # (…, in, R)
     dtype: torch.dtype  # the result's dtype (the compute dtype)
-    rotation_dtype: torch.dtype
+    core_dtype: torch.dtype  # of the core SVD and the rotations: float64, or the compute dtype for 16-bit results
 
     @property
     def rank(self) -> int:
@@ -187,12 +189,12 @@ class CoreSVD:
 
     def __getitem__(self, i: int) -> CoreSVD:
         """The ``i``-th module of a batched core (views)."""
-        return CoreSVD(self.Qb[i], self.Uc[i], self.S[i], self.Vhc[i], self.Qa[i], self.dtype, self.rotation_dtype)
+        return CoreSVD(self.Qb[i], self.Uc[i], self.S[i], self.Vhc[i], self.Qa[i], self.dtype, self.core_dtype)
 
     def leading(self, k: int | None = None) -> SVD:
         """The thin SVD restricted to the leading ``k`` triplets (all of them by default), signs fixed."""
         k = self.rank if k is None else min(k, self.rank)
-        wide = self.rotation_dtype
+        wide = self.core_dtype
         U = (self.Qb.to(wide) @ self.Uc[..., :k].to(wide)).to(self.dtype)
         Vh = (self.Vhc[..., :k, :].to(wide) @ self.Qa.to(wide).transpose(-1, -2)).to(self.dtype)
         U, Vh = fix_signs(U, Vh)
@@ -320,7 +322,7 @@ def _stacked_batches(
     trimmer = HostMemoryTrimmer()
     for (out, inn, r), group in group_by_shape({n: infos[n] for n in wanted}).items():
         dt = dtype or (torch.float64 if any(infos[n].dtype == torch.float64 for n in group) else torch.float32)
-        # the QRs and the float64 rotations hold a few copies of the stacked factors
+        # the QRs and the rotations hold a few copies of the stacked factors
         per_module = max(1, 4 * (out + inn) * max(r, 1) * torch.finfo(dt).bits // 8)
         step = max(1, max_batch_bytes // per_module)
         for start in range(0, len(group), step):

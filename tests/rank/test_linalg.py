@@ -193,14 +193,14 @@ def test_leading_triplets_equal_the_full_svd_truncated(case):
         assert core.tail_error(k) == pytest.approx(full.tail_error(k), abs=1e-15)
 
 
-def test_rotations_are_float64_unless_the_result_is_stored_in_16_bits():
+def test_core_and_rotations_are_float64_unless_the_result_is_stored_in_16_bits():
     g = torch.Generator().manual_seed(0)
     f = random_factors(64, 48, 8, decay=0.7, generator=g)
-    assert core_svd(f.B, f.A).rotation_dtype == torch.float64
+    assert core_svd(f.B, f.A).core_dtype == torch.float64
     half = f.to(dtype=torch.bfloat16)
     core = core_svd(half.B, half.A)
-    assert core.rotation_dtype == torch.float32  # float64 digits would be rounded away by bf16 storage
-    assert core_svd(half.B, half.A, storage_dtype=torch.float32).rotation_dtype == torch.float64
+    assert core.core_dtype == torch.float32  # float64 digits would be rounded away by bf16 storage
+    assert core_svd(half.B, half.A, storage_dtype=torch.float32).core_dtype == torch.float64
     # float32 rotations stay far inside bf16's rounding (2^-8 relative)
     dense = half.delta(torch.float64)
     svd = core.leading()
