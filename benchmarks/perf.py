@@ -319,6 +319,15 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
                 f"peak {r['merge_peak_rss_mb']} MB, {extra:.0f} MB above a tiny merge, which is {extra / module:.1f}× "
                 f"the largest module's input factors ({module} MB, bf16, all inputs) or "
                 f"{extra / (2 * module):.1f}× them in float32.")
+        lines += ["", "Across every case, the memory above a tiny merge follows the size of the largest module, not the "
+                  "size of the adapter:", "",
+                  "| shape | rank | adapters | inputs MB | largest module MB | above a tiny merge MB | ÷ largest module |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in results:
+            extra = float(r["merge_peak_rss_mb"]) - tiny_rss
+            module = float(r["largest_module_inputs_mb"])
+            lines.append(f"| {r['shape']} | {r['rank']} | {r['adapters']} | {r['input_mb']} | {module} | {extra:.0f} "
+                         f"| {extra / module:.1f} |")
     else:
         lines.append("Not run in this invocation.")
     lines += ["", "### Left out of this run", "",
@@ -338,7 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fair on a shared box)")
     ap.add_argument("--no-peers", action="store_true", help="skip PEFT and the dense resize route")
     ap.add_argument("--keep", action="store_true", help="keep the generated adapters in bench-out/perf")
+    ap.add_argument("--from-json", action="store_true",
+                    help="only rewrite docs/benchmarks/perf.md from the numbers in docs/benchmarks/perf.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rec = json.loads((DOCS / "perf.json").read_text())
+        SETTINGS.update(threads=str(rec["threads"]))
+        (DOCS / "perf.md").write_text(markdown(rec["results"], rec["baseline_rss_mb"], rec["command"], rec["loadavg"],
+                                               rec["device"], rec["startup_s"], rec["tiny_merge_rss_mb"]))
+        return
     from lorakit.device import resolve_device
 
     device = str(resolve_device(args.device))
