@@ -15,7 +15,8 @@ spectra) to ``bench-out/perf/``, then measures in fresh processes:
 
 Every child runs with one torch thread (``OMP_NUM_THREADS=1``) unless ``--threads`` says otherwise, as the other
 benchmarks do. Results go to ``docs/benchmarks/perf.json`` (machine, device, versions, load average, every
-number) and ``docs/benchmarks/perf.md``. Run: ``python -m benchmarks.perf [--quick] [--cases NAME,...]
+number) and ``docs/benchmarks/perf.md`` (a partial run, with ``--quick``, ``--cases`` or ``--no-peers``, writes to
+``bench-out/perf-partial/`` instead, leaving the record alone). Run: ``python -m benchmarks.perf [--quick] [--cases NAME,...]
 [--device auto|cpu|cuda] [--no-peers]``.
 """
 
@@ -334,8 +335,9 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
               "Cases not run (to keep the record under ~15 minutes on 2 shared cores): "
               + ", ".join(f"{s} r={r} ×{n}" for s, r, n in LEFT_OUT) + ". Peers run on "
               + ", ".join(PEER_SHAPES) + " shapes only: on 8B shapes PEFT's dense SVDs (14336×4096) and the dense "
-              "resize take tens of minutes single-threaded. No GPU exists on this machine: the GPU half of the "
-              "record (`--device cuda`) is not measured here; see docs/performance.md to reproduce it."]
+              "resize take tens of minutes single-threaded."
+              + ("" if device.startswith("cuda") else " This run is CPU only: the GPU half of the record "
+                 "(`--device cuda`) is measured on a machine with one; see docs/performance.md.")]
     return "\n".join(lines) + "\n"
 
 
@@ -376,15 +378,18 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
     loadavg = [load0, os.getloadavg()[0]]
     command = "python -m benchmarks.perf" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "perf.json").write_text(json.dumps(
+    # Only a full run is the record; a partial one (--quick, --cases, --no-peers) must not overwrite it.
+    dest = DOCS if not (args.quick or args.cases or args.no_peers) else OUT / "perf-partial"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "perf.json").write_text(json.dumps(
         {"machine": machine(), "device": device, "versions": versions(), "threads": args.threads,
          "loadavg": loadavg, "baseline_rss_mb": base, "tiny_merge_rss_mb": tiny_rss, "startup_s": base_s, "command": command, "left_out": LEFT_OUT,
          "results": results}, indent=2) + "\n")
-    (DOCS / "perf.md").write_text(markdown(results, base, command, loadavg, device, base_s, tiny_rss))
+    (dest / "perf.md").write_text(markdown(results, base, command, loadavg, device, base_s, tiny_rss))
     if not args.keep:
         shutil.rmtree(OUT / "perf", ignore_errors=True)
-    print((DOCS / "perf.md").read_text())
+    print((dest / "perf.md").read_text())
+    print(f"written to {dest}")
 
 
 if __name__ == "__main__":
