@@ -50,7 +50,7 @@ CASES = [
 ]
 LEFT_OUT = [("llama3-8b", 64, 8), ("llama3-70b", 16, 8), ("llama3-70b", 64, 8)]
 E2E_PEERS = ("svd", "cat")  # methods also run end to end (whole adapter, fresh process) beside PEFT
-PEER_SHAPES = ("tinyllama",)  # PEFT and the dense resize on 8B shapes take tens of minutes on 2 cores
+PEER_SHAPES = ["tinyllama"]  # PEFT and the dense resize on 8B shapes take tens of minutes on 2 cores (--peers-on)
 PEFT_METHODS = {  # PEFT combination_type -> lorakit merge arguments
     "svd": ["--method", "svd"],
     "cat": ["--method", "cat"],
@@ -348,10 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda, for every lorakit run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fair on a shared box)")
     ap.add_argument("--no-peers", action="store_true", help="skip PEFT and the dense resize route")
+    ap.add_argument("--peers-on", default=",".join(PEER_SHAPES),
+                    help="comma-separated shapes whose 2-adapter cases also run the peers (default: %(default)s)")
     ap.add_argument("--keep", action="store_true", help="keep the generated adapters in bench-out/perf")
     ap.add_argument("--from-json", action="store_true",
                     help="only rewrite docs/benchmarks/perf.md from the numbers in docs/benchmarks/perf.json")
     args = ap.parse_args(argv)
+    PEER_SHAPES[:] = args.peers_on.split(",")
     if args.from_json:
         rec = json.loads((DOCS / "perf.json").read_text())
         SETTINGS.update(threads=str(rec["threads"]))
