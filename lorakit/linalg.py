@@ -16,7 +16,7 @@ Cost O((out + in)·R² + R³) instead of O(out·in·min(out, in)) for a dense SV
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -309,6 +309,30 @@ def group_by_shape(infos: Mapping[str, ModuleInfo | Sequence[ModuleInfo]]) -> di
                else (info.out_features, info.in_features, info.rank))
         groups.setdefault(key, []).append(name)
     return groups
+
+
+def default_window_bytes(device: torch.device | str) -> int:
+    """Float32 bytes of factors a streaming loop batches by default: 512 MiB on CUDA, where one batched QR/SVD
+    launch replaces hundreds of small ones; 1 (one module at a time) on CPU, where batching measured no gain and
+    memory stays at one module's working set."""
+    return (512 << 20) if torch.device(device).type == "cuda" else 1
+
+
+def next_window(order: Sequence[str], start: int, nbytes: Callable[[str], int], limit: int,
+                done: Container[str]) -> list[str]:
+    """``order[start]``, then the names after it that are not ``done``, until ``limit`` bytes are taken.
+
+    The window a streaming loop computes when a writer asks for ``order[start]``; always that name first, so a
+    module asked for twice is computed again rather than lost.
+    """
+    names, size = [order[start]], nbytes(order[start])
+    for n in order[start + 1:]:
+        if size >= limit:
+            break
+        if n not in done:
+            names.append(n)
+            size += nbytes(n)
+    return names
 
 
 def _stacked_batches(

@@ -34,7 +34,15 @@ from lorakit.errors import (
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
 from lorakit.io.prefetch import Prefetcher
-from lorakit.linalg import SVD, compute_dtype, core_svd, group_by_shape, widest_dtype
+from lorakit.linalg import (
+    SVD,
+    compute_dtype,
+    core_svd,
+    default_window_bytes,
+    group_by_shape,
+    next_window,
+    widest_dtype,
+)
 from lorakit.ops import _kernels, merge_exact
 from lorakit.ops.merge_delta import check_params
 from lorakit.ops.rank_rules import RankRule, rank_rule
@@ -265,7 +273,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     spec = plan.spec
     dev = torch.device(device)
     if batch_bytes is None:
-        batch_bytes = (512 << 20) if dev.type == "cuda" else 1
+        batch_bytes = default_window_bytes(dev)
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
     trimmer = HostMemoryTrimmer()
@@ -351,16 +359,10 @@ def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.dev
     largest rank any module of the batch keeps. A batch with a non-finite value is left to the per-module path,
     which names the module.
     """
-    window: list[str] = []
-    size = 0
-    for m in plan.modules[start:]:
-        if m in done:  # asked out of order earlier: never computed twice
-            continue
-        infos = [plan.adapters[i].info(m) for i in plan.present[m]]
-        size += sum(i.num_params for i in infos) * 4
-        window.append(m)
-        if size >= batch_bytes:
-            break
+    def float32_bytes(m: str) -> int:
+        return sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
+
+    window = next_window(plan.modules, start, float32_bytes, batch_bytes, done)
     keyed = {m: tuple(plan.adapters[i].info(m) for i in plan.present[m]) for m in window}
     groups: dict[tuple, list[str]] = {}
     for key, names in group_by_shape(keyed).items():
@@ -384,8 +386,8 @@ def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.dev
         ks = [merge_exact.svd_rank(core.S[i], fs, rule) for i, fs in enumerate(per_module)]
         lead = core.leading(max(ks))  # batched rotations of the directions any module of the batch keeps
         U, S_lead, Vh, S = lead.U.cpu(), lead.S.cpu(), lead.Vh.cpu(), core.S.cpu()
-        for i, (m, fs) in enumerate(zip(names, per_module)):
-            out[m] = merge_exact.svd_result(S[i], SVD(U[i], S_lead[i], Vh[i]), fs, rule)
+        for i, (m, fs, k) in enumerate(zip(names, per_module, ks)):
+            out[m] = merge_exact.svd_result(S[i], SVD(U[i], S_lead[i], Vh[i]), k, fs[0])
     return out
 
 

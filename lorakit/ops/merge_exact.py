@@ -72,7 +72,8 @@ def svd(
 ) -> MergeResult:
     check_same_shape(inputs)
     core = core_svd([f.B for f in inputs], [f.A for f in inputs], [w * f.scale for f, w in zip(inputs, weights)])
-    return svd_result(core.S, core.leading(svd_rank(core.S, inputs, rank_rule)), inputs, rank_rule)
+    k = svd_rank(core.S, inputs, rank_rule)
+    return svd_result(core.S, core.leading(k), k, inputs[0])
 
 
 def svd_rank(S: torch.Tensor, inputs: Sequence[LoraFactors], rank_rule: RankRule | None) -> int:
@@ -80,14 +81,11 @@ def svd_rank(S: torch.Tensor, inputs: Sequence[LoraFactors], rank_rule: RankRule
     return max(1, min((rank_rule or default_rank(inputs)).select(S), int(S.shape[-1])))
 
 
-def svd_result(S: torch.Tensor, leading: SVD, inputs: Sequence[LoraFactors],
-               rank_rule: RankRule | None) -> MergeResult:
-    """The ``svd`` merge's result from one module's exact spectrum ``S`` and (at least) its leading
-    :func:`svd_rank` triplets: truncate by the rule, report the tail error. Shared by the operator and the
-    pipeline's batched path (:func:`lorakit.pipeline.run_merge` stacks same-shaped modules into one
-    :func:`~lorakit.linalg.core_svd`)."""
-    k = svd_rank(S, inputs, rank_rule)
+def svd_result(S: torch.Tensor, leading: SVD, k: int, first: LoraFactors) -> MergeResult:
+    """The ``svd`` merge's result at rank ``k`` (:func:`svd_rank`) from one module's exact spectrum ``S`` and at
+    least its ``k`` leading triplets, in ``first``'s layer kind; the error is the spectrum's tail. Shared by the
+    operator and the pipeline's batched path (:func:`lorakit.pipeline.run_merge` stacks same-shaped modules into
+    one :func:`~lorakit.linalg.core_svd`)."""
     err = tail_error(S, k)
-    first = inputs[0]
     out = leading.truncate(k).to_factors(kernel=first.kernel, kind=first.kind)
     return MergeResult(out, error=err, best_error=err, info={"rank": k})

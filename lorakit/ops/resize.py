@@ -27,7 +27,7 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import OperatorParameterError, naming_file
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, adapter_cores, adapter_spectra, check_rank
+from lorakit.linalg import SVD, adapter_cores, adapter_spectra, check_rank, default_window_bytes, next_window
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 
@@ -114,8 +114,7 @@ def planned_ranks(adapter: Adapter, rule: RankRule | None, budget: int | None, *
     infos = adapter.infos()
     if rule is not None and rule.kind == "rank":
         return {n: min(int(rule.value), i.out_features, i.in_features, i.rank) for n, i in infos.items()}
-    batch = (64 << 20) if torch.device(device).type == "cuda" else 1  # on CPU, one module at a time
-    spectra = dict(adapter_spectra(adapter, device=device, max_batch_bytes=batch))
+    spectra = dict(adapter_spectra(adapter, device=device, max_batch_bytes=default_window_bytes(device)))
     if budget is not None:
         return allocate_budget(spectra, {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
     assert rule is not None
@@ -144,26 +143,19 @@ def resize_stream(
     ranks = planned_ranks(adapter, rule, budget, device=device)
     pad = int(rule.value) if expand and rule is not None else None
     dev = torch.device(device)
-    if window_bytes is None:  # as the merge pipeline: batches pay off on CUDA only
-        window_bytes = (512 << 20) if dev.type == "cuda" else 1
+    window_bytes = default_window_bytes(dev) if window_bytes is None else window_bytes
     order = list(adapter)
     position = {n: i for i, n in enumerate(order)}
     rows: dict[str, ModuleResize] = {}
     ready: dict[str, LoraFactors] = {}
 
-    def window(name: str) -> list[str]:
-        names, size = [name], infos[name].num_params * 4
-        for n in order[position[name] + 1:]:
-            if size >= window_bytes:
-                break
-            if n not in rows:
-                names.append(n)
-                size += infos[n].num_params * 4
-        return names
+    def float32_bytes(n: str) -> int:
+        return infos[n].num_params * 4
 
     def one(name: str) -> LoraFactors:
         if name not in ready:
-            for n, core, original in adapter_cores(adapter, window(name), device=dev):
+            window = next_window(order, position[name], float32_bytes, window_bytes, rows)
+            for n, core, original in adapter_cores(adapter, window, device=dev):
                 k = ranks[n]
                 ready[n] = out = truncated_factors(core.leading(k), k, original, expand_to=pad)
                 info = infos[n]

@@ -215,3 +215,14 @@ def test_batched_core_indexes_to_each_module():
     for i in range(3):
         one = core[i].leading(2)
         assert torch.allclose(one.dense(), factored_svd(B[i], A[i]).truncate(2).dense(), atol=1e-12)
+
+
+def test_next_window_takes_the_asked_name_then_undone_ones_up_to_the_limit():
+    from lorakit.linalg import next_window
+
+    order = ["a", "b", "c", "d", "e"]
+    size = {"a": 3, "b": 3, "c": 3, "d": 3, "e": 3}.__getitem__
+    assert next_window(order, 0, size, 1, set()) == ["a"]  # one module at a time
+    assert next_window(order, 0, size, 7, set()) == ["a", "b", "c"]  # stops once the limit is reached
+    assert next_window(order, 1, size, 100, {"c"}) == ["b", "d", "e"]  # done modules are skipped
+    assert next_window(order, 2, size, 100, {"c"}) == ["c", "d", "e"]  # asked again: computed again
