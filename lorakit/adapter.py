@@ -36,6 +36,7 @@ class ModuleInfo:
     kind: LayerKind = "linear"
     kernel: tuple[int, int] | None = None
     has_magnitude: bool = False
+    has_bias: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -48,8 +49,30 @@ class ModuleInfo:
     @classmethod
     def of(cls, name: str, f: LoraFactors) -> ModuleInfo:
         return cls(
-            name, f.out_features, f.in_features, f.rank, f.scale, f.dtype, f.kind, f.kernel, f.magnitude is not None
+            name, f.out_features, f.in_features, f.rank, f.scale, f.dtype, f.kind, f.kernel, f.magnitude is not None,
+            f.bias is not None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FullTensor:
+    """A tensor an adapter stores whole, replacing the base model's tensor of the same name (PEFT
+    ``modules_to_save``, ``bias="all"``/``"lora_only"`` biases, embedding layers saved with the adapter).
+
+    Its update to a base tensor ``W`` is ``T − W``: applying it at weight 1 gives ``T``; a weighted sum
+    ``Σ w_i·(T_i − W)`` is free of ``W`` only when ``Σ w_i = 1`` (then the result is ``Σ w_i·T_i``).
+
+    Args:
+        shape: the tensor's shape, from the header.
+        dtype: its stored dtype.
+        load: reads the tensor (lazily, from the source file).
+        key: the key it is stored under in the source file.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,8 +88,12 @@ class AdapterMeta:
         metadata: the safetensors ``__metadata__`` of the source file.
         provenance: what lorakit did to produce it (operation, parameters, inputs with sha256).
         notes: facts a user should know (``no alpha stored: scale 1.0 applies``...), shown by ``inspect``.
-        passthrough: non-LoRA tensors of the source (PEFT ``modules_to_save``...), by original key, loaded lazily;
-            written back only in the source's format.
+        passthrough: other non-LoRA tensors of the source (PEFT trainable tokens...), by original key, loaded
+            lazily; written back only in the source's format. ``apply`` refuses an adapter that has any (it
+            cannot know what they do to the base model).
+        full_tensors: base-model tensor name (``lm_head.weight``) → :class:`FullTensor` that replaces it whole
+            (PEFT ``modules_to_save``...). ``apply`` writes them in place of the base's tensors, the PEFT writer
+            writes them back, other formats refuse them (they have no place for them).
     """
 
     base_model: str | None = None
@@ -77,6 +104,7 @@ class AdapterMeta:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     passthrough: Mapping[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    full_tensors: Mapping[str, FullTensor] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> AdapterMeta:
         return replace(self, **changes)
@@ -178,6 +206,14 @@ class Adapter(Mapping[str, LoraFactors]):
     def __mul__(self, weight: float) -> Adapter:
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             return NotImplemented
+        if self.meta.full_tensors and weight != 1:
+            from lorakit.errors import AdapterError
+
+            raise AdapterError(
+                f"cannot scale an adapter with whole module tensors (modules_to_save, e.g. "
+                f"{next(iter(self.meta.full_tensors))}) by {weight}: W + w·(T − W) needs the base weights",
+                file=self.meta.source_path, hint="lorakit apply --scale does this with the base model at hand",
+            )
         infos = {n: replace(i, scale=i.scale * weight) for n, i in self._infos.items()}
         return self.map(lambda _n, f: f.scaled(weight), infos)
 

@@ -52,6 +52,36 @@ def default_output_format(adapter: Adapter) -> str:
     return name if name in writable else "peft"
 
 
+# What each writable format can hold besides A, B and a scale (never dropped silently: refused instead).
+CARRIES_FULL_TENSORS = frozenset({"peft"})
+CARRIES_BIAS = frozenset({"peft"})
+
+
+def check_carried(adapter: Adapter, format_name: str, out: str | Path | None = None) -> None:
+    """Refuse to write ``adapter`` in a format that has no place for its whole module tensors
+    (``modules_to_save``) or bias updates (PEFT ``lora_bias``), from the headers alone.
+
+    Raises:
+        FormatError: naming the first such module or tensor.
+    """
+    src = adapter.meta.source_path
+    if adapter.meta.full_tensors and format_name not in CARRIES_FULL_TENSORS:
+        name = next(iter(adapter.meta.full_tensors))
+        raise FormatError(
+            f"{len(adapter.meta.full_tensors)} whole module tensor(s) (modules_to_save, e.g. {name}) have no "
+            f"place in the {format_name} format", file=src or out,
+            hint="keep this adapter in the PEFT format, or apply it to its base model (lorakit apply)",
+        )
+    if format_name not in CARRIES_BIAS:
+        with_bias = [n for n, i in adapter.infos().items() if i.has_bias]
+        if with_bias:
+            raise FormatError(
+                f"{len(with_bias)} module(s) carry a bias update (PEFT lora_bias), which the {format_name} format "
+                "cannot hold", file=src or out, module=with_bias[0],
+                hint="keep this adapter in the PEFT format, or apply it to its base model (lorakit apply)",
+            )
+
+
 def save(
     adapter: Adapter,
     path: str | Path,
@@ -72,5 +102,6 @@ def save(
     fmt = get_format(format or default_output_format(adapter))
     if not fmt.writable:
         raise FormatError(f"lorakit cannot write the {fmt.name} format", file=out)
+    check_carried(adapter, fmt.name, out)
     meta = {**(metadata or {}), **provenance_metadata(provenance or adapter.meta.provenance)}
     return fmt.write(adapter, out, meta)

@@ -104,6 +104,20 @@ class UnknownFormatError(FormatError):
     default_hint = "is this a full model checkpoint rather than an adapter? `lorakit inspect` reads LoRA adapters"
 
 
+class NotAFileError(FormatError):
+    """Something that is not a regular file where one is expected: a directory, FIFO, device or socket, a symlink
+    loop or a dangling link. Refused before any blocking read."""
+
+    default_hint = "point at the adapter's .safetensors file or its directory"
+
+
+class ConfigValueError(FormatError):
+    """A config value of the wrong type or out of range (``"r": "8"``, ``"lora_alpha": NaN``...); the message
+    names the file and the key as written."""
+
+    default_hint = "fix the value in the config (PEFT's save_pretrained writes a valid adapter_config.json)"
+
+
 class KeyMappingError(FormatError):
     """A tensor or module name that the key map cannot place."""
 

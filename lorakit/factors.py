@@ -33,7 +33,10 @@ class LoraFactors:
         kernel: ``(kh, kw)`` for conv layers, ``None`` otherwise.
         kind: the kind of base layer (``linear``, ``conv`` or ``embedding``).
         magnitude: the DoRA magnitude vector ``(out,)``, carried through but not part of ΔW.
-        extras: other per-module tensors a format stores (e.g. PEFT ``lora_B.bias``), carried through.
+        extras: other per-module tensors a format stores, carried through. ``extras["bias"]`` is the bias
+            update ``Δb (out,)`` itself (PEFT ``lora_bias``: ``Δb = s·lora_B.bias``), with the scale already
+            applied, so that re-factorisations (canonical form, resize, ``folded``) keep it as it is and only
+            operations that change the represented update (``scaled``, weighted sums) change it.
     """
 
     A: torch.Tensor
@@ -101,9 +104,20 @@ class LoraFactors:
         """A copy with some fields replaced (factors are validated again)."""
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias update ``Δb (out,)`` (PEFT ``lora_bias``), scale applied; ``None`` when there is none."""
+        return self.extras.get("bias")
+
     def scaled(self, weight: float) -> LoraFactors:
-        """``weight · ΔW``, exact: only the scale changes."""
-        return self.with_(scale=self.scale * float(weight))
+        """``weight · ΔW`` (and ``weight · Δb``), exact: the scale changes, and the bias update with it."""
+        w = float(weight)
+        extras = self.extras
+        if "bias" in extras:
+            b = extras["bias"]
+            work = torch.promote_types(torch.float32, b.dtype)
+            extras = {**extras, "bias": (b.to(work) * w).to(b.dtype)}
+        return self.with_(scale=self.scale * w, extras=extras)
 
     def folded(self, dtype: torch.dtype | None = None) -> LoraFactors:
         """Scale folded into the factors evenly (``√|s|`` into each, the sign into B); scale becomes 1."""
@@ -129,6 +143,8 @@ class LoraFactors:
         tensors = [("factor A", self.A), ("factor B", self.B)]
         if self.magnitude is not None:
             tensors.append(("DoRA magnitude", self.magnitude))
+        if self.bias is not None:
+            tensors.append(("bias update (lora_B.bias)", self.bias))
         for name, t in tensors:
             if not all_finite(t):
                 bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"

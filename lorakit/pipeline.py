@@ -44,6 +44,7 @@ from lorakit.linalg import (
     widest_dtype,
 )
 from lorakit.ops import _kernels, merge_exact
+from lorakit.ops.algebra import bias_sum, merge_full_tensors
 from lorakit.ops.merge_delta import check_params
 from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import MergeResult, OperatorSpec, resolve
@@ -163,6 +164,22 @@ def plan_merge(
     adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=allow_pickle) for x in inputs]
     modules, present, notes = _module_set(adapters, labels, module_set)
     _check_shapes(adapters, labels, modules, present)
+    linear = linear_weights(spec.name, weights, params)
+    with_bias = next(((labels[i], m) for m in modules for i in present[m] if adapters[i].info(m).has_bias), None)
+    if with_bias is not None and linear is None:
+        raise OperatorParameterError(
+            f"{spec.name} is not linear in ΔW, so it has no exact meaning for bias updates (PEFT lora_bias)",
+            file=with_bias[0], module=with_bias[1], parameter="method",
+            hint="merge adapters with bias updates with cat, task_arithmetic or svd",
+        )
+    if any(a.meta.full_tensors for a in adapters):
+        if linear is None:
+            raise OperatorParameterError(
+                f"{spec.name} is not linear in ΔW, so it has no exact meaning for whole module tensors "
+                "(modules_to_save)", file=next(lb for lb, a in zip(labels, adapters) if a.meta.full_tensors),
+                parameter="method", hint="merge them with cat, task_arithmetic or svd and weights that sum to 1",
+            )
+        merge_full_tensors(adapters, linear, labels)  # refuses, from the headers, what it cannot merge
     bases = {a.meta.base_model for a in adapters if a.meta.base_model}
     if len(bases) > 1:
         notes.append(f"the inputs name different base models ({', '.join(sorted(bases))}); shapes match, "
@@ -170,6 +187,19 @@ def plan_merge(
     plan = MergePlan(adapters, labels, spec, weights, params, rule, modules, present, None, notes)
     plan.infos = _predicted_infos(plan)
     return plan
+
+
+LINEAR_METHODS = ("cat", "task_arithmetic", "svd")  # target Σ w_i·ΔW_i (svd: its best rank-K approximation)
+
+
+def linear_weights(method: str, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
+    """The effective weights of a merge whose target is linear in the inputs (``Σ w_i·ΔW_i``; task arithmetic's
+    ``λ`` included), or ``None`` for methods that are not (TIES, DARE...). Bias updates and whole module tensors
+    merge with these weights, exactly."""
+    if method not in LINEAR_METHODS:
+        return None
+    lam = float(params.get("lam", 1.0)) if method == "task_arithmetic" else 1.0
+    return [lam * float(w) for w in weights]
 
 
 def _module_set(adapters: list[Adapter], labels: list[str], mode: ModuleSet):
@@ -235,7 +265,8 @@ def _predicted_infos(plan: MergePlan) -> dict[str, ModuleInfo] | None:
             r = min(int(plan.rule.value), total, *shape)
         else:
             return None
-        out[m] = ModuleInfo(m, shape[0], shape[1], r, 1.0, infos[0].dtype, infos[0].kind, infos[0].kernel)
+        out[m] = ModuleInfo(m, shape[0], shape[1], r, 1.0, infos[0].dtype, infos[0].kind, infos[0].kernel,
+                            has_bias=any(i.has_bias for i in infos))
     return out
 
 
@@ -277,6 +308,8 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
     trimmer = HostMemoryTrimmer()
+    linear = linear_weights(spec.name, plan.weights, plan.params)
+    bias_inputs = {m for m in plan.modules if any(plan.adapters[i].info(m).has_bias for i in plan.present[m])}
 
     def read_inputs(m: str) -> list[LoraFactors]:
         inputs = []
@@ -312,8 +345,15 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
         f = res.factors
         f.check_finite(module=m)
         out_dtype = plan.output_dtype(m, dtype)
+        extras: dict[str, torch.Tensor] = {}
+        if linear is not None:  # bias updates are linear: Σ w_i·Δb_i exactly (refused at planning otherwise)
+            # read again for the biases only where an input has one (the factors went to the operator)
+            bias = bias_sum([plan.adapters[i][m] for i in plan.present[m]] if m in bias_inputs else [],
+                            [linear[i] for i in plan.present[m]])
+            if bias is not None:
+                extras["bias"] = bias.cpu()
         f = f.with_(A=f.A.to(device="cpu", dtype=out_dtype), B=f.B.to(device="cpu", dtype=out_dtype),
-                    magnitude=None, extras={})
+                    magnitude=None, extras=extras)
         # the report needs ranks and errors only: keeping every result's factors would hold the whole
         # output in float32 (1 GB for a 70B-shaped r=16 merge); the merged factors are the adapter's
         results[m] = replace(res, factors=f.with_(A=torch.empty(f.A.shape, dtype=f.dtype, device="meta"),
@@ -322,7 +362,8 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
             raise NumericalError(f"{spec.name} produced rank {f.rank}, planned {plan.infos[m].rank}", module=m)
         return f
 
-    meta = plan.adapters[0].meta.with_(passthrough={}, notes=())
+    full = merge_full_tensors(plan.adapters, linear, plan.labels) if linear is not None else {}
+    meta = plan.adapters[0].meta.with_(passthrough={}, notes=(), full_tensors=full)
     if plan.infos is not None:
         infos = {m: replace(i, dtype=dtype or i.dtype) for m, i in plan.infos.items()}
         adapter = Adapter({m: (lambda m=m: one(m)) for m in plan.modules}, meta, infos)

@@ -66,8 +66,12 @@ def module_info(source: Source, name: str, roles: Roles, scale: float, kind: Lay
         kernel = (a[2], a[3])
     if kind is None:
         kind = "conv" if kernel is not None else "linear"
+    if "bias" in roles and store.shape(roles["bias"]) != (b[0],):
+        raise ShapeMismatchError(f"bias {roles['bias']} has shape {store.shape(roles['bias'])}, the layer has "
+                                 f"{b[0]} outputs", file=source.path, module=name)
     return ModuleInfo(
-        name, b[0], in_features, a[0], scale, store.dtype(roles["A"]), kind, kernel, "magnitude" in roles
+        name, b[0], in_features, a[0], scale, store.dtype(roles["A"]), kind, kernel, "magnitude" in roles,
+        "bias" in roles,
     )
 
 
@@ -121,7 +125,11 @@ def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitu
         magnitude = magnitude.reshape(-1)
     elif magnitude is not None and is_per_output(magnitude, B.shape[0]):
         magnitude = magnitude.reshape(-1)  # kohya/LyCORIS (out, 1[, 1, 1]): the same per-row layout
-    extras = {"bias": store.get(roles["bias"])} if "bias" in roles else {}
+    extras: dict[str, torch.Tensor] = {}
+    if "bias" in roles:
+        # The file stores the up layer's bias b (PEFT: Δb = s·b); lorakit keeps the update Δb itself.
+        b = store.get(roles["bias"])
+        extras["bias"] = (b.to(torch.promote_types(torch.float32, b.dtype)) * info.scale).to(b.dtype)
     f = LoraFactors(A, B, info.scale, info.kernel, info.kind, magnitude, extras)
     f.check_finite(file=str(source.path), module=info.name)
     return f

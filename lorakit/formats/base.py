@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +11,14 @@ from typing import Any, Protocol
 import torch
 
 from lorakit.adapter import Adapter
-from lorakit.errors import CorruptFileError, FormatError, UnsafeFileError
+from lorakit.errors import CorruptFileError, FormatError, NotAFileError, UnsafeFileError
+from lorakit.io.files import loads_json, open_regular, path_problem, read_bytes
 from lorakit.io.safetensors_file import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_lora_weights.bin")
+MAX_CONFIG_BYTES = 16 * 2**20
 CONFIG_HINT = "repair the file, or save the adapter again (PEFT's save_pretrained writes adapter_config.json)"
 
 
@@ -80,6 +82,7 @@ class DictStore:
 def _load_pickle(path: Path, allow_pickle: bool) -> DictStore:
     if not allow_pickle:
         raise UnsafeFileError(f"refusing to unpickle {path.suffix} file (pickles can run code)", file=path)
+    os.close(open_regular(path, what="pickle file"))  # torch.load would block on a FIFO
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -121,12 +124,16 @@ class Source:
         """Find the tensors (and config) that ``path`` names: a safetensors file, a PEFT-style directory, or a
         pickle (refused unless ``allow_pickle``)."""
         p = Path(path)
+        problem = path_problem(p)
+        if problem is not None and not p.is_dir():
+            raise NotAFileError(problem, file=p)
         if not p.exists():
             raise FormatError("no such file or directory", file=p,
                               hint="check the path; a Hub repo is written org/name or hf://org/name[@rev]")
         config_path: Path | None = None
         if p.is_dir():
-            weights = next((p / n for n in WEIGHT_NAMES if (p / n).is_file()), None)
+            # lexists, not is_file: a FIFO or loop under the adapter's name is refused when read, never skipped
+            weights = next((p / n for n in WEIGHT_NAMES if os.path.lexists(p / n)), None)
             if weights is None:
                 found = sorted(x.name for x in p.glob("*.safetensors"))
                 if len(found) == 1:
@@ -144,11 +151,11 @@ class Source:
                         file=p, hint="point at the adapter's directory or at its .safetensors file",
                     )
                 weights = pickled
-            if (p / "adapter_config.json").is_file():
-                config_path = p / "adapter_config.json"
+            if os.path.lexists(p / "adapter_config.json"):
+                config_path = p / "adapter_config.json"  # not a regular file: refused when read, never skipped
         else:
             weights = p
-            if (p.parent / "adapter_config.json").is_file() and p.name in (*WEIGHT_NAMES, *PICKLE_NAMES):
+            if os.path.lexists(p.parent / "adapter_config.json") and p.name in (*WEIGHT_NAMES, *PICKLE_NAMES):
                 config_path = p.parent / "adapter_config.json"
         store: TensorStore
         if weights.suffix in PICKLE_SUFFIXES:
@@ -158,7 +165,9 @@ class Source:
         config = None
         if config_path is not None:
             try:
-                config = json.loads(config_path.read_text())
+                config = loads_json(read_bytes(config_path, limit=MAX_CONFIG_BYTES, what="JSON config"))
+            except NotAFileError:
+                raise
             except (OSError, ValueError) as e:
                 raise FormatError(f"not valid JSON ({e})", file=config_path, hint=CONFIG_HINT) from e
             if not isinstance(config, dict):

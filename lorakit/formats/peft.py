@@ -2,8 +2,13 @@
 
 Keys: ``base_model.model.<module>.lora_A.weight`` ``(r, in[, kh, kw])``, ``….lora_B.weight``
 ``(out, r[, 1, 1])``, ``….lora_magnitude_vector`` (DoRA, ``(out,)``), ``….lora_embedding_A/B`` (embeddings,
-``A (r, num_embeddings)``, ``B (dim, r)``), ``….lora_B.bias`` (``lora_bias``). Anything else (``modules_to_save``,
-trainable tokens) is carried through untouched.
+``A (r, num_embeddings)``, ``B (dim, r)``), ``….lora_B.bias`` (``lora_bias``: the bias update is
+``Δb = s·lora_B.bias``, kept as ``extras["bias"] = Δb``). Other tensors under ``base_model.model.`` are whole base
+tensors (``modules_to_save``, ``bias="all"``, saved embedding layers), kept as ``meta.full_tensors``; anything
+else (trainable tokens) is carried through untouched.
+
+The config is checked (:func:`check_config`): a value of the wrong type, NaN or infinite is refused naming the
+key as written.
 
 Scale per module (PEFT ``LoraModel`` semantics): the first ``rank_pattern``/``alpha_pattern`` key ``p`` with
 ``re.match(rf"(.*\\.)?({p})$", module)`` overrides ``r``/``lora_alpha``; ``s = α/r`` or ``α/√r`` with
@@ -20,8 +25,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lorakit.adapter import Adapter, AdapterMeta
-from lorakit.errors import FormatError
+import torch
+
+from lorakit.adapter import Adapter, AdapterMeta, FullTensor
+from lorakit.errors import ConfigValueError, FormatError
+from lorakit.factors import LoraFactors
+from lorakit.io.files import loads_json
 from lorakit.formats._lora import Roles, build_adapter, peft_magnitude
 from lorakit.formats.base import Source, group_by_module
 from lorakit.io.atomic import atomic_output
@@ -64,10 +73,118 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+def _kind_of_value(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# key -> (check, what it must be); null is accepted (PEFT writes null for unset options) except for NOT_NULL
+NOT_NULL = ("r", "lora_alpha")
+_CONFIG_TYPES: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
+    "revision": (lambda v: isinstance(v, str), "a string"),
+    "task_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), 'one of "none", "all", "lora_only"'),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method name"),
+    "target_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    "exclude_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    "modules_to_save": (_is_str_list, "a list of strings"),
+    "layers_pattern": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
+                            "an integer or a list of integers"),
+    "rank_pattern": (lambda v: isinstance(v, dict), "an object"),
+    "alpha_pattern": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def check_config(config: Mapping[str, Any], file: object, where: str = "") -> None:
+    """Refuse config values of the wrong type, out of range, NaN or infinite, naming the key as written.
+
+    Only the keys that decide ΔW or how the adapter is placed are checked (the others are carried through).
+    ``where``: a prefix for the key in messages (``lorakit.peft_config`` for a config held in metadata).
+
+    Raises:
+        ConfigValueError: ``file: key "r": must be a positive integer, got "8" (a string)``.
+    """
+    def fail(key: str, want: str, v: Any) -> None:
+        shown = json.dumps(v, allow_nan=True) if not isinstance(v, (dict, list)) else _kind_of_value(v)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
+        raise ConfigValueError(f'{where}key "{key}": must be {want}, got {shown} ({_kind_of_value(v)})', file=file)
+
+    for key, (ok, want) in _CONFIG_TYPES.items():
+        v = config.get(key)
+        if v is None and not (key in NOT_NULL and key in config):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(key, want, v)
+        if not ok(v):
+            fail(key, want, v)
+    for pkey, ok, want in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+                           ("alpha_pattern", _is_number, "a finite number")):
+        for k, v in (config.get(pkey) or {}).items():
+            if not ok(v) or (isinstance(v, float) and not math.isfinite(v)):
+                fail(f"{pkey}.{k}", want, v)
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ConfigValueError(f'{where}key "{pkey}.{k}": not a valid regular expression ({e})',
+                                       file=file) from e
+
+
 def _strip_adapter_name(key: str) -> str:
     """``….lora_A.default.weight`` → ``….lora_A.weight``; ``….lora_embedding_A.default`` → ``….lora_embedding_A``."""
     key = re.sub(r"\.(lora_[AB])\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2", key)
     return re.sub(r"\.(lora_embedding_[AB]|lora_magnitude_vector)\.(?!weight$)[^.]+$", r".\1", key)
+
+
+def split_non_lora(source: Source, keys: list[str]) -> tuple[dict[str, FullTensor], dict[str, Any]]:
+    """The non-LoRA tensors of a PEFT file: whole base tensors (``modules_to_save``, ``bias="all"`` biases, saved
+    embedding layers: PEFT stores them as ``base_model.model.<base tensor name>``, or with
+    ``.modules_to_save.<adapter>.`` inside in-memory state dicts), and the rest (trainable tokens...), carried
+    through by key."""
+    full: dict[str, FullTensor] = {}
+    other: dict[str, Any] = {}
+    for k in keys:
+        name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
+        if name.startswith(PREFIX) and not any(t in name for t in ("trainable_tokens", "token_adapter")):
+            name = name[len(PREFIX):]
+            if name in full:
+                raise FormatError(f"two tensors hold the saved module tensor {name} ({full[name].key}, {k})",
+                                  file=source.path)
+            full[name] = FullTensor(tuple(source.store.shape(k)), source.store.dtype(k),
+                                    lambda k=k: source.store.get(k), k)
+        else:
+            other[k] = lambda k=k: source.store.get(k)
+    return full, other
 
 
 def clean_alpha(alpha: float) -> int | float:
@@ -92,7 +209,7 @@ def pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
 
 def peft_scale(config: Mapping[str, Any], module: str, rank: int) -> tuple[float, str | None]:
     """Effective scale of ``module`` under a PEFT config, and a note when the config's rank is not the tensor's."""
-    r_cfg = pattern_value(config.get("rank_pattern") or {}, module) or config.get("r", 8)
+    r_cfg = pattern_value(config.get("rank_pattern") or {}, module) or config.get("r") or 8
     alpha = pattern_value(config.get("alpha_pattern") or {}, module)
     if alpha is None:
         alpha = config.get("lora_alpha", 8)
@@ -101,6 +218,20 @@ def peft_scale(config: Mapping[str, Any], module: str, rank: int) -> tuple[float
         note = f"config says rank {r_cfg} for {module} but the tensors have rank {rank}; the tensors win"
     denom = math.sqrt(rank) if config.get("use_rslora") else rank
     return float(alpha) / denom, note
+
+
+def lora_b_bias(f: LoraFactors, file: object, module: str) -> torch.Tensor:
+    """What PEFT stores as ``lora_B.bias`` for the bias update ``Δb``: ``Δb / s`` (zeros where there is none: PEFT's
+    ``lora_bias`` is global, so every module of the adapter gets a bias)."""
+    if f.bias is None:
+        return torch.zeros(f.out_features, dtype=f.dtype)
+    if f.scale == 0:
+        if bool((f.bias != 0).any()):
+            raise FormatError("a non-zero bias update with scale 0 cannot be written for PEFT (Δb = s·lora_B.bias)",
+                              file=file, module=module)
+        return torch.zeros_like(f.bias)
+    work = torch.promote_types(torch.float32, f.bias.dtype)
+    return (f.bias.to(work) / f.scale).to(f.bias.dtype)
 
 
 class PeftFormat:
@@ -118,12 +249,18 @@ class PeftFormat:
     def read(self, source: Source) -> Adapter:
         config = dict(source.config or {})
         notes: list[str] = []
+        where = ""
         if source.config is None and CONFIG_META_KEY in source.metadata:
             try:
-                config = json.loads(source.metadata[CONFIG_META_KEY])
-                source.config = config
+                config = loads_json(source.metadata[CONFIG_META_KEY])
             except ValueError as e:
-                raise FormatError(f"metadata {CONFIG_META_KEY} is not valid JSON", file=source.path) from e
+                raise FormatError(f"metadata {CONFIG_META_KEY} is not valid JSON ({e})", file=source.path) from e
+            if not isinstance(config, dict):
+                raise FormatError(f"metadata {CONFIG_META_KEY} is not a JSON object", file=source.path)
+            source.config = config
+            where = f"{CONFIG_META_KEY}: "
+        if source.config is not None:
+            check_config(config, source.config_path or source.path, where)
         if source.config is None:
             notes.append("no adapter_config.json: no alpha stored, so scale 1.0 applies (alpha = rank)")
             config = {"r": None, "lora_alpha": None}
@@ -142,7 +279,7 @@ class PeftFormat:
         groups_renamed = group_by_module(list(renamed), SUFFIXES)
         groups = {stem: {role: renamed[k] for role, k in roles.items()} for stem, roles in groups_renamed.items()}
         used = {k for roles in groups.values() for k in roles.values()}
-        passthrough = {k: (lambda k=k: source.store.get(k)) for k in keys if k not in used}
+        full_tensors, passthrough = split_non_lora(source, [k for k in keys if k not in used])
 
         def name_of(stem: str) -> str:
             return stem[len(PREFIX):] if stem.startswith(PREFIX) else stem
@@ -165,6 +302,7 @@ class PeftFormat:
             format_config=config,
             metadata=source.metadata,
             passthrough=passthrough,
+            full_tensors=full_tensors,
         )
         adapter = build_adapter(source, groups, scale_of=scale_of, name_of=name_of, kind_of=kind_of, meta=meta,
                                 flat_magnitude=True)
@@ -190,6 +328,7 @@ class PeftFormat:
             alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
             target_modules=sorted({n for n, i in infos.items()}),
             use_dora=any(i.has_magnitude for i in infos.values()),
+            lora_bias=any(i.has_bias for i in infos.values()),
             base_model_name_or_path=adapter.meta.base_model or config.get("base_model_name_or_path"),
             layers_to_transform=None,
             layers_pattern=None,
@@ -199,6 +338,10 @@ class PeftFormat:
             config["target_modules"] = sorted(infos)
         if adapter.meta.source_format != "peft":
             config["modules_to_save"] = None
+        if config["lora_bias"] and any(i.kind == "embedding" for i in infos.values()):
+            raise FormatError("an adapter with bias updates (lora_bias) and embedding modules cannot be written "
+                              "for PEFT: PEFT has no lora_bias for embeddings",
+                              module=next(n for n, i in infos.items() if i.kind == "embedding"))
         return config
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
@@ -233,9 +376,10 @@ class PeftFormat:
                     w.add(f"{key}.lora_B.weight", B)
                 if f.magnitude is not None:
                     w.add(f"{key}.lora_magnitude_vector", peft_magnitude(f, path, name))
-                if "bias" in f.extras:
-                    w.add(f"{key}.lora_B.bias", f.extras["bias"])
-                    config["lora_bias"] = True
+                if config["lora_bias"]:
+                    w.add(f"{key}.lora_B.bias", lora_b_bias(f, path, name))
+            for t_name, t in adapter.meta.full_tensors.items():
+                w.add(PREFIX + t_name, t.load())
             if adapter.meta.source_format == "peft":
                 for k, load in adapter.meta.passthrough.items():
                     w.add(k, load())

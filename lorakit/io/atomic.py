@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lorakit.errors import OutputError
+from lorakit.errors import NotAFileError, OutputError
 
 
 def check_output_path(output: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
@@ -23,9 +23,9 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path] = ()) -> 
         OutputError: the output equals (or contains, or lies inside) one of the inputs, or its parent is missing.
     """
     out = Path(output)
-    resolved = out.resolve()
+    resolved = _resolved(out, OutputError)
     for inp in inputs:
-        p = Path(inp).resolve()
+        p = _resolved(Path(inp), NotAFileError)
         if resolved == p or p in resolved.parents or resolved in p.parents:
             raise OutputError(
                 f"output {out} would overwrite the input {inp}", file=out, hint="choose another -o/--output path"
@@ -33,6 +33,14 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path] = ()) -> 
     if not resolved.parent.is_dir():
         raise OutputError(f"directory {out.parent} does not exist", file=out, hint="create it first")
     return out
+
+
+def _resolved(path: Path, error: type[OutputError] | type[NotAFileError]) -> Path:
+    """``path.resolve()``, with a symlink loop (``RuntimeError`` on Python 3.11) as a one-line lorakit error."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:
+        raise error("symbolic link loop (too many levels of symbolic links)", file=path) from e
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ file or directory appears complete or not at all.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import CorruptFileError, FormatError
+from lorakit.errors import CorruptFileError, FormatError, NotAFileError
 from lorakit.io.atomic import atomic_output
+from lorakit.io.files import loads_json, path_problem, read_bytes
 from lorakit.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
 from lorakit.io.writer import SafetensorsWriter
 
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+MAX_INDEX_BYTES = 256 * 2**20
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
@@ -69,17 +72,22 @@ class Checkpoint:
         if p.suffix == ".json":
             self.directory = p.parent
             return self._read_index(p)
-        if not p.is_file():
+        problem = path_problem(p)
+        if problem is not None:
+            raise NotAFileError(problem, file=p)
+        if not p.exists():
             raise FormatError("no such file or directory", file=p)
         return [p]
 
     def _read_index(self, index: Path) -> list[Path]:
         self.index_path = index
         try:
-            data = json.loads(index.read_text())
+            data = loads_json(read_bytes(index, limit=MAX_INDEX_BYTES, what="safetensors index"))
             weight_map = data["weight_map"]
             assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, AssertionError) as e:
+        except NotAFileError:
+            raise
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
             raise FormatError("not a safetensors index (needs a weight_map object)", file=index) from e
         self.index_metadata = dict(data.get("metadata") or {})
         self._index_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}
@@ -87,7 +95,7 @@ class Checkpoint:
         for n in names:
             if Path(n).name != n:
                 raise FormatError(f"index names a shard outside its directory: {n!r}", file=index)
-            if not (index.parent / n).is_file():
+            if not os.path.lexists(index.parent / n):  # a FIFO or loop is refused when opened, not "missing"
                 raise FormatError(f"index names shard {n!r}, which is missing", file=index)
         return [index.parent / n for n in names]
 

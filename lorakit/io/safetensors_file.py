@@ -8,7 +8,6 @@ read. Tensors are then read one at a time with ``pread`` into memory they own (s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import CorruptFileError
+from lorakit.io.files import loads_json, open_regular
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -89,9 +89,10 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         CorruptFileError: with the cause, for any violation of the format.
     """
     path = Path(path)
+    fd = open_regular(path, what="safetensors file")  # never blocks: FIFOs and devices are refused first
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CorruptFileError(
@@ -113,7 +114,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except UnicodeDecodeError as e:
         raise CorruptFileError("corrupt header: not UTF-8 text (is this a safetensors file?)", file=path) from e
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = loads_json(text, object_pairs_hook=_no_duplicates)
     except ValueError as e:
         cause = str(e) if str(e).startswith("duplicate key") else f"not valid JSON ({e})"
         raise CorruptFileError(f"corrupt header: {cause}", file=path) from e

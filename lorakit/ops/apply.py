@@ -9,6 +9,18 @@ orientation:
 - embedding: ``W (num_embeddings, dim)`` gets ΔWᵀ (PEFT's embedding LoRA has ``A (r, num_embeddings)``);
 - conv: ``W (out, in, kh, kw)`` gets ΔW reshaped from the flattened ``(out, in·kh·kw)``.
 
+What else an adapter holds is folded too, never dropped:
+
+- a bias update (PEFT ``lora_bias``) goes into ``<module>.bias``: ``b ← b + w·Δb`` (``Δb = s·lora_B.bias``, as in
+  PEFT's merge); a base layer without a bias is refused, as PEFT refuses it;
+- a DoRA module replaces its weight by PEFT's ``merge_and_unload`` result: in the ``(out, in)`` orientation,
+  ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖`` with the norm taken per output row over the input dimensions (``dim=1`` for
+  Linear, all but dim 0 for conv; for embeddings and Conv1D on the transposed weight, as PEFT does). Only at
+  weight 1: DoRA is not linear in ΔW, and ``--subtract`` cannot recover ``W`` (every row of ``W'`` has norm
+  ``|m|``, whatever ``W`` was);
+- a whole module tensor ``T`` (PEFT ``modules_to_save``) replaces the base tensor of its name:
+  ``W ← W + w·(T − W)`` (``T`` at weight 1); not with ``--subtract``, which cannot recover ``W``.
+
 Then the checkpoint is rewritten shard by shard, tensor by tensor, in the base's dtypes and sharding: adapted
 tensors are updated in float32 (float64 for float64 weights) and cast back; the others are copied. Peak memory is
 one tensor plus its ΔW. Cost O(out·in·r) per adapted module.
@@ -17,13 +29,14 @@ one tensor plus its ΔW. Cost O(out·in·r) per adapted module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
-from lorakit.errors import FormatError, KeyMappingError, LorakitError, ShapeMismatchError
+from lorakit.errors import FormatError, KeyMappingError, LorakitError, NonFiniteError, ShapeMismatchError
+from lorakit.factors import all_finite
 from lorakit.io.checkpoint import Checkpoint, CheckpointWriter, companion_files
 from lorakit.report import Report
 
@@ -49,12 +62,17 @@ def weight_key(module: str, keys: set[str]) -> str | None:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and how one module's ΔW lands: the tensor, and whether ΔW is transposed or reshaped to 4-D."""
+    """Where and how one module's ΔW lands: the tensor, and whether ΔW is transposed or reshaped to 4-D.
+
+    ``role``: ``delta`` (``W + w·ΔW``), ``dora`` (PEFT's DoRA fold), ``bias`` (``b + w·Δb`` of the module) or
+    ``full`` (``W + w·(T − W)`` for the whole tensor ``module`` names in ``meta.full_tensors``).
+    """
 
     module: str
     key: str
     transpose: bool
     shape: tuple[int, ...]
+    role: str = "delta"
 
 
 def place(info: ModuleInfo, key: str, shape: tuple[int, ...], *, fan_in_fan_out: bool, file: Path) -> Placement:
@@ -85,11 +103,44 @@ def place(info: ModuleInfo, key: str, shape: tuple[int, ...], *, fan_in_fan_out:
     return Placement(info.name, key, transpose, shape)
 
 
-def plan_apply(base: Checkpoint, adapter: Adapter) -> dict[str, Placement]:
-    """Header-only plan: tensor key → placement, for every module; errors name the first problem."""
-    if any(i.has_magnitude for i in adapter.infos().values()):
-        raise LorakitError("DoRA adapters are not folded by apply (ΔW depends on the base weight's norm)",
-                           file=adapter.meta.source_path, hint="merge a plain LoRA, or fold DoRA with PEFT")
+def full_tensor_key(name: str, keys: set[str]) -> str | None:
+    """The checkpoint tensor a whole saved tensor (``lm_head.weight``) replaces: the same name, the name without
+    a wrapper prefix, or the one key ending in ``.<name>``."""
+    names = [name] + [name[len(p):] for p in WRAPPER_PREFIXES if name.startswith(p)]
+    for n in names:
+        if n in keys:
+            return n
+    for n in names:
+        hits = [k for k in keys if k.endswith(f".{n}")]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def plan_apply(base: Checkpoint, adapter: Adapter, *, weight: float = 1.0, subtract: bool = False
+               ) -> dict[str, Placement]:
+    """Header-only plan: tensor key → placement, for every module, its bias update and every whole saved
+    tensor; errors name the first problem."""
+    src = adapter.meta.source_path
+    if adapter.meta.passthrough:
+        k = next(iter(adapter.meta.passthrough))
+        raise FormatError(
+            f"{len(adapter.meta.passthrough)} tensor(s) are neither LoRA factors nor whole module tensors (e.g. "
+            f"{k}): apply cannot know what they do to the base model", file=src,
+            hint="merge this adapter with PEFT (merge_and_unload), which knows its extra layers",
+        )
+    dora = [n for n, i in adapter.infos().items() if i.has_magnitude]
+    if dora and (subtract or weight != 1.0):
+        raise LorakitError(
+            f"DoRA modules fold only at --scale 1 without --subtract (W' = m·(W + ΔW)/‖W + ΔW‖ is not linear in "
+            "ΔW, and W cannot be recovered from W')", file=src, module=dora[0],
+            hint="apply it at scale 1 to the original base model",
+        )
+    if adapter.meta.full_tensors and subtract:
+        raise LorakitError(
+            f"--subtract cannot undo whole module tensors (modules_to_save, e.g. {next(iter(adapter.meta.full_tensors))}):"
+            " the base tensor they replaced is gone", file=src, hint="start again from the original base model",
+        )
     fan_in_fan_out = bool(adapter.meta.format_config.get("fan_in_fan_out")) if adapter.meta.source_format == "peft" \
         else False
     keys = set(base.keys())
@@ -102,7 +153,34 @@ def plan_apply(base: Checkpoint, adapter: Adapter) -> dict[str, Placement]:
             continue
         if key in plan:
             raise KeyMappingError(f"modules {plan[key].module} and {name} both map to {key}", module=name, key=key)
-        plan[key] = place(info, key, base.shape(key), fan_in_fan_out=fan_in_fan_out, file=base.path)
+        p = place(info, key, base.shape(key), fan_in_fan_out=fan_in_fan_out, file=base.path)
+        plan[key] = replace(p, role="dora") if info.has_magnitude else p
+        if info.has_bias:
+            bkey = key[: -len("weight")] + "bias"
+            if bkey not in keys:
+                raise KeyMappingError(
+                    f"the adapter has a bias update (lora_bias) for {name} but the base has no {bkey}", file=base.path,
+                    module=name, key=bkey, hint="PEFT cannot merge lora_bias into a layer without a bias either",
+                )
+            if tuple(base.shape(bkey)) != (info.out_features,):
+                raise ShapeMismatchError(f"bias update is ({info.out_features},) but {bkey} has shape "
+                                         f"{list(base.shape(bkey))}", file=base.path, module=name)
+            plan[bkey] = Placement(name, bkey, False, (info.out_features,), "bias")
+    for t_name, t in adapter.meta.full_tensors.items():
+        key = full_tensor_key(t_name, keys)
+        if key is None:
+            raise KeyMappingError(
+                f"the adapter saves the whole tensor {t_name} (modules_to_save) but the base checkpoint has no such "
+                "tensor", file=base.path, key=t_name, hint="is this the adapter's base model?",
+            )
+        if key in plan:
+            raise KeyMappingError(f"{key} is both adapted by {plan[key].module} and saved whole as {t_name}",
+                                  file=src, key=key)
+        if tuple(base.shape(key)) != tuple(t.shape):
+            raise ShapeMismatchError(f"saved module tensor {t_name} has shape {list(t.shape)} but {key} has shape "
+                                     f"{list(base.shape(key))}", file=base.path, key=key,
+                                     hint="the adapter may be for another base model")
+        plan[key] = Placement(t_name, key, False, tuple(t.shape), "full")
     if missing:
         raise KeyMappingError(
             f"{len(missing)} adapter module(s) have no weight in the base checkpoint, e.g. "
@@ -123,6 +201,49 @@ def fold(weight: torch.Tensor, delta: torch.Tensor, p: Placement, weight_scale: 
     d = delta.to(dt)
     d = d.T if p.transpose else d.reshape(p.shape)
     return (weight.to(dt) + weight_scale * d).to(weight.dtype)
+
+
+def fold_dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, p: Placement) -> torch.Tensor:
+    """PEFT's DoRA merge: ``m ⊙ (W + ΔW) / ‖W + ΔW‖`` per output row, in ``weight``'s dtype.
+
+    ``delta`` is the flattened ``(out, in)`` ΔW; the base tensor is brought to that orientation (transposed for
+    embeddings and Conv1D, flattened for conv), each row (one output) is rescaled to norm ``m``, and the result
+    is put back. Cost O(out·in)."""
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.to(dt)
+    W = W.T if p.transpose else W.reshape(delta.shape)
+    merged = W + delta.to(dt)
+    norm = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
+    out = merged * (magnitude.to(dt).reshape(-1, 1) / norm)
+    out = out.T if p.transpose else out.reshape(p.shape)
+    return out.contiguous().to(weight.dtype)
+
+
+def _folded(t: torch.Tensor, p: Placement, adapter: Adapter, w: float, dev: torch.device) -> torch.Tensor:
+    """The new value of base tensor ``t`` under placement ``p`` (see the module docstring)."""
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if p.role == "full":
+        full = adapter.meta.full_tensors[p.module].load()
+        if not all_finite(full):
+            raise NonFiniteError("saved module tensor contains NaN or Inf", file=adapter.meta.source_path,
+                                 key=full_key(adapter, p.module))
+        if w == 1.0:
+            return full.to(t.dtype)
+        return (t.to(dt) + w * (full.to(dt) - t.to(dt))).to(t.dtype)
+    f = adapter[p.module]
+    if p.role == "bias":
+        assert f.bias is not None
+        return (t.to(dt) + w * f.bias.to(dt)).to(t.dtype)
+    f = f.to(dev)
+    delta = f.delta(dt)
+    if p.role == "dora":
+        assert f.magnitude is not None
+        return fold_dora(t.to(dev), delta, f.magnitude, p).cpu()
+    return fold(t.to(dev), delta, p, w).cpu()
+
+
+def full_key(adapter: Adapter, name: str) -> str:
+    return adapter.meta.full_tensors[name].key or name
 
 
 def apply_file(
@@ -147,12 +268,14 @@ def apply_file(
         raise LorakitError(f"--scale must be finite, got {weight}")
     ckpt = Checkpoint(base)
     adapter = load(adapter_path, allow_pickle=allow_pickle)
-    plan = plan_apply(ckpt, adapter)
+    plan = plan_apply(ckpt, adapter, weight=weight, subtract=subtract)
     w = -weight if subtract else weight
     verb = "subtracted" if subtract else "applied"
     report = Report(title=f"{verb} {adapter_path} ×{weight} {'from' if subtract else 'to'} {base} → {output}",
                     columns=["module", "tensor", "shape", "‖w·ΔW‖_F", "‖w·ΔW‖/‖W‖"])
-    summary = {"modules_applied": len(plan), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards), "output": str(output)}
+    roles = [p.role for p in plan.values()]
+    summary = {"modules_applied": roles.count("delta") + roles.count("dora"), "dora_modules": roles.count("dora"),
+               "bias_updates": roles.count("bias"), "full_tensors_replaced": roles.count("full"), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards), "output": str(output)}
     if dry_run:
         report.title = "plan: " + report.title
         for key, p in plan.items():
@@ -172,11 +295,10 @@ def apply_file(
                 t = ckpt.get(key)
                 p = plan.get(key)
                 if p is not None:
-                    f = adapter[p.module]
-                    delta = f.to(dev).delta(torch.float64 if t.dtype == torch.float64 else torch.float32)
-                    new = fold(t.to(dev), delta, p, w).cpu()
-                    rel = float(delta.norm()) * abs(w) / max(float(t.double().norm()), 1e-300)
-                    report.add_row(p.module, key, list(p.shape), float(delta.norm()) * abs(w), rel)
+                    new = _folded(t, p, adapter, w, dev)
+                    change = float((new.double() - t.double()).norm())
+                    report.add_row(p.module if p.role in ("delta", "dora") else f"{p.module} ({p.role})", key,
+                                   list(p.shape), change, change / max(float(t.double().norm()), 1e-300))
                     t = new
                 writer.add(key, t)
     report.summary = summary

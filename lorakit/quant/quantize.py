@@ -158,6 +158,13 @@ def quantize_adapter(
             file=adapter.meta.source_path,
             hint="dequantize it first (lorakit dequantize), or quantize the original",
         )
+    if adapter.meta.full_tensors:
+        name = next(iter(adapter.meta.full_tensors))
+        raise FormatError(
+            f"{len(adapter.meta.full_tensors)} whole module tensor(s) (modules_to_save, e.g. {name}) have no "
+            "place in a quantized file", file=adapter.meta.source_path,
+            hint="keep this adapter in the PEFT format, or apply it to its base model (lorakit apply)",
+        )
     _check_options(adapter, bits, code, block, error, avg_bits, pad)
     params = {
         "bits": bits,
