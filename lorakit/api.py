@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.adapter import Adapter
-from lorakit.errors import FormatError
+from lorakit.errors import FormatError, naming_file
 from lorakit.formats import detect, get_format
 from lorakit.formats.base import Source
 from lorakit.io.atomic import check_output_path
@@ -55,11 +55,12 @@ def default_output_format(adapter: Adapter) -> str:
 # What each writable format can hold besides A, B and a scale (never dropped silently: refused instead).
 CARRIES_FULL_TENSORS = frozenset({"peft"})
 CARRIES_BIAS = frozenset({"peft"})
+CARRIES_EMBEDDING = frozenset({"peft"})
 
 
 def check_carried(adapter: Adapter, format_name: str, out: str | Path | None = None) -> None:
     """Refuse to write ``adapter`` in a format that has no place for its whole module tensors
-    (``modules_to_save``) or bias updates (PEFT ``lora_bias``), from the headers alone.
+    (``modules_to_save``), embedding modules or bias updates (PEFT ``lora_bias``), from the headers alone.
 
     Raises:
         FormatError: naming the first such module or tensor.
@@ -72,6 +73,14 @@ def check_carried(adapter: Adapter, format_name: str, out: str | Path | None = N
             f"place in the {format_name} format", file=src or out,
             hint="keep this adapter in the PEFT format, or apply it to its base model (lorakit apply)",
         )
+    if format_name not in CARRIES_EMBEDDING:
+        emb = [n for n, i in adapter.infos().items() if i.kind == "embedding"]
+        if emb:
+            raise FormatError(
+                f"{len(emb)} embedding module(s) (PEFT lora_embedding_A/B, applied to the embedding table "
+                f"transposed) have no representation in the {format_name} format", file=src or out, module=emb[0],
+                hint="keep this adapter in the PEFT format",
+            )
     if format_name not in CARRIES_BIAS:
         with_bias = [n for n, i in adapter.infos().items() if i.has_bias]
         if with_bias:
@@ -104,4 +113,5 @@ def save(
         raise FormatError(f"lorakit cannot write the {fmt.name} format", file=out)
     check_carried(adapter, fmt.name, out)
     meta = {**(metadata or {}), **provenance_metadata(provenance or adapter.meta.provenance)}
-    return fmt.write(adapter, out, meta)
+    with naming_file(adapter.meta.source_path):  # a writer's refusal names the input it could not write
+        return fmt.write(adapter, out, meta)
