@@ -108,7 +108,7 @@ class NotAFileError(FormatError):
     """Something that is not a regular file where one is expected: a directory, FIFO, device or socket, a symlink
     loop or a dangling link. Refused before any blocking read."""
 
-    default_hint = "point at the adapter's .safetensors file or its directory"
+    default_hint = "name a regular file (or the directory that holds it), not a pipe, device or link loop"
 
 
 class ConfigValueError(FormatError):

@@ -55,7 +55,9 @@ def read_provenance(metadata: Mapping[str, str]) -> dict[str, Any] | None:
     raw = metadata.get(PROVENANCE_KEY)
     if not raw:
         return None
+    from lorakit.io.files import loads_json
+
     try:
-        return json.loads(raw)
-    except ValueError:
+        return loads_json(raw)
+    except ValueError:  # unreadable provenance (or nested too deeply) is not an error: it is only shown
         return None

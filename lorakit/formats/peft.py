@@ -138,7 +138,8 @@ def check_config(config: Mapping[str, Any], file: object, where: str = "") -> No
         shown = json.dumps(v, allow_nan=True) if not isinstance(v, (dict, list)) else _kind_of_value(v)
         if len(shown) > 40:
             shown = shown[:37] + "..."
-        raise ConfigValueError(f'{where}key "{key}": must be {want}, got {shown} ({_kind_of_value(v)})', file=file)
+        raise ConfigValueError(f'{where}key "{key}"{"]" if "[" in key else ""}: must be {want}, got {shown} '
+                               f'({_kind_of_value(v)})', file=file)
 
     for key, (ok, want) in _CONFIG_TYPES.items():
         v = config.get(key)
@@ -152,11 +153,11 @@ def check_config(config: Mapping[str, Any], file: object, where: str = "") -> No
                            ("alpha_pattern", _is_number, "a finite number")):
         for k, v in (config.get(pkey) or {}).items():
             if not ok(v) or (isinstance(v, float) and not math.isfinite(v)):
-                fail(f"{pkey}.{k}", want, v)
+                fail(f'{pkey}"["{k}', want, v)
             try:
                 re.compile(k)
             except re.error as e:
-                raise ConfigValueError(f'{where}key "{pkey}.{k}": not a valid regular expression ({e})',
+                raise ConfigValueError(f'{where}key "{pkey}"["{k}"]: not a valid regular expression ({e})',
                                        file=file) from e
 
 

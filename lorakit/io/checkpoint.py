@@ -87,7 +87,9 @@ class Checkpoint:
             assert isinstance(weight_map, dict)
         except NotAFileError:
             raise
-        except (ValueError, KeyError, TypeError, AssertionError) as e:
+        except ValueError as e:
+            raise FormatError(f"not a safetensors index: not valid JSON ({e})", file=index) from e
+        except (KeyError, TypeError, AssertionError) as e:
             raise FormatError("not a safetensors index (needs a weight_map object)", file=index) from e
         self.index_metadata = dict(data.get("metadata") or {})
         self._index_map: dict[str, str] = {str(k): str(v) for k, v in weight_map.items()}

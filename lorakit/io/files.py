@@ -49,7 +49,7 @@ def path_problem(path: str | Path) -> str | None:
             return None
         return e.strerror or str(e)
     if not stat.S_ISREG(st.st_mode):
-        return describe_mode(st.st_mode)
+        return f"{describe_mode(st.st_mode)}, not a regular file"
     return None
 
 

@@ -285,3 +285,173 @@ def test_real_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout == ""
     assert_clean_failure(proc.returncode, proc.stderr, src, outdir, before, ("truncated",), None)
+
+
+# ---- input that must not hang, recurse or pass unchecked ----------------------------------------------------
+# Each case is refused with one line naming the file (and the key as written), exit 1, nothing written. They
+# run in-process under a watchdog (a FIFO read would block forever; the test fails instead of hanging), and
+# the FIFO case also through the real console script with a subprocess timeout.
+
+DEEP = 100_000  # far beyond any recursion limit
+
+
+def deep_header(tmp: Path) -> Path:
+    nested = "[" * DEEP + "]" * DEEP
+    return raw_safetensors(tmp / "deep.safetensors", '{"__metadata__": {"x": ' + nested + "}}")
+
+
+def deep_config(tmp: Path) -> Path:
+    d = peft_dir(tmp, "deepcfg", {})
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "x": ' + "[" * DEEP + "]" * DEEP + "}")
+    return d
+
+
+def deep_metadata_config(tmp: Path) -> Path:
+    p = tmp / "deepmeta.safetensors"
+    write_safetensors(p, {"base_model.model.x.lora_A.weight": torch.ones(2, 3),
+                          "base_model.model.x.lora_B.weight": torch.ones(4, 2)},
+                      metadata={"lorakit.peft_config": "[" * DEEP + "]" * DEEP})
+    return p
+
+
+def fifo_file(tmp: Path) -> Path:
+    p = tmp / "pipe.safetensors"
+    os.mkfifo(p)
+    return p
+
+
+def fifo_config(tmp: Path) -> Path:
+    d = peft_dir(tmp, "fifocfg", {})
+    (d / "adapter_config.json").unlink()
+    os.mkfifo(d / "adapter_config.json")
+    return d
+
+
+def char_device(tmp: Path) -> Path:
+    p = tmp / "zero.safetensors"
+    p.symlink_to("/dev/zero")  # reading it would never end
+    return p
+
+
+def dir_config(tmp: Path) -> Path:
+    d = peft_dir(tmp, "dircfg", {})
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").mkdir()
+    return d
+
+
+def dir_weights(tmp: Path) -> Path:
+    d = tmp / "dirweights"
+    (d / "adapter_model.safetensors").mkdir(parents=True)
+    return d
+
+
+def symlink_loop(tmp: Path) -> Path:
+    (tmp / "loop-b.safetensors").symlink_to(tmp / "loop-a.safetensors")
+    (tmp / "loop-a.safetensors").symlink_to(tmp / "loop-b.safetensors")
+    return tmp / "loop-a.safetensors"
+
+
+def config_loop(tmp: Path) -> Path:
+    d = peft_dir(tmp, "cfgloop", {})
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").symlink_to(d / "adapter_config.json")
+    return d
+
+
+def config_value(key: str, text: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        d = peft_dir(tmp, f"cfg-{key}", {})
+        (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, ' + text + "}")
+        return d
+    return make
+
+
+HANG_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "deep_header": (deep_header, ("corrupt header", "nested too deeply")),
+    "deep_config": (deep_config, ("adapter_config.json", "nested too deeply")),
+    "deep_metadata_config": (deep_metadata_config, ("lorakit.peft_config", "nested too deeply")),
+    "fifo": (fifo_file, ("FIFO", "not a regular file")),
+    "fifo_config": (fifo_config, ("adapter_config.json", "FIFO")),
+    "char_device": (char_device, ("character device",)),
+    "dir_config": (dir_config, ("adapter_config.json", "a directory")),
+    "dir_weights": (dir_weights, ("adapter_model.safetensors", "a directory")),
+    "symlink_loop": (symlink_loop, ("symbolic link loop",)),
+    "config_loop": (config_loop, ("adapter_config.json", "symbolic link loop")),
+    "r_string": (config_value("r", '"r": "8"'), ('key "r"', '"8"', "positive integer")),
+    "alpha_null": (config_value("alpha", '"lora_alpha": null'), ('key "lora_alpha"', "null")),
+    "alpha_nan": (config_value("nan", '"lora_alpha": NaN'), ('key "lora_alpha"', "NaN")),
+    "alpha_inf": (config_value("inf", '"lora_alpha": -Infinity'), ('key "lora_alpha"', "-Infinity")),
+    "target_modules_int": (config_value("tm", '"target_modules": 5'), ('key "target_modules"', "5")),
+    "rslora_string": (config_value("rs", '"use_rslora": "yes"'), ('key "use_rslora"', "true or false")),
+    "rank_pattern_string": (config_value("rp", '"rank_pattern": {"x": "4"}'), ('key "rank_pattern"["x"]',)),
+    "alpha_pattern_nan": (config_value("ap", '"alpha_pattern": {"x": NaN}'), ('key "alpha_pattern"["x"]', "NaN")),
+    "rank_pattern_list": (config_value("rpl", '"rank_pattern": [4]'), ('key "rank_pattern"', "an object")),
+}
+
+
+def watched(fn: Callable[[], tuple[int, str, str]], seconds: float = 10.0) -> tuple[int, str, str]:
+    """``fn()`` in a worker thread; fails the test (instead of hanging it) when it has not returned in time."""
+    import threading
+
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s: the input blocked or looped"
+    return box[0]
+
+
+@pytest.mark.parametrize("case", sorted(HANG_CASES))
+def test_unreadable_input_refused_at_once(cli, tmp_path, case):
+    make, words = HANG_CASES[case]
+    src = make(tmp_path)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    before = digest(src)  # digest() reads regular files only: FIFOs, devices and loops are skipped
+    code, _, err = watched(lambda: cli("convert", src, "--to", "peft", "-o", outdir / "converted"))
+    assert_clean_failure(code, err, src, outdir, before, words, None)
+
+
+@pytest.mark.parametrize("case", ["fifo", "symlink_loop", "deep_index"])
+def test_apply_refuses_unreadable_base(cli, tmp_path, case):
+    adapter = peft_dir(tmp_path, "adapter", {})
+    if case == "deep_index":
+        base = tmp_path / "base"
+        base.mkdir()
+        (base / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * DEEP + "]" * DEEP + "}")
+        words: tuple[str, ...] = ("model.safetensors.index.json", "nested too deeply")
+    else:
+        base = fifo_file(tmp_path) if case == "fifo" else symlink_loop(tmp_path)
+        words = ("FIFO",) if case == "fifo" else ("symbolic link loop",)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code, _, err = watched(lambda: cli("apply", base, adapter, "-o", outdir / "merged"))
+    assert_clean_failure(code, err, base, outdir, digest(base), words, None)
+
+
+def test_output_symlink_loop_refused(cli, tmp_path):
+    src = kohya_file(tmp_path / "a.safetensors")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    loop = outdir / "loop.safetensors"
+    loop.symlink_to(loop)
+    code, _, err = watched(lambda: cli("convert", src, "--to", "kohya", "-o", loop))
+    assert code == 1 and "symbolic link loop" in err and "Traceback" not in err, err
+    assert [p.name for p in outdir.iterdir()] == ["loop.safetensors"] and loop.is_symlink()
+
+
+def test_real_console_script_refuses_a_fifo_without_blocking(tmp_path):
+    script = Path(sys.executable).with_name("lorakit")
+    if not script.exists():
+        script = shutil.which("lorakit")
+    src = fifo_file(tmp_path)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_DEBUG"}
+    before = digest(src)
+    # A timeout, not a timing assertion: a blocking read would never return (the limit covers interpreter
+    # start-up on a loaded machine; the refusal itself takes milliseconds).
+    proc = subprocess.run([str(script), "inspect", str(src)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.stdout == ""
+    assert_clean_failure(proc.returncode, proc.stderr, src, outdir, before, ("FIFO",), None)
