@@ -63,10 +63,16 @@ def describe(adapter: Adapter, *, norms: bool = False) -> Report:
         "kinds": dict(sorted(Counter(kind_text(i) for i in infos.values()).items())),
         "parameters": adapter.num_params,
         "dora": any(i.has_magnitude for i in infos.values()),
+        "bias_updates": sum(i.has_bias for i in infos.values()),
+        "saved_module_tensors": sorted(meta.full_tensors),
     }
     if norms:
         report.summary["total_norm"] = total_sq ** 0.5
+    if meta.full_tensors:
+        report.notes.append(f"{len(meta.full_tensors)} whole module tensor(s) saved with the adapter (modules_to_save,"
+                            f" e.g. {next(iter(meta.full_tensors))}): apply replaces the base's")
     if meta.passthrough:
-        report.notes.append(f"{len(meta.passthrough)} non-LoRA tensor(s) carried through (e.g. modules_to_save)")
+        report.notes.append(f"{len(meta.passthrough)} other non-LoRA tensor(s) carried through (e.g. "
+                            f"{next(iter(meta.passthrough))}); apply refuses them")
     report.notes.extend(meta.notes)
     return report

@@ -153,3 +153,17 @@ def test_apply_refuses_lora_bias_on_a_layer_without_bias(maker, tmp_path, cli):
     outdir.mkdir()
     code, _, err = cli("apply", base, a.path, "-o", outdir / "m")
     assert_refused(code, err, outdir, "q_proj.bias", "lora_bias")
+
+
+def test_resize_keeps_bias_updates_exactly(maker, tmp_path, cli):
+    a = maker("lora_bias", 1)
+    out = tmp_path / "small"
+    code, _, err = cli("resize", a.path, "--rank", "2", "-o", out)
+    assert code == 0, err
+    small = peft.PeftModel.from_pretrained(a.fresh_base(), out).eval()
+    src = lora_layers(a.model)
+    for name, layer in lora_layers(small).items():
+        assert layer.r["default"] == 2
+        torch.testing.assert_close(layer.lora_B["default"].bias.detach() * layer.scaling["default"],
+                                   src[name].lora_B["default"].bias.detach() * src[name].scaling["default"],
+                                   rtol=1e-12, atol=1e-14)
