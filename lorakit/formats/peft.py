@@ -21,6 +21,7 @@ import json
 import math
 import re
 from collections import Counter
+from functools import partial
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ import torch
 from lorakit.adapter import Adapter, AdapterMeta, FullTensor
 from lorakit.errors import ConfigValueError, FormatError
 from lorakit.factors import LoraFactors
-from lorakit.io.files import loads_json
 from lorakit.formats._lora import Roles, build_adapter, peft_magnitude
 from lorakit.formats.base import Source, group_by_module
 from lorakit.io.atomic import atomic_output
+from lorakit.io.files import loads_json
 from lorakit.io.writer import SafetensorsWriter
 
 PREFIX = "base_model.model."
@@ -125,7 +126,7 @@ _CONFIG_TYPES: dict[str, tuple[Any, str]] = {
 }
 
 
-def check_config(config: Mapping[str, Any], file: object, where: str = "") -> None:
+def check_config(config: Mapping[str, Any], file: str | Path | None, where: str = "") -> None:
     """Refuse config values of the wrong type, out of range, NaN or infinite, naming the key as written.
 
     Only the keys that decide ΔW or how the adapter is placed are checked (the others are carried through).
@@ -182,7 +183,7 @@ def split_non_lora(source: Source, keys: list[str]) -> tuple[dict[str, FullTenso
                 raise FormatError(f"two tensors hold the saved module tensor {name} ({full[name].key}, {k})",
                                   file=source.path)
             full[name] = FullTensor(tuple(source.store.shape(k)), source.store.dtype(k),
-                                    lambda k=k: source.store.get(k), k)
+                                    partial(source.store.get, k), k)
         else:
             other[k] = lambda k=k: source.store.get(k)
     return full, other
@@ -221,7 +222,7 @@ def peft_scale(config: Mapping[str, Any], module: str, rank: int) -> tuple[float
     return float(alpha) / denom, note
 
 
-def lora_b_bias(f: LoraFactors, file: object, module: str) -> torch.Tensor:
+def lora_b_bias(f: LoraFactors, file: str | Path | None, module: str) -> torch.Tensor:
     """What PEFT stores as ``lora_B.bias`` for the bias update ``Δb``: ``Δb / s`` (zeros where there is none: PEFT's
     ``lora_bias`` is global, so every module of the adapter gets a bias)."""
     if f.bias is None:
@@ -283,7 +284,7 @@ class PeftFormat:
         full_tensors, passthrough = split_non_lora(source, [k for k in keys if k not in used])
 
         def name_of(stem: str) -> str:
-            return stem[len(PREFIX):] if stem.startswith(PREFIX) else stem
+            return stem.removeprefix(PREFIX)
 
         def scale_of(stem: str, roles: Roles, rank: int) -> float:
             if source.config is None:

@@ -35,7 +35,7 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path] = ()) -> 
     return out
 
 
-def _resolved(path: Path, error: type[OutputError] | type[NotAFileError]) -> Path:
+def _resolved(path: Path, error: type[OutputError | NotAFileError]) -> Path:
     """``path.resolve()``, with a symlink loop (``RuntimeError`` on Python 3.11) as a one-line lorakit error."""
     try:
         return path.resolve()

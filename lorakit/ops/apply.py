@@ -132,7 +132,7 @@ def plan_apply(base: Checkpoint, adapter: Adapter, *, weight: float = 1.0, subtr
     dora = [n for n, i in adapter.infos().items() if i.has_magnitude]
     if dora and (subtract or weight != 1.0):
         raise LorakitError(
-            f"DoRA modules fold only at --scale 1 without --subtract (W' = m·(W + ΔW)/‖W + ΔW‖ is not linear in "
+            "DoRA modules fold only at --scale 1 without --subtract (W' = m·(W + ΔW)/‖W + ΔW‖ is not linear in "
             "ΔW, and W cannot be recovered from W')", file=src, module=dora[0],
             hint="apply it at scale 1 to the original base model",
         )
@@ -293,12 +293,13 @@ def apply_file(
         for names in layout.values():
             for key in names:
                 t = ckpt.get(key)
-                p = plan.get(key)
-                if p is not None:
-                    new = _folded(t, p, adapter, w, dev)
+                where = plan.get(key)
+                if where is not None:
+                    new = _folded(t, where, adapter, w, dev)
                     change = float((new.double() - t.double()).norm())
-                    report.add_row(p.module if p.role in ("delta", "dora") else f"{p.module} ({p.role})", key,
-                                   list(p.shape), change, change / max(float(t.double().norm()), 1e-300))
+                    label = where.module if where.role in ("delta", "dora") else f"{where.module} ({where.role})"
+                    report.add_row(label, key, list(where.shape), change,
+                                   change / max(float(t.double().norm()), 1e-300))
                     t = new
                 writer.add(key, t)
     report.summary = summary

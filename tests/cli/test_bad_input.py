@@ -452,6 +452,7 @@ def test_real_console_script_refuses_a_fifo_without_blocking(tmp_path):
     before = digest(src)
     # A timeout, not a timing assertion: a blocking read would never return (the limit covers interpreter
     # start-up on a loaded machine; the refusal itself takes milliseconds).
-    proc = subprocess.run([str(script), "inspect", str(src)], capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run([str(script), "inspect", str(src)], capture_output=True, text=True, env=env, timeout=60,
+                          check=False)
     assert proc.stdout == ""
     assert_clean_failure(proc.returncode, proc.stderr, src, outdir, before, ("FIFO",), None)

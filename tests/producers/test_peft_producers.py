@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import lorakit
 
-from .conftest import CASES, Made, lora_layers, outputs, peft, save_base
+from .conftest import Made, lora_layers, outputs, peft, save_base
 
 pytestmark = [pytest.mark.peft, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
