@@ -63,9 +63,12 @@ def describe(adapter: Adapter, *, norms: bool = False) -> Report:
         "kinds": dict(sorted(Counter(kind_text(i) for i in infos.values()).items())),
         "parameters": adapter.num_params,
         "dora": any(i.has_magnitude for i in infos.values()),
-        "bias_updates": sum(i.has_bias for i in infos.values()),
-        "saved_module_tensors": sorted(meta.full_tensors),
     }
+    n_bias = sum(i.has_bias for i in infos.values())
+    if n_bias:
+        report.summary["bias_updates"] = n_bias
+    if meta.full_tensors:
+        report.summary["saved_module_tensors"] = len(meta.full_tensors)
     if norms:
         report.summary["total_norm"] = total_sq ** 0.5
     if meta.full_tensors:

@@ -167,3 +167,11 @@ def test_resize_keeps_bias_updates_exactly(maker, tmp_path, cli):
         torch.testing.assert_close(layer.lora_B["default"].bias.detach() * layer.scaling["default"],
                                    src[name].lora_B["default"].bias.detach() * src[name].scaling["default"],
                                    rtol=1e-12, atol=1e-14)
+
+
+def test_saved_modules_refused_by_nonlinear_merges(maker, tmp_path, cli):
+    a = maker("modules_to_save", 1)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code, _, err = cli("merge", a.path, a.path, "-w", "0.5,0.5", "-m", "ties", "--density", "0.5", "-o", outdir / "m")
+    assert_refused(code, err, outdir, "ties", "modules_to_save", a.path.name)
