@@ -73,6 +73,13 @@ def check_carried(adapter: Adapter, format_name: str, out: str | Path | None = N
             f"place in the {format_name} format", file=src or out,
             hint="keep this adapter in the PEFT format, or apply it to its base model (lorakit apply)",
         )
+    if adapter.meta.passthrough and adapter.meta.source_format == "peft" and format_name != "peft":
+        key = next(iter(adapter.meta.passthrough))
+        raise FormatError(
+            f"{len(adapter.meta.passthrough)} PEFT tensor(s) that are not LoRA factors (e.g. {key}: trainable "
+            f"tokens) have no place in the {format_name} format", file=src or out,
+            hint="keep this adapter in the PEFT format, or merge it into its base model with PEFT",
+        )
     if format_name not in CARRIES_EMBEDDING:
         emb = [n for n, i in adapter.infos().items() if i.kind == "embedding"]
         if emb:

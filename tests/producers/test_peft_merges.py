@@ -175,3 +175,24 @@ def test_saved_modules_refused_by_nonlinear_merges(maker, tmp_path, cli):
     outdir.mkdir()
     code, _, err = cli("merge", a.path, a.path, "-w", "0.5,0.5", "-m", "ties", "--density", "0.5", "-o", outdir / "m")
     assert_refused(code, err, outdir, "ties", "modules_to_save", a.path.name)
+
+
+def test_trainable_tokens_are_refused_not_dropped(tmp_path, cli):
+    from .conftest import randomize, tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                             trainable_token_indices=[1, 5, 7]))
+    randomize(model)
+    src = tmp_path / "tokens"
+    model.save_pretrained(src, save_embedding_layers=False)
+    base = save_base(tiny_llama(), tmp_path / "base")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code, _, err = cli("convert", src, "--to", "kohya", "-o", outdir / "k.safetensors")
+    assert_refused(code, err, outdir, "trainable_tokens_delta", "kohya", src.name)
+    code, _, err = cli("apply", base, src, "-o", outdir / "merged")
+    assert_refused(code, err, outdir, "trainable_tokens_delta", src.name)
+    code, _, err = cli("convert", src, "--to", "peft", "-o", tmp_path / "same")
+    assert code == 0, err  # carried through in its own format
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in load_file(
+        str(tmp_path / "same" / "adapter_model.safetensors"))
