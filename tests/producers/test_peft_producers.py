@@ -85,6 +85,17 @@ def test_written_loads_in_peft_with_equal_outputs(made: Made, tmp_path):
         assert new_cfg.get(key) == src_cfg.get(key), key
 
 
+def test_single_file_peft_round_trip(made: Made, tmp_path, cli):
+    """PEFT keys and the config in one safetensors file (lorakit.peft_config), then a directory again."""
+    one = tmp_path / "one.safetensors"
+    code, _, err = cli("convert", made.path, "--to", "peft", "-o", one)
+    assert code == 0, err
+    code, _, err = cli("convert", one, "--to", "peft", "-o", tmp_path / "dir")
+    assert code == 0, err
+    reloaded = peft.PeftModel.from_pretrained(made.fresh_base(), tmp_path / "dir").eval()
+    torch.testing.assert_close(outputs(reloaded, made.case), outputs(made.model, made.case), rtol=1e-9, atol=1e-12)
+
+
 def test_apply_equals_merge_and_unload(made: Made, tmp_path, cli):
     base = save_base(made.fresh_base(), tmp_path / "base")
     out = tmp_path / "merged"
