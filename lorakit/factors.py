@@ -61,6 +61,10 @@ class LoraFactors:
             )
         if not math.isfinite(self.scale):
             raise NonFiniteError(f"scale is {self.scale}")
+        bias = self.extras.get("bias")
+        if bias is not None and tuple(bias.shape) != (self.B.shape[0],):
+            raise ShapeMismatchError(f"bias update has shape {tuple(bias.shape)}, the layer has {self.B.shape[0]} "
+                                     "outputs", expected=self.B.shape[0], actual=tuple(bias.shape))
         if self.kind == "conv" and self.kernel is None:
             object.__setattr__(self, "kernel", (1, 1))
 
