@@ -178,7 +178,8 @@ def split_non_lora(source: Source, keys: list[str]) -> tuple[dict[str, FullTenso
     for k in keys:
         name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
         if name.startswith(PREFIX) and not any(t in name for t in ("trainable_tokens", "token_adapter")):
-            name = name[len(PREFIX):]
+            # bias="all" saves the bias of a LoRA-wrapped layer as `<module>.base_layer.bias`
+            name = name[len(PREFIX):].replace(".base_layer.", ".")
             if name in full:
                 raise FormatError(f"two tensors hold the saved module tensor {name} ({full[name].key}, {k})",
                                   file=source.path)
@@ -381,7 +382,10 @@ class PeftFormat:
                 if config["lora_bias"]:
                     w.add(f"{key}.lora_B.bias", lora_b_bias(f, path, name))
             for t_name, t in adapter.meta.full_tensors.items():
-                w.add(PREFIX + t_name, t.load())
+                # the key PEFT saved it under (`….base_layer.bias` for a LoRA-wrapped layer's bias), which is
+                # where PeftModel loads it back; in-memory `.modules_to_save.<adapter>.` keys are saved plainly
+                as_saved = t.key.startswith(PREFIX) and ".modules_to_save." not in t.key
+                w.add(t.key if as_saved else PREFIX + t_name, t.load())
             if adapter.meta.source_format == "peft":
                 for k, load in adapter.meta.passthrough.items():
                     w.add(k, load())

@@ -77,6 +77,8 @@ CASES: dict[str, Case] = {
                       {"r": 4, "lora_alpha": 6, "target_modules": LLAMA_TARGETS, "lora_bias": True}),
     "modules_to_save": Case(tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                                          "modules_to_save": ["lm_head", "model.norm"]}),
+    "bias_all": Case(lambda: tiny_llama(bias=True), {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                                      "bias": "all"}),
     "dora": Case(tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
                               "use_dora": True}),
     "rslora": Case(tiny_llama, {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS, "use_rslora": True,
@@ -101,7 +103,8 @@ CASES: dict[str, Case] = {
 
 def randomize(model: torch.nn.Module, seed: int = 1) -> None:
     """PEFT initialises B (or embedding A) to zero and saved modules to copies of the base: make every LoRA
-    parameter random and non-zero (DoRA magnitudes stay positive) and every saved module differ from the base."""
+    parameter random and non-zero (DoRA magnitudes stay positive) and every other trained parameter (saved modules,
+    ``bias="all"`` biases) differ from the base."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -110,7 +113,7 @@ def randomize(model: torch.nn.Module, seed: int = 1) -> None:
                 p.copy_(p * (0.5 + torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype)))
             elif "lora_" in name:
                 p.copy_(noise * 0.2)
-            elif "modules_to_save" in name:
+            elif p.requires_grad:  # trained with the adapter: modules_to_save copies, bias="all" biases
                 p.add_(noise * 0.3)
 
 

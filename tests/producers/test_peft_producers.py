@@ -40,7 +40,8 @@ def in_peft_layout(f, layer, delta: torch.Tensor, like: torch.Tensor) -> torch.T
 
 
 def saved_module_tensors(made: Made) -> dict[str, torch.Tensor]:
-    """What PEFT trained for modules_to_save: the ``modules_to_save["default"]`` copies, by base tensor name."""
+    """What PEFT trained besides LoRA, by base tensor name: the ``modules_to_save["default"]`` copies, and the
+    biases of ``bias="all"``."""
     from peft.utils import ModulesToSaveWrapper
 
     out = {}
@@ -48,6 +49,10 @@ def saved_module_tensors(made: Made) -> dict[str, torch.Tensor]:
         if isinstance(m, ModulesToSaveWrapper):
             for pn, p in m.modules_to_save["default"].named_parameters():
                 out[f"{name.removeprefix('base_model.model.')}.{pn}"] = p.detach()
+    if made.case.config.get("bias") == "all":
+        for name, p in made.model.named_parameters():
+            if name.endswith(".bias") and "lora_" not in name:
+                out[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p.detach()
     return out
 
 
@@ -112,7 +117,7 @@ def test_apply_equals_merge_and_unload(made: Made, tmp_path, cli):
     assert changed == summary["modules_applied"] + summary["bias_updates"] + summary["full_tensors_replaced"]
     if made.case.config.get("lora_bias"):
         assert summary["bias_updates"] == len(lora_layers(made.model))
-    if made.case.config.get("modules_to_save"):
+    if made.case.config.get("modules_to_save") or made.case.config.get("bias") == "all":
         assert summary["full_tensors_replaced"] == len(saved_module_tensors(made)) > 0
 
 
@@ -129,10 +134,11 @@ def test_convert_is_exact_or_refused(made: Made, tmp_path, cli, fmt):
         assert list(outdir.iterdir()) == []
         if made.case.config.get("lora_bias"):
             assert "lora_bias" in lines[0]
-        if made.case.config.get("modules_to_save"):
+        if made.case.config.get("modules_to_save") or made.case.config.get("bias") == "all":
             assert "modules_to_save" in lines[0]
         return
     assert not made.case.config.get("lora_bias") and not made.case.config.get("modules_to_save")
+    assert made.case.config.get("bias", "none") == "none"
     back = tmp_path / "back"
     code, _, err = cli("convert", dst, "--to", "peft", "-o", back)
     assert code == 0, err
