@@ -164,6 +164,14 @@ def plan_merge(
     adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=allow_pickle) for x in inputs]
     modules, present, notes = _module_set(adapters, labels, module_set)
     _check_shapes(adapters, labels, modules, present)
+    dora = next(((labels[i], m) for m in modules for i in present[m] if adapters[i].info(m).has_magnitude), None)
+    if dora is not None:
+        # Dropping the magnitudes would write a plain LoRA with another effect than any input: refuse instead.
+        raise OperatorParameterError(
+            "DoRA modules have no exact weighted sum without the base weights (W' = m·(W + ΔW)/‖W + ΔW‖ per row); "
+            "merging would drop the magnitude", file=dora[0], module=dora[1], parameter="inputs",
+            hint="fold it into the base model (lorakit apply) and merge there, or resize it (the magnitude is kept)",
+        )
     linear = linear_weights(spec.name, weights, params)
     with_bias = next(((labels[i], m) for m in modules for i in present[m] if adapters[i].info(m).has_bias), None)
     if with_bias is not None and linear is None:
@@ -505,8 +513,6 @@ def merge_report(run: MergeRun, output: str | Path, fmt: str) -> Report:
     if not plan.spec.exact and plan.spec.space == "delta":
         report.notes.append("error is relative to the method's dense result; the best error at that rank needs a "
                             "dense SVD and is not computed")
-    if any(a.info(m).has_magnitude for a in plan.adapters for m in a if m in plan.present):
-        report.notes.append("DoRA magnitudes cannot be merged and were dropped")
     return report
 
 

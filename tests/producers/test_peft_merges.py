@@ -196,3 +196,11 @@ def test_trainable_tokens_are_refused_not_dropped(tmp_path, cli):
     assert code == 0, err  # carried through in its own format
     assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in load_file(
         str(tmp_path / "same" / "adapter_model.safetensors"))
+
+
+def test_dora_merges_are_refused_not_flattened(maker, tmp_path, cli):
+    a = maker("dora", 1)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    code, _, err = cli("merge", a.path, "-o", outdir / "m")
+    assert_refused(code, err, outdir, "DoRA", "magnitude", a.path.name, "module ")
