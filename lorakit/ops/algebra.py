@@ -120,6 +120,12 @@ def cat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> 
             raise IncompatibleAdaptersError(
                 f"module sets differ (missing {missing}, unexpected {extra})", missing=missing, unexpected=extra
             )
+    dora = next(((a, n) for a in adapters for n in names if a.info(n).has_magnitude), None)
+    if dora is not None and len(adapters) > 1:
+        raise IncompatibleAdaptersError(
+            "DoRA modules have no exact sum without the base weights: adding would drop the magnitude",
+            file=dora[0].meta.source_path, module=dora[1], hint="fold DoRA adapters into the base (lorakit apply)",
+        )
     full = merge_full_tensors(adapters, weights)
     infos = {}
     for n in names:
