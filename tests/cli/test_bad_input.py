@@ -367,6 +367,14 @@ def config_value(key: str, text: str) -> Callable[[Path], Path]:
     return make
 
 
+def metadata_config_value(tmp: Path) -> Path:
+    p = tmp / "single.safetensors"
+    write_safetensors(p, {"base_model.model.x.lora_A.weight": torch.ones(2, 3),
+                          "base_model.model.x.lora_B.weight": torch.ones(4, 2)},
+                      metadata={"lorakit.peft_config": json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": [4]})})
+    return p
+
+
 HANG_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "deep_header": (deep_header, ("corrupt header", "nested too deeply")),
     "deep_config": (deep_config, ("adapter_config.json", "nested too deeply")),
@@ -387,6 +395,9 @@ HANG_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "rank_pattern_string": (config_value("rp", '"rank_pattern": {"x": "4"}'), ('key "rank_pattern"["x"]',)),
     "alpha_pattern_nan": (config_value("ap", '"alpha_pattern": {"x": NaN}'), ('key "alpha_pattern"["x"]', "NaN")),
     "rank_pattern_list": (config_value("rpl", '"rank_pattern": [4]'), ('key "rank_pattern"', "an object")),
+    "rank_pattern_regex": (config_value("rpr", '"rank_pattern": {"(": 4}'),
+                           ('key "rank_pattern"["("]', "regular expression")),
+    "metadata_config_value": (metadata_config_value, ('lorakit.peft_config: key "lora_alpha"', "a list")),
 }
 
 
