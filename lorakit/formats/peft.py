@@ -21,8 +21,8 @@ import json
 import math
 import re
 from collections import Counter
-from functools import partial
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,9 @@ _CONFIG_TYPES: dict[str, tuple[Any, str]] = {
     "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
                             "an integer or a list of integers"),
     "rank_pattern": (lambda v: isinstance(v, dict), "an object"),
+    "trainable_token_indices": (lambda v: (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v))
+                                or (isinstance(v, dict) and all(isinstance(x, list) for x in v.values())),
+                                "a list of token indices or an object of them"),
     "alpha_pattern": (lambda v: isinstance(v, dict), "an object"),
 }
 
@@ -188,6 +191,40 @@ def split_non_lora(source: Source, keys: list[str]) -> tuple[dict[str, FullTenso
         else:
             other[k] = lambda k=k: source.store.get(k)
     return full, other
+
+
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def trainable_token_rows(adapter: Adapter) -> dict[str, tuple[list[int], str]]:
+    """PEFT trainable tokens (``trainable_token_indices``) of a PEFT adapter: embedding module → (row indices,
+    the passthrough key holding the new rows ``(len(indices), dim)``). PEFT's merge writes those rows into the
+    embedding table (``W.index_copy(0, indices, rows)``).
+
+    The indices come from the config: a list applies to the one embedding that has a token adapter, a mapping
+    names the module (PEFT matches its keys as name suffixes).
+
+    Raises:
+        FormatError: a token adapter without indices in the config, or indices that do not fit its rows.
+    """
+    if adapter.meta.source_format != "peft":
+        return {}
+    keys = [k for k in adapter.meta.passthrough if k.endswith(TOKENS_SUFFIX) and k.startswith(PREFIX)]
+    spec = adapter.meta.format_config.get("trainable_token_indices")
+    out: dict[str, tuple[list[int], str]] = {}
+    for k in keys:
+        module = k[len(PREFIX):-len(TOKENS_SUFFIX)]
+        indices: Any = None
+        if isinstance(spec, list) and len(keys) == 1:
+            indices = spec
+        elif isinstance(spec, dict):
+            hits = [v for name, v in spec.items() if module == name or module.endswith("." + name)]
+            indices = hits[0] if len(hits) == 1 else None
+        if not (isinstance(indices, list) and indices and all(_is_int(i) and i >= 0 for i in indices)):
+            raise FormatError(f"trainable tokens {k} have no usable trainable_token_indices in the config",
+                              file=adapter.meta.source_path, hint="the config does not match the weights")
+        out[module] = (list(indices), k)
+    return out
 
 
 def clean_alpha(alpha: float) -> int | float:

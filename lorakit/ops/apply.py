@@ -19,7 +19,8 @@ What else an adapter holds is folded too, never dropped:
   weight 1: DoRA is not linear in ΔW, and ``--subtract`` cannot recover ``W`` (every row of ``W'`` has norm
   ``|m|``, whatever ``W`` was);
 - a whole module tensor ``T`` (PEFT ``modules_to_save``) replaces the base tensor of its name:
-  ``W ← W + w·(T − W)`` (``T`` at weight 1); not with ``--subtract``, which cannot recover ``W``.
+  ``W ← W + w·(T − W)`` (``T`` at weight 1); not with ``--subtract``, which cannot recover ``W``;
+- PEFT trainable tokens (``trainable_token_indices``) replace those rows of the embedding table the same way.
 
 Then the checkpoint is rewritten shard by shard, tensor by tensor, in the base's dtypes and sharding: adapted
 tensors are updated in float32 (float64 for float64 weights) and cast back; the others are copied. Peak memory is
@@ -64,8 +65,9 @@ def weight_key(module: str, keys: set[str]) -> str | None:
 class Placement:
     """Where and how one module's ΔW lands: the tensor, and whether ΔW is transposed or reshaped to 4-D.
 
-    ``role``: ``delta`` (``W + w·ΔW``), ``dora`` (PEFT's DoRA fold), ``bias`` (``b + w·Δb`` of the module) or
-    ``full`` (``W + w·(T − W)`` for the whole tensor ``module`` names in ``meta.full_tensors``).
+    ``role``: ``delta`` (``W + w·ΔW``), ``dora`` (PEFT's DoRA fold), ``bias`` (``b + w·Δb`` of the module),
+    ``full`` (``W + w·(T − W)`` for the whole tensor ``module`` names in ``meta.full_tensors``) or ``tokens``
+    (PEFT trainable tokens: the listed rows of the embedding table become the saved rows, ``shape`` is theirs).
     """
 
     module: str
@@ -121,14 +123,20 @@ def plan_apply(base: Checkpoint, adapter: Adapter, *, weight: float = 1.0, subtr
                ) -> dict[str, Placement]:
     """Header-only plan: tensor key → placement, for every module, its bias update and every whole saved
     tensor; errors name the first problem."""
+    from lorakit.formats.peft import trainable_token_rows
+
     src = adapter.meta.source_path
-    if adapter.meta.passthrough:
-        k = next(iter(adapter.meta.passthrough))
+    tokens = trainable_token_rows(adapter)
+    unknown = [k for k in adapter.meta.passthrough if k not in {key for _, key in tokens.values()}]
+    if unknown:
         raise FormatError(
-            f"{len(adapter.meta.passthrough)} tensor(s) are neither LoRA factors nor whole module tensors (e.g. "
-            f"{k}): apply cannot know what they do to the base model", file=src,
+            f"{len(unknown)} tensor(s) are neither LoRA factors nor whole module tensors (e.g. "
+            f"{unknown[0]}): apply cannot know what they do to the base model", file=src,
             hint="merge this adapter with PEFT (merge_and_unload), which knows its extra layers",
         )
+    if tokens and subtract:
+        raise LorakitError("--subtract cannot undo trainable tokens: the rows they replaced are gone", file=src,
+                           hint="start again from the original base model")
     dora = [n for n, i in adapter.infos().items() if i.has_magnitude]
     if dora and (subtract or weight != 1.0):
         raise LorakitError(
@@ -181,6 +189,18 @@ def plan_apply(base: Checkpoint, adapter: Adapter, *, weight: float = 1.0, subtr
                                      f"{list(base.shape(key))}", file=base.path, key=key,
                                      hint="the adapter may be for another base model")
         plan[key] = Placement(t_name, key, False, tuple(t.shape), "full")
+    for module, (rows, tkey) in tokens.items():
+        key = weight_key(module, keys)
+        if key is None:
+            raise KeyMappingError(f"trainable tokens for {module} but the base has no {module}.weight",
+                                  file=base.path, module=module, key=tkey)
+        if key in plan:
+            raise KeyMappingError(f"{key} has both trainable tokens and another update", file=src, key=key)
+        shape = tuple(base.shape(key))
+        if len(shape) != 2 or max(rows) >= shape[0]:
+            raise ShapeMismatchError(f"trainable token row {max(rows)} does not fit {key} of shape {list(shape)}",
+                                     file=base.path, module=module)
+        plan[key] = Placement(module, key, False, (len(rows), shape[1]), "tokens")
     if missing:
         raise KeyMappingError(
             f"{len(missing)} adapter module(s) have no weight in the base checkpoint, e.g. "
@@ -230,6 +250,20 @@ def _folded(t: torch.Tensor, p: Placement, adapter: Adapter, w: float, dev: torc
         if w == 1.0:
             return full.to(t.dtype)
         return (t.to(dt) + w * (full.to(dt) - t.to(dt))).to(t.dtype)
+    if p.role == "tokens":
+        from lorakit.formats.peft import trainable_token_rows
+
+        rows, tkey = trainable_token_rows(adapter)[p.module]
+        new_rows = adapter.meta.passthrough[tkey]()
+        if tuple(new_rows.shape) != (len(rows), t.shape[1]):
+            raise ShapeMismatchError(f"trainable tokens {tkey} have shape {list(new_rows.shape)}, expected "
+                                     f"[{len(rows)}, {t.shape[1]}]", file=adapter.meta.source_path)
+        if not all_finite(new_rows):
+            raise NonFiniteError("trainable tokens contain NaN or Inf", file=adapter.meta.source_path, key=tkey)
+        out = t.to(dt).clone()
+        idx = torch.tensor(rows)
+        out[idx] = out[idx] + w * (new_rows.to(dt) - out[idx])  # the rows themselves at weight 1, as PEFT merges
+        return out.to(t.dtype)
     f = adapter[p.module]
     if p.role == "bias":
         assert f.bias is not None
@@ -275,7 +309,8 @@ def apply_file(
                     columns=["module", "tensor", "shape", "‖w·ΔW‖_F", "‖w·ΔW‖/‖W‖"])
     roles = [p.role for p in plan.values()]
     summary = {"modules_applied": roles.count("delta") + roles.count("dora"), "dora_modules": roles.count("dora"),
-               "bias_updates": roles.count("bias"), "full_tensors_replaced": roles.count("full"), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards), "output": str(output)}
+               "bias_updates": roles.count("bias"), "full_tensors_replaced": roles.count("full"),
+               "trainable_token_tables": roles.count("tokens"), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards), "output": str(output)}
     if dry_run:
         report.title = "plan: " + report.title
         for key, p in plan.items():

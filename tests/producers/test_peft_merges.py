@@ -177,7 +177,7 @@ def test_saved_modules_refused_by_nonlinear_merges(maker, tmp_path, cli):
     assert_refused(code, err, outdir, "ties", "modules_to_save", a.path.name)
 
 
-def test_trainable_tokens_are_refused_not_dropped(tmp_path, cli):
+def test_trainable_tokens_applied_as_peft_merges_them_and_refused_elsewhere(tmp_path, cli):
     from .conftest import randomize, tiny_llama
 
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
@@ -186,21 +186,23 @@ def test_trainable_tokens_are_refused_not_dropped(tmp_path, cli):
     src = tmp_path / "tokens"
     model.save_pretrained(src, save_embedding_layers=False)
     base = save_base(tiny_llama(), tmp_path / "base")
+    code, _, err = cli("apply", base, src, "-o", tmp_path / "merged")
+    assert code == 0, err
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    expected = model.merge_and_unload().state_dict()
+    for k, t in got.items():
+        torch.testing.assert_close(t, expected[k], rtol=1e-12, atol=1e-14, msg=lambda m, k=k: f"{k}: {m}")
+    assert not torch.equal(got["model.embed_tokens.weight"], load_file(str(base / "model.safetensors"))[
+        "model.embed_tokens.weight"])
     outdir = tmp_path / "out"
     outdir.mkdir()
     code, _, err = cli("convert", src, "--to", "kohya", "-o", outdir / "k.safetensors")
     assert_refused(code, err, outdir, "trainable_tokens_delta", "kohya", src.name)
-    code, _, err = cli("apply", base, src, "-o", outdir / "merged")
-    assert_refused(code, err, outdir, "trainable_tokens_delta", src.name)
+    code, _, err = cli("apply", base, src, "--subtract", "-o", outdir / "merged")
+    assert_refused(code, err, outdir, "trainable tokens", src.name)
     code, _, err = cli("convert", src, "--to", "peft", "-o", tmp_path / "same")
-    assert code == 0, err  # carried through in its own format
-    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in load_file(
-        str(tmp_path / "same" / "adapter_model.safetensors"))
-
-
-def test_dora_merges_are_refused_not_flattened(maker, tmp_path, cli):
-    a = maker("dora", 1)
-    outdir = tmp_path / "out"
-    outdir.mkdir()
-    code, _, err = cli("merge", a.path, "-o", outdir / "m")
-    assert_refused(code, err, outdir, "DoRA", "magnitude", a.path.name, "module ")
+    assert code == 0, err  # carried through in its own format, and PEFT loads it back
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "same").eval()
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
