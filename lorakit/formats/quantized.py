@@ -100,8 +100,10 @@ def write_quantized(
 
 def read_schema(source: Source) -> dict[str, Any]:
     """The parsed, version-checked ``lorakit.quantized`` metadata."""
+    from lorakit.io.files import loads_json
+
     try:
-        schema = json.loads(source.metadata[META_KEY])
+        schema = loads_json(source.metadata[META_KEY])  # ValueError, not RecursionError, when nested deeply
     except (KeyError, ValueError) as e:
         raise CorruptFileError(f"metadata {META_KEY} is missing or not valid JSON", file=source.path) from e
     if (

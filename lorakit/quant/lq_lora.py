@@ -374,11 +374,12 @@ def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
     """The dense base weights of a residual file: quantized matrices dequantized (in their original dtype), every
     other tensor as stored. Raises :class:`CorruptFileError` for a damaged file."""
     from lorakit.formats.quantized import crc32, dtype_from_name
+    from lorakit.io.files import loads_json
     from lorakit.io.safetensors_file import SafetensorsFile
 
     f = SafetensorsFile(path)
     try:
-        schema = json.loads(f.metadata[RESIDUAL_KEY])
+        schema = loads_json(f.metadata[RESIDUAL_KEY])  # ValueError, not RecursionError, when nested deeply
         matrices = schema["matrices"]
     except (KeyError, ValueError, TypeError) as e:
         raise CorruptFileError(f"metadata {RESIDUAL_KEY} is missing or malformed", file=path) from e
