@@ -100,9 +100,8 @@ def _coerce(typ: type, value: Any) -> Any:
         raise ValueError(value)
     if typ is bool and not (isinstance(value, int) and value in (0, 1)):
         raise ValueError(value)
-    if typ is int and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(value)
+    if typ is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
     return typ(value)
 
 

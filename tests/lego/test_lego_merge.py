@@ -69,7 +69,7 @@ def test_inputs_merge_like_their_concatenation():
     g = torch.Generator().manual_seed(7)
     a, b = (random_factors(20, 14, 4, scale=0.25, generator=g, dtype=F64) for _ in range(2))
     ab = LoraFactors(torch.cat([a.A, b.A]), torch.cat([a.B, b.B], 1), 0.25)
-    opts = dict(rank_rule=rank_rule(rank=3), gauge="raw", output_reweight=False, seed=4)
+    opts = {"rank_rule": rank_rule(rank=3), "gauge": "raw", "output_reweight": False, "seed": 4}
     two, asg2 = lego_module([a, b], [1.0, 1.0], **opts)
     one, asg1 = lego_module([ab], [1.0], **opts)
     torch.testing.assert_close(two.delta(F64), one.delta(F64), rtol=1e-12, atol=1e-12)

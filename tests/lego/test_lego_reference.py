@@ -119,7 +119,7 @@ def test_bool_parameters_from_text_are_parsed(text, want):
     ads = [random_adapter({"q": (24, 16)}, 4, seed=i) for i in range(2)]
     from lorakit.pipeline import merge_adapters
 
-    merged, results = merge_adapters(ads, [1.0, 1.0], "lego", rank=2, output_reweight=text, param_reweight="no")
+    merged, _ = merge_adapters(ads, [1.0, 1.0], "lego", rank=2, output_reweight=text, param_reweight="no")
     gamma = (4 / 2) ** 0.5
     assert merged["q"].scale == pytest.approx(gamma if want else 1.0)
 
@@ -131,3 +131,27 @@ def test_typed_parameter_errors():
     for bad in ({"output_reweight": "maybe"}, {"seed": "1.5"}, {"restarts": 2.5}, {"param_reweight": 2}):
         with pytest.raises(registry.OperatorParameterError, match="must be"):
             spec.validate(bad)
+
+
+@pytest.mark.parametrize("off", ["false", "0"])
+def test_cli_param_output_reweight_false_turns_it_off(tmp_path, off):
+    from click.testing import CliRunner
+    from lorakit.cli.main import cli
+
+    import lorakit
+
+    paths = []
+    for i in range(2):
+        paths.append(str(lorakit.save(random_adapter({"q": (24, 16)}, 4, seed=i), tmp_path / f"a{i}.safetensors")))
+    outs = {}
+    for value in ("true", off):
+        out = tmp_path / f"m-{value}.safetensors"
+        res = CliRunner().invoke(cli, ["merge", *paths, "--method", "lego", "--rank", "2", "--param",
+                                       f"output_reweight={value}", "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        outs[value] = lorakit.load(out)["q"].delta(F64)
+    torch.testing.assert_close(outs["true"], (4 / 2) ** 0.5 * outs[off], rtol=1e-5, atol=1e-7)
+    res = CliRunner().invoke(cli, ["merge", *paths, "--method", "lego", "--param", "output_reweight=maybe", "-o",
+                                   str(tmp_path / "bad.safetensors")])
+    assert res.exit_code == 1 and "output_reweight must be bool" in res.output
+    assert not (tmp_path / "bad.safetensors").exists()
