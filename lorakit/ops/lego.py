@@ -38,6 +38,7 @@ O(R·κ·(out+in)); the canonical gauge adds one QR-core SVD per input. No dense
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -119,18 +120,12 @@ def _fix_sign(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return B * sign[None, :], A * sign[:, None]
 
 
-def _input_units(
-    f: LoraFactors, weight: float, gauge: Gauge, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` in ``dtype`` on ``device`` whose units sum to ``weight·ΔW`` in the given gauge."""
-    f = factors_to(f, device).scaled(weight)
-    if gauge == "canonical":
-        svd = svd_of(f, dtype=torch.float64)
-        root = svd.S.clamp_min(0).sqrt()
-        B, A = _fix_sign(svd.U * root[None, :], root[:, None] * svd.Vh)
-        return B.to(dtype), A.to(dtype)
-    g = f.folded(dtype)  # the paper's units: stored factors, √|w·s| into each side, the sign into B
-    return g.B, g.A
+def _canonical_units(f: LoraFactors, weight: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` of ``weight·ΔW`` in the canonical gauge (SVD units, sign-fixed), in ``dtype``."""
+    svd = svd_of(f.scaled(weight), dtype=torch.float64)
+    root = svd.S.clamp_min(0).sqrt()
+    B, A = _fix_sign(svd.U * root[None, :], root[:, None] * svd.Vh)
+    return B.to(dtype), A.to(dtype)
 
 
 def extract_units(
@@ -145,22 +140,38 @@ def extract_units(
     the inputs' device), in ``dtype`` (default: float32, float64 if an input is float64)."""
     dev = resolve_device(device) if device is not None else inputs[0].A.device
     dt = dtype or compute_dtype(*(t for f in inputs for t in (f.A, f.B)))
-    Bs, As, owner, index = [], [], [], []
-    for i, (f, w) in enumerate(zip(inputs, weights)):
-        B, A = _input_units(f, float(w), gauge, dev, dt)
-        Bs.append(B)
-        As.append(A)
-        owner.append(torch.full((A.shape[0],), i, dtype=torch.long))
-        index.append(torch.arange(A.shape[0]))
-    return Units(torch.cat(Bs, 1), torch.cat(As, 0), torch.cat(owner), torch.cat(index))
+    moved = [factors_to(f, dev) for f in inputs]
+    if gauge == "canonical":
+        pairs = [_canonical_units(f, float(w), dt) for f, w in zip(moved, weights)]
+        B, A = torch.cat([b for b, _ in pairs], 1), torch.cat([a for _, a in pairs], 0)
+    else:  # the paper's units: stored factors, √|w·s| into each side, the sign into B (one copy, scaled in place)
+        B = torch.cat([f.B.to(dt) for f in moved], 1)
+        A = torch.cat([f.A.to(dt) for f in moved], 0)
+        roots = [math.sqrt(abs(float(w) * f.scale)) for f, w in zip(moved, weights)]
+        signs = [-1.0 if float(w) * f.scale < 0 else 1.0 for f, w in zip(moved, weights)]
+        ranks = [f.rank for f in moved]
+        row = torch.tensor([r for r, n in zip(roots, ranks) for _ in range(n)], dtype=dt, device=dev)
+        col = torch.tensor([r * g for r, g, n in zip(roots, signs, ranks) for _ in range(n)], dtype=dt, device=dev)
+        B.mul_(col[None, :])
+        A.mul_(row[:, None])
+    counts = [int(f.A.shape[0]) for f in moved]
+    owner = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)])
+    index = torch.cat([torch.arange(n) for n in counts])
+    return Units(B, A, owner, index)
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(length: int) -> torch.Tensor:
+    """The fixed pseudo-random direction of length ``length`` that breaks norm ties in the canonical order."""
+    g = torch.Generator(device="cpu").manual_seed(0x1E60)
+    return torch.randn(length, generator=g, dtype=torch.float64)
 
 
 def _canonical_order(units: Units, norms: torch.Tensor) -> torch.Tensor:
     """A permutation of the units that depends only on their values: descending norm, ties broken by the
     projection on a fixed pseudo-random direction (then by position, which only equal units reach)."""
     out = units.B.shape[0]
-    g = torch.Generator(device="cpu").manual_seed(0x1E60)
-    probe = torch.randn(out + units.A.shape[1], generator=g, dtype=torch.float64).to(units.A.device, units.A.dtype)
+    probe = _probe(out + units.A.shape[1]).to(units.A.device, units.A.dtype)
     proj = (units.B.T @ probe[:out] + units.A @ probe[out:]).cpu()
     order = torch.sort(proj, stable=True).indices
     return order[torch.sort(-norms.cpu()[order], stable=True).indices]
