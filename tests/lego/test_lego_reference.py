@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lorakit.ops.lego as lego_ops
 from benchmarks.lego_reference import reference_lego
@@ -155,3 +157,14 @@ def test_cli_param_output_reweight_false_turns_it_off(tmp_path, off):
                                    str(tmp_path / "bad.safetensors")])
     assert res.exit_code == 1 and "output_reweight must be bool" in res.output
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@settings(max_examples=10, deadline=None)
+@given(c=st.floats(0.05, 20.0), seed=st.integers(0, 1000), k=st.integers(1, 9))
+def test_a_common_weight_scales_the_merge(c, seed, k):
+    """Raw units scale by √c on both sides under a common weight c > 0: same partition, ΔW times c."""
+    fs = inputs(F64, ranks=(3, 3, 3), seed=seed)
+    one, asg1 = lego_module(fs, [1.0] * 3, rank_rule=rank_rule(rank=k), seed=seed)
+    scaled, asg_c = lego_module(fs, [c] * 3, rank_rule=rank_rule(rank=k), seed=seed)
+    assert all(torch.equal(x, y) for x, y in zip(asg1.labels, asg_c.labels))
+    torch.testing.assert_close(scaled.delta(F64), c * one.delta(F64), rtol=1e-9, atol=1e-12)
