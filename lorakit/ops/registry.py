@@ -68,10 +68,10 @@ class OperatorSpec:
                     f"{self.name} takes no parameter {key!r} (its parameters: {known})", operator=self.name,
                     parameter=key,
                 )
-            typ = self.types.get(key)
+            typ = _plain_type(self.types.get(key))
             if value is not None and typ in (int, float, bool, str) and not isinstance(value, typ):
                 try:
-                    value = typ(value)
+                    value = _coerce(typ, value)
                 except (TypeError, ValueError) as e:
                     raise OperatorParameterError(
                         f"{self.name}: parameter {key} must be {typ.__name__}, got {value!r}", operator=self.name,
@@ -79,6 +79,30 @@ class OperatorSpec:
                     ) from e
             out[key] = value
         return out
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _plain_type(hint: Any) -> Any:
+    """``X`` for a hint ``X`` or ``X | None`` (the value ``None`` is passed through before coercion)."""
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    return args[0] if len(args) == 1 and getattr(hint, "__args__", None) else hint
+
+
+def _coerce(typ: type, value: Any) -> Any:
+    """``value`` as ``typ``; a string bool must be one of true/false, 1/0, yes/no, on/off (``bool("false")`` is
+    True, so the plain constructor cannot be used for text from the command line)."""
+    if typ is bool and isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(value)
+    if typ is bool and not (isinstance(value, int) and value in (0, 1)):
+        raise ValueError(value)
+    if typ is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return typ(value)
 
 
 _REGISTRY: dict[tuple[str, str], OperatorSpec] = {}

@@ -69,13 +69,13 @@ def test_inputs_merge_like_their_concatenation():
     g = torch.Generator().manual_seed(7)
     a, b = (random_factors(20, 14, 4, scale=0.25, generator=g, dtype=F64) for _ in range(2))
     ab = LoraFactors(torch.cat([a.A, b.A]), torch.cat([a.B, b.B], 1), 0.25)
-    opts = dict(rank_rule=rank_rule(rank=3), gauge="raw", output_reweight=False, seed=4)
+    opts = {"rank_rule": rank_rule(rank=3), "gauge": "raw", "output_reweight": False, "seed": 4}
     two, asg2 = lego_module([a, b], [1.0, 1.0], **opts)
     one, asg1 = lego_module([ab], [1.0], **opts)
     torch.testing.assert_close(two.delta(F64), one.delta(F64), rtol=1e-12, atol=1e-12)
     assert torch.equal(torch.cat(asg2.labels), asg1.labels[0])
     # canonical gauge = raw clustering of the canonical pool
-    u = extract_units([a, b], [1.0, 1.0])
+    u = extract_units([a, b], [1.0, 1.0], gauge="canonical")
     canon, _ = lego_module([a, b], [1.0, 1.0], **{**opts, "gauge": "canonical"})
     pooled, _ = lego_module([LoraFactors(u.A, u.B, 1.0)], [1.0], **opts)
     torch.testing.assert_close(canon.delta(F64), pooled.delta(F64), rtol=1e-12, atol=1e-12)
@@ -108,8 +108,8 @@ def test_canonical_gauge_ignores_the_training_basis_raw_does_not():
     moved = [a.map(lambda _n, f: regauge(f)) for a in ads]
     for n in SHAPES:  # same ΔW
         torch.testing.assert_close(moved[0][n].delta(F64), ads[0][n].delta(F64))
-    c1, _ = lego_merge(ads, k=3)
-    c2, _ = lego_merge(moved, k=3)
+    c1, _ = lego_merge(ads, k=3, gauge="canonical")
+    c2, _ = lego_merge(moved, k=3, gauge="canonical")
     assert_adapters_close(c1, c2, rtol=1e-8, atol=1e-12)
     r1, _ = lego_merge(ads, k=3, gauge="raw")
     r2, _ = lego_merge(moved, k=3, gauge="raw")
