@@ -55,6 +55,32 @@ def module_name(stem: str) -> str:
     return name
 
 
+# PEFT task types of language models: their modules may be called ``transformer.…`` (GPT-2, Falcon...) but no
+# diffusers pipeline has them.
+LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def refuse_inexact(adapter: Adapter, to: str) -> None:
+    """Refuse, before anything is written, PEFT adapters whose diffusers/kohya file would load wrong: a
+    ``fan_in_fan_out`` adapter (GPT-2 ``Conv1D``: its ΔW applies transposed, which no diffusers or kohya loader
+    knows) and language-model adapters (no diffusion pipeline holds their modules)."""
+    if adapter.meta.source_format != "peft":
+        return
+    cfg = adapter.meta.format_config
+    src = adapter.meta.source_path
+    if cfg.get("fan_in_fan_out"):
+        raise FormatError(
+            f"a PEFT fan_in_fan_out adapter (GPT-2 Conv1D weights stored (in, out)) has no exact {to} form: "
+            f"{to} loaders apply ΔW untransposed", file=src, hint="keep it in the PEFT format (--to peft)",
+        )
+    task = str(cfg.get("task_type") or "").upper()
+    if task in LM_TASKS:
+        raise FormatError(
+            f"a PEFT {task} adapter is for a language model, not a diffusion pipeline; its {to} file would not "
+            "load", file=src, hint="keep it in the PEFT format (--to peft)",
+        )
+
+
 class DiffusersFormat:
     name = "diffusers"
     description = "diffusers single file (component-prefixed keys, e.g. unet.…lora_A.weight)"
@@ -104,13 +130,22 @@ class DiffusersFormat:
         return adapter.with_meta(notes=tuple(notes))
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
+        refuse_inexact(adapter, "diffusers")
         by_comp: dict[str, list[str]] = {}
         for name in adapter:
             comp = component_of(name)
             if comp is None:
+                from lorakit.formats.kohya import KOHYA_PREFIXES
+
+                if name.startswith(KOHYA_PREFIXES):
+                    raise KeyMappingError(
+                        f"kohya stem {name!r} has no diffusers module name: the architecture was not recognised",
+                        file=adapter.meta.source_path, key=name,
+                        hint="pass --base with the base model's config (e.g. transformer/config.json) or --arch",
+                    )
                 raise KeyMappingError(
                     f"module {name!r} has no diffusers component prefix (unet., transformer., text_encoder....)",
-                    module=name, hint="write --to peft for language-model adapters",
+                    file=adapter.meta.source_path, module=name, hint="write --to peft for language-model adapters",
                 )
             by_comp.setdefault(comp, []).append(name)
         flat: dict[str, Any] = {}
