@@ -97,7 +97,6 @@ def resolve_names(
     config or ``arch`` (every stem must map, else :class:`KeyMappingError`); the architecture detected from
     ``ss_base_model_version`` or the stems (used only if every stem maps); otherwise the stems themselves.
     """
-    file = str(source.path)
     stored: dict[str, str] = {}
     if NAMES_KEY in source.metadata:
         try:

@@ -5,6 +5,7 @@ fixtures after ``pytest.importorskip("diffusers")``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch

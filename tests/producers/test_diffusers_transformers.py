@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-import lorakit  # noqa: E402
-from lorakit.errors import LorakitError  # noqa: E402
-from tests.producers import _diffusion as D  # noqa: E402
+import lorakit
+from lorakit.errors import LorakitError
+from tests.producers import _diffusion as D
 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "norm1.linear", "context_embedder", "proj_out"]
@@ -102,7 +102,7 @@ def test_flux_kohya_loads_in_diffusers_converter(produced, tmp_path):
     from safetensors import safe_open
 
     with safe_open(k, "pt") as f:
-        assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for key in f.keys())
+        assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for key in f)
     D.assert_close_outputs(load_in_diffusers(produced, k), load_in_diffusers(produced, ref))
 
 

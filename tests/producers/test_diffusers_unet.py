@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-import lorakit  # noqa: E402
-from tests.producers import _diffusion as D  # noqa: E402
+import lorakit
+from tests.producers import _diffusion as D
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
                 "ff.net.2", "time_emb_proj"]
