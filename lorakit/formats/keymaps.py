@@ -60,6 +60,8 @@ CLIP_L_LAYERS, OPENCLIP_H_LAYERS, OPENCLIP_G_LAYERS, T5_XXL_LAYERS = 12, 23, 32,
 
 # Module-name endings of 3×3 convolutions (for flattened LyCORIS tensors that do not carry the kernel).
 CONV3X3_ENDINGS = ("conv1", "conv2", "conv", "conv_in", "conv_out", "in_layers.2", "out_layers.3", "op")
+# ... and of 1×1 convolutions (a ResBlock's shortcut, in diffusers and SGM naming).
+CONV1X1_ENDINGS = ("conv_shortcut", "skip_connection")
 
 
 @dataclass(frozen=True)
