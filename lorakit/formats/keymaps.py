@@ -464,6 +464,27 @@ def component_keymap(config: Mapping[str, Any], component: str = "") -> KeyMap:
                       "UNet2DConditionModel / FluxTransformer2DModel / SD3Transformer2DModel config or a transformers config.json")
 
 
+def is_checkpoint(base: str | Path) -> bool:
+    """True when ``base`` is a weights checkpoint (a ``.safetensors`` file, or a directory of shards with no
+    ``config.json`` / ``model_index.json``), not a config: it gives weight shapes (conv kernels), not names."""
+    p = Path(base)
+    if p.is_file():
+        return p.suffix == ".safetensors"
+    return p.is_dir() and not (p / "config.json").is_file() and not (p / "model_index.json").is_file() \
+        and any(p.glob("*.safetensors"))
+
+
+def base_weight_shapes(base: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """``tensor name → shape`` from a base checkpoint's headers (see :func:`is_checkpoint`), else ``None``."""
+    if not is_checkpoint(base):
+        return None
+    from lorakit.io.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(base)
+    keys = ckpt.keys()
+    return {k: tuple(ckpt.shape(k)) for k in keys}
+
+
 def base_keymap(path: str | Path) -> KeyMap:
     """The key map of a base model given as a config file or a (diffusers or transformers) model directory."""
     p = Path(path)

@@ -39,6 +39,7 @@ from lorakit.formats.keymaps import (
     flux_config_of,
     flux_keymap,
     fuse_factors,
+    is_checkpoint,
     split_factors,
     write_arch,
     writer_stems,
@@ -206,6 +207,8 @@ class KohyaFormat:
              base: str | Path | None = None) -> Adapter:
         """Read a kohya file; ``keymap`` / ``arch`` / ``base`` name its modules (see :func:`resolve_names`)."""
         groups = group_by_module(source.keys, SUFFIXES)
+        if base is not None and is_checkpoint(base):
+            base = None  # a weights checkpoint gives kernels (LyCORIS); LoRA factors store theirs
         names, notes = resolve_names(source, list(groups), keymap=keymap, arch=arch, base=base)
         missing_alpha: list[str] = []
 

@@ -42,7 +42,7 @@ from lorakit.factors import LoraFactors
 from lorakit.formats import kohya
 from lorakit.formats._lora import Roles, build_adapter, read_alpha
 from lorakit.formats.base import Source, group_by_module
-from lorakit.formats.keymaps import CONV1X1_ENDINGS, CONV3X3_ENDINGS, KeyMap
+from lorakit.formats.keymaps import CONV1X1_ENDINGS, CONV3X3_ENDINGS, KeyMap, base_weight_shapes
 from lorakit.linalg import SVD, compute_dtype, factored_svd
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -132,21 +132,6 @@ def _kernel_for(name: str, cols: int, known: tuple[int, int] | None,
     if any(name.endswith(("." + e, "_" + e)) for e in CONV1X1_ENDINGS):
         return (1, 1)
     return None
-
-
-def base_weight_shapes(base: str | Path) -> dict[str, tuple[int, ...]] | None:
-    """``tensor name → shape`` from a base checkpoint's headers (a ``.safetensors`` file, or a directory of
-    shards without a ``config.json``), or ``None`` when ``base`` is a config (it names modules, see
-    :func:`lorakit.formats.keymaps.base_keymap`)."""
-    p = Path(base)
-    if p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file()):
-        return None
-    if p.is_file() and p.suffix != ".safetensors":
-        return None
-    from lorakit.io.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(p)
-    return {k: tuple(ckpt.shape(k)) for k in ckpt.keys()}
 
 
 def _base_shape(shapes: Mapping[str, tuple[int, ...]] | None, name: str) -> tuple[int, ...] | None:
