@@ -151,10 +151,22 @@ def _map_stems(
     unmapped = [s for s in stems if s not in km or s in km.ambiguous]
     if unmapped:
         return {}, [
-            f"looks like {km.arch}, but {len(unmapped)} stem(s) are not in its key map (e.g. {unmapped[0]!r}); "
-            "module names are kohya stems; pass --arch or --base to map them"
+            (f"looks like {km.arch}, but {len(unmapped)} stem(s) are not in its key map (e.g. {unmapped[0]!r}); "
+             "module names are kohya stems; pass --arch or --base to map them")
         ]
     return {s: km.resolve(s, file=file) for s in stems}, [f"module names mapped by the {km.arch} key map (detected)"]
+
+
+def _alpha_text(a: float) -> str:
+    return str(int(a)) if float(a).is_integer() else str(a)
+
+
+def key_as_written(stem: str, roles: Roles) -> str:
+    """The key errors about a kohya/LyCORIS module name: its down (or first) tensor, as the file spells it."""
+    for role in ("A", "hada_w1_a", "lokr_w1", "lokr_w1_a", "B"):
+        if role in roles:
+            return roles[role]
+    return next(iter(roles.values()), stem)
 
 
 def _stem_shapes(source: Source, stems: list[str]) -> dict[str, tuple[int, int]]:
@@ -230,7 +242,7 @@ class KohyaFormat:
             passthrough=passthrough,
         )
         adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: name_or_stem(names, s),
-                                meta=meta)
+                                meta=meta, key_of=key_as_written)
         if not len(adapter):
             raise FormatError("no LoRA modules (lora_down/lora_up pairs) found", file=source.path)
         adapter = apply_splits(adapter, names, file=str(source.path))
@@ -280,8 +292,7 @@ class KohyaFormat:
             **carried,
             "ss_network_module": carried.get("ss_network_module", "networks.lora"),
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-            "ss_network_alpha": (lambda a: str(int(a)) if float(a).is_integer() else str(a))(alphas.pop())
-            if len(alphas) == 1 and not fused_names else "Dynamic",
+            "ss_network_alpha": _alpha_text(alphas.pop()) if len(alphas) == 1 and not fused_names else "Dynamic",
             **metadata,
             NAMES_KEY: json.dumps({stem: name for stem, _, name in items if name is not None}),
         }

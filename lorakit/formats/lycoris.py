@@ -40,7 +40,7 @@ from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
 from lorakit.errors import FormatError, LorakitError, LossyOperationWarning, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.formats import kohya
-from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats._lora import Roles, build_adapter, labelled, naming_key, read_alpha
 from lorakit.formats.base import Source, group_by_module
 from lorakit.formats.keymaps import CONV1X1_ENDINGS, CONV3X3_ENDINGS, KeyMap, base_weight_shapes
 from lorakit.linalg import SVD, compute_dtype, factored_svd
@@ -341,7 +341,7 @@ class LycorisFormat:
             passthrough=passthrough,
         )
         lora = build_adapter(source, lora_groups, scale_of=lora_scale,
-                             name_of=lambda s: kohya.name_or_stem(names, s), meta=meta)
+                             name_of=lambda s: kohya.name_or_stem(names, s), meta=meta, key_of=kohya.key_as_written)
         modules: dict[str, Any] = {}
         infos: dict[str, ModuleInfo] = {}
         errors: dict[str, float] = {}
@@ -358,16 +358,20 @@ class LycorisFormat:
             if name in modules:
                 raise FormatError("two tensor groups map to the same module", file=source.path, module=name)
             peft_scale = _peft_scale(config, name) if peft else None
-            alpha = None if peft else alpha_of(stem, roles)
-            try:
-                plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale,
-                                                               _base_shape(shapes, name))
-            except (ValueError, IndexError) as e:
-                if isinstance(e, LorakitError):
-                    raise
-                shapes = {r: source.store.shape(k) for r, k in roles.items()}
-                raise ShapeMismatchError(f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {shapes}",
-                                         file=source.path, module=name) from e
+            key = kohya.key_as_written(stem, roles)
+            with naming_key(name, key):
+                alpha = None if peft else alpha_of(stem, roles)
+                try:
+                    plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale,
+                                                                   _base_shape(shapes, name))
+                except (ValueError, IndexError) as e:
+                    if isinstance(e, LorakitError):
+                        raise
+                    found = {r: source.store.shape(k) for r, k in roles.items()}
+                    raise ShapeMismatchError(
+                        f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {found}",
+                        file=source.path, module=name) from e
+                plan.load = labelled(plan.load, name, key)
             counts["LoHa" if is_loha else "LoKr"] += 1
             infos[name] = plan.info
             if plan.info.rank < plan.exact_rank:
