@@ -47,11 +47,21 @@ def component_of(name: str) -> str | None:
     return head if head in COMPONENTS else None
 
 
+# diffusers' old text-encoder keys name CLIP's attention projections as its own processors did.
+OLD_TE_ATTN = {".self_attn.to_q": ".self_attn.q_proj", ".self_attn.to_k": ".self_attn.k_proj",
+               ".self_attn.to_v": ".self_attn.v_proj", ".self_attn.to_out": ".self_attn.out_proj"}
+
+
 def module_name(stem: str) -> str:
-    """Normalise old-style stems: ``….processor.to_q`` → ``….to_q``, ``to_out`` → ``to_out.0``."""
+    """Normalise old-style stems: ``….processor.to_q`` → ``….to_q``, ``to_out`` → ``to_out.0``; text encoders'
+    ``self_attn.to_q_lora`` (diffusers < 0.22) → ``self_attn.q_proj``."""
     name = stem.replace(".processor.", ".")
     if ".processor." in stem and name.endswith(".to_out"):
         name += ".0"
+    if name.startswith("text_encoder"):
+        for old, new in OLD_TE_ATTN.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
     return name
 
 

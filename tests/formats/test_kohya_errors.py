@@ -55,3 +55,18 @@ def test_error_names_key_as_written(tmp_path, case, cli):
     assert code == 1
     assert key in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_old_diffusers_text_encoder_keys(tmp_path):
+    """diffusers' pre-PEFT text-encoder keys (``self_attn.to_q_lora.down.weight``) name CLIP's ``q_proj``."""
+    base = "text_encoder.text_model.encoder.layers.0"
+    t = {f"{base}.self_attn.to_q_lora.down.weight": torch.randn(2, 8),
+         f"{base}.self_attn.to_q_lora.up.weight": torch.randn(8, 2),
+         f"{base}.mlp.fc1.lora_linear_layer.down.weight": torch.randn(2, 8),
+         f"{base}.mlp.fc1.lora_linear_layer.up.weight": torch.randn(16, 2)}
+    save_file(t, tmp_path / "old.safetensors")
+    a = lorakit.load(tmp_path / "old.safetensors")
+    assert set(a) == {f"{base}.self_attn.q_proj", f"{base}.mlp.fc1"}
+    torch.testing.assert_close(a[f"{base}.self_attn.q_proj"].delta(torch.float64),
+                               (t[f"{base}.self_attn.to_q_lora.up.weight"]
+                                @ t[f"{base}.self_attn.to_q_lora.down.weight"]).double())
