@@ -93,3 +93,23 @@ def test_kohya_without_lorakit_names_maps_by_architecture(produced, tmp_path):
     back = tmp_path / "back.safetensors"
     D.convert(plain, back, "diffusers", base=None)
     check_pipe(load_in_diffusers(back), produced)
+
+
+def test_apply_equals_peft_merge(produced, tmp_path):
+    """``lorakit apply`` of the diffusers file onto the UNet checkpoint: W + ΔW with PEFT's ΔW, conv included."""
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.ops.apply import apply_file
+
+    base = D.tiny_unet().state_dict()
+    ckpt = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in base.items()}, ckpt)
+    only_unet = tmp_path / "unet_lora.safetensors"
+    a = lorakit.load(produced["file"])
+    lorakit.save(a.select([n for n in a if n.startswith("unet.")]), only_unet, format="diffusers")
+    out = tmp_path / "merged.safetensors"
+    apply_file(ckpt, only_unet, out, device="cpu")
+    got = load_file(out)
+    for n, d in produced["unet_delta"].items():
+        w = base[n + ".weight"]
+        assert D.rel_err(got[n + ".weight"], w + d.reshape(w.shape)) <= D.REL, n
