@@ -164,13 +164,18 @@ class DiffusersFormat:
             alphas = {n: clean_alpha(adapter.info(n).scale * adapter.info(n).rank) for n in names}
             r = Counter(ranks.values()).most_common(1)[0][0]
             alpha = Counter(alphas.values()).most_common(1)[0][0]
-            strip = len(comp) + 1
+            def rel(n: str, comp: str = comp) -> str:
+                # PEFT matches targets and patterns as name suffixes: without CLIP's `text_model.` level they
+                # match both transformers 4 (text_model.encoder…) and 5 (encoder…) module names.
+                x = n[len(comp) + 1:]
+                return x.removeprefix("text_model.") if comp.startswith("text_encoder") else x
+
             cfg = {
                 "r": r,
                 "lora_alpha": alpha,
-                "rank_pattern": {n[strip:]: k for n, k in ranks.items() if k != r},
-                "alpha_pattern": {n[strip:]: a for n, a in alphas.items() if a != alpha},
-                "target_modules": sorted(n[strip:] for n in names),
+                "rank_pattern": {rel(n): k for n, k in ranks.items() if k != r},
+                "alpha_pattern": {rel(n): a for n, a in alphas.items() if a != alpha},
+                "target_modules": sorted(rel(n) for n in names),
                 "use_dora": any(adapter.info(n).has_magnitude for n in names),
             }
             flat.update({f"{comp}.{k}": v for k, v in cfg.items()})

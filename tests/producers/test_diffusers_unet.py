@@ -113,3 +113,22 @@ def test_apply_equals_peft_merge(produced, tmp_path):
     for n, d in produced["unet_delta"].items():
         w = base[n + ".weight"]
         assert D.rel_err(got[n + ".weight"], w + d.reshape(w.shape)) <= D.REL, n
+
+
+def test_sd_scripts_text_encoder_stems_convert_to_diffusers(produced, tmp_path):
+    """A kohya file as sd-scripts names a CLIP text encoder (``lora_te_text_model_encoder_layers_…``, no lorakit
+    name map) converts to diffusers keys that diffusers loads into the text encoder with equal outputs."""
+    from safetensors.torch import load_file, save_file
+
+    k = tmp_path / "k.safetensors"
+    D.convert(produced["file"], k, "kohya")
+    sd = {key.replace("lora_te_encoder_", "lora_te_text_model_encoder_").replace(
+        "lora_te1_encoder_", "lora_te_text_model_encoder_"): v for key, v in load_file(k).items()}
+    assert any(key.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for key in sd)
+    plain = tmp_path / "sd_scripts.safetensors"
+    save_file(sd, plain, {"ss_base_model_version": "sd_v1"})
+    back = tmp_path / "back.safetensors"
+    D.convert(plain, back, "diffusers")
+    a = lorakit.load(back)
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in a
+    check_pipe(load_in_diffusers(back), produced)
