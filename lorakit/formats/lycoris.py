@@ -367,9 +367,9 @@ class LycorisFormat:
                 except (ValueError, IndexError) as e:
                     if isinstance(e, LorakitError):
                         raise
-                    found = {r: source.store.shape(k) for r, k in roles.items()}
+                    got = {r: source.store.shape(k) for r, k in roles.items()}
                     raise ShapeMismatchError(
-                        f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {found}",
+                        f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {got}",
                         file=source.path, module=name) from e
                 plan.load = labelled(plan.load, name, key)
             counts["LoHa" if is_loha else "LoKr"] += 1
