@@ -73,7 +73,9 @@ LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
 def refuse_inexact(adapter: Adapter, to: str) -> None:
     """Refuse, before anything is written, PEFT adapters whose diffusers/kohya file would load wrong: a
     ``fan_in_fan_out`` adapter (GPT-2 ``Conv1D``: its ΔW applies transposed, which no diffusers or kohya loader
-    knows) and language-model adapters (no diffusion pipeline holds their modules)."""
+    knows; a square ``c_proj`` would even be applied untransposed without an error), and, for diffusers,
+    language-model adapters (no diffusion pipeline holds their modules; GPT-2's ``transformer.h.…`` would pass
+    for a diffusers component). A kohya file keeps lorakit's module names, so other LM adapters may go there."""
     if adapter.meta.source_format != "peft":
         return
     cfg = adapter.meta.format_config
@@ -84,7 +86,7 @@ def refuse_inexact(adapter: Adapter, to: str) -> None:
             f"{to} loaders apply ΔW untransposed", file=src, hint="keep it in the PEFT format (--to peft)",
         )
     task = str(cfg.get("task_type") or "").upper()
-    if task in LM_TASKS:
+    if to == "diffusers" and task in LM_TASKS:
         raise FormatError(
             f"a PEFT {task} adapter is for a language model, not a diffusion pipeline; its {to} file would not "
             "load", file=src, hint="keep it in the PEFT format (--to peft)",

@@ -70,3 +70,23 @@ def test_old_diffusers_text_encoder_keys(tmp_path):
     torch.testing.assert_close(a[f"{base}.self_attn.q_proj"].delta(torch.float64),
                                (t[f"{base}.self_attn.to_q_lora.up.weight"]
                                 @ t[f"{base}.self_attn.to_q_lora.down.weight"]).double())
+
+
+@pytest.mark.parametrize(("config", "to"), [({"fan_in_fan_out": True}, "diffusers"), ({"fan_in_fan_out": True}, "kohya"),
+                                            ({"task_type": "CAUSAL_LM"}, "diffusers")])
+def test_inexact_peft_conversions_refused(tmp_path, cli, config, to):
+    """A GPT-2 (``fan_in_fan_out``) or language-model PEFT adapter whose module names look like a diffusers
+    component (``transformer.h.0.attn.c_proj``) is refused, not written to load wrong."""
+    import json
+
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    key = "base_model.model.transformer.h.0.attn.c_proj"
+    save_file({f"{key}.lora_A.weight": torch.randn(2, 8), f"{key}.lora_B.weight": torch.randn(8, 2)},
+              d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                       "target_modules": ["c_proj"], **config}))
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli("convert", d, "--to", to, "-o", out)
+    assert code == 1 and "Traceback" not in stderr and str(d) in stderr
+    assert not out.exists()
