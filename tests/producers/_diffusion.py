@@ -14,7 +14,7 @@ REL = 1e-5  # float64 relative error bound for "equal to the producer's own comp
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / max(float(b.norm()), 1e-300))
 
 
