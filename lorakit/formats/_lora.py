@@ -7,17 +7,20 @@ tensors are read when a module is indexed.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
 from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
-from lorakit.errors import FormatError, ShapeMismatchError
+from lorakit.errors import FormatError, LorakitError, ShapeMismatchError
 from lorakit.factors import LayerKind, LoraFactors
 from lorakit.formats.base import Source
 
 Roles = Mapping[str, str]  # role -> tensor key
+T = TypeVar("T")
 
 
 def check_pair(source: Source, name: str, roles: Roles) -> None:
@@ -135,6 +138,31 @@ def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitu
     return f
 
 
+@contextlib.contextmanager
+def naming_key(name: str, key: str | None) -> Iterator[None]:
+    """Inside the block, a :class:`LorakitError` about module ``name`` names ``key`` instead: the tensor key as
+    written in the file, for formats (kohya, LyCORIS) whose module names are lorakit's mapping of their stems."""
+    try:
+        yield
+    except LorakitError as e:
+        if key is not None and key != name and e.module == name:
+            e.module = key
+            e.args = (e.one_line(),)
+        raise
+
+
+def labelled(load: Callable[[], T], name: str, key: str | None) -> Callable[[], T]:
+    """``load`` with its errors naming ``key`` (see :func:`naming_key`); for lazy loaders."""
+    if key is None or key == name:
+        return load
+
+    def run() -> T:
+        with naming_key(name, key):
+            return load()
+
+    return run
+
+
 def build_adapter(
     source: Source,
     groups: Mapping[str, Roles],
@@ -144,6 +172,7 @@ def build_adapter(
     kind_of: Callable[[str, Roles], LayerKind | None] = lambda _k, _r: None,
     meta: AdapterMeta,
     flat_magnitude: bool = False,
+    key_of: Callable[[str, Roles], str] | None = None,
 ) -> Adapter:
     """A lazy adapter over ``groups`` (stem → roles).
 
@@ -152,23 +181,27 @@ def build_adapter(
         name_of: stem → module name in the adapter.
         kind_of: stem → layer kind, or ``None`` to infer it from the shapes.
         flat_magnitude: DoRA magnitudes are per output row in this format: read them as ``(out,)``.
+        key_of: ``(stem, roles) → key`` that errors about the module name (the key as written in the file),
+            when ``name_of`` maps stems to other names.
     """
     infos: dict[str, ModuleInfo] = {}
     loaders: dict[str, Callable[[], LoraFactors]] = {}
     for stem, roles in groups.items():
         name = name_of(stem)
-        if name in infos:
-            raise FormatError(f"two tensor groups map to the same module (second: {stem!r})", file=source.path,
-                              module=name)
-        if "A" not in roles or "B" not in roles:
-            raise FormatError(
-                f"factor {'A (down)' if 'A' not in roles else 'B (up)'} is missing", file=source.path, module=name
-            )
-        check_pair(source, name, roles)  # before scale_of, which divides by the rank
-        rank = source.store.shape(roles["A"])[0]
-        info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
+        key = key_of(stem, roles) if key_of is not None else None
+        with naming_key(name, key):
+            if name in infos:
+                raise FormatError(f"two tensor groups map to the same module (second: {stem!r})",
+                                  file=source.path, module=name)
+            if "A" not in roles or "B" not in roles:
+                raise FormatError(f"factor {'A (down)' if 'A' not in roles else 'B (up)'} is missing",
+                                  file=source.path, module=name)
+            check_pair(source, name, roles)  # before scale_of, which divides by the rank
+            rank = source.store.shape(roles["A"])[0]
+            info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
         infos[name] = info
-        loaders[name] = lambda info=info, roles=roles: load_factors(source, info, roles, flat_magnitude=flat_magnitude)
+        loaders[name] = labelled(
+            lambda info=info, roles=roles: load_factors(source, info, roles, flat_magnitude=flat_magnitude), name, key)
     return Adapter(loaders, meta, infos)
 
 

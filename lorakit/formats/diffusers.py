@@ -47,12 +47,50 @@ def component_of(name: str) -> str | None:
     return head if head in COMPONENTS else None
 
 
+# diffusers' old text-encoder keys name CLIP's attention projections as its own processors did.
+OLD_TE_ATTN = {".self_attn.to_q": ".self_attn.q_proj", ".self_attn.to_k": ".self_attn.k_proj",
+               ".self_attn.to_v": ".self_attn.v_proj", ".self_attn.to_out": ".self_attn.out_proj"}
+
+
 def module_name(stem: str) -> str:
-    """Normalise old-style stems: ``….processor.to_q`` → ``….to_q``, ``to_out`` → ``to_out.0``."""
+    """Normalise old-style stems: ``….processor.to_q`` → ``….to_q``, ``to_out`` → ``to_out.0``; text encoders'
+    ``self_attn.to_q_lora`` (diffusers < 0.22) → ``self_attn.q_proj``."""
     name = stem.replace(".processor.", ".")
     if ".processor." in stem and name.endswith(".to_out"):
         name += ".0"
+    if name.startswith("text_encoder"):
+        for old, new in OLD_TE_ATTN.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
     return name
+
+
+# PEFT task types of language models: their modules may be called ``transformer.…`` (GPT-2, Falcon...) but no
+# diffusers pipeline has them.
+LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def refuse_inexact(adapter: Adapter, to: str) -> None:
+    """Refuse, before anything is written, PEFT adapters whose diffusers/kohya file would load wrong: a
+    ``fan_in_fan_out`` adapter (GPT-2 ``Conv1D``: its ΔW applies transposed, which no diffusers or kohya loader
+    knows; a square ``c_proj`` would even be applied untransposed without an error), and, for diffusers,
+    language-model adapters (no diffusion pipeline holds their modules; GPT-2's ``transformer.h.…`` would pass
+    for a diffusers component). A kohya file keeps lorakit's module names, so other LM adapters may go there."""
+    if adapter.meta.source_format != "peft":
+        return
+    cfg = adapter.meta.format_config
+    src = adapter.meta.source_path
+    if cfg.get("fan_in_fan_out"):
+        raise FormatError(
+            f"a PEFT fan_in_fan_out adapter (GPT-2 Conv1D weights stored (in, out)) has no exact {to} form: "
+            f"{to} loaders apply ΔW untransposed", file=src, hint="keep it in the PEFT format (--to peft)",
+        )
+    task = str(cfg.get("task_type") or "").upper()
+    if to == "diffusers" and task in LM_TASKS:
+        raise FormatError(
+            f"a PEFT {task} adapter is for a language model, not a diffusion pipeline; its {to} file would not "
+            "load", file=src, hint="keep it in the PEFT format (--to peft)",
+        )
 
 
 class DiffusersFormat:
@@ -104,13 +142,22 @@ class DiffusersFormat:
         return adapter.with_meta(notes=tuple(notes))
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
+        refuse_inexact(adapter, "diffusers")
         by_comp: dict[str, list[str]] = {}
         for name in adapter:
             comp = component_of(name)
             if comp is None:
+                from lorakit.formats.kohya import KOHYA_PREFIXES
+
+                if name.startswith(KOHYA_PREFIXES):
+                    raise KeyMappingError(
+                        f"kohya stem {name!r} has no diffusers module name: the architecture was not recognised",
+                        file=adapter.meta.source_path, key=name,
+                        hint="pass --base with the base model's config (e.g. transformer/config.json) or --arch",
+                    )
                 raise KeyMappingError(
                     f"module {name!r} has no diffusers component prefix (unet., transformer., text_encoder....)",
-                    module=name, hint="write --to peft for language-model adapters",
+                    file=adapter.meta.source_path, module=name, hint="write --to peft for language-model adapters",
                 )
             by_comp.setdefault(comp, []).append(name)
         flat: dict[str, Any] = {}
@@ -119,13 +166,18 @@ class DiffusersFormat:
             alphas = {n: clean_alpha(adapter.info(n).scale * adapter.info(n).rank) for n in names}
             r = Counter(ranks.values()).most_common(1)[0][0]
             alpha = Counter(alphas.values()).most_common(1)[0][0]
-            strip = len(comp) + 1
+            def rel(n: str, comp: str = comp) -> str:
+                # PEFT matches targets and patterns as name suffixes: without CLIP's `text_model.` level they
+                # match both transformers 4 (text_model.encoder…) and 5 (encoder…) module names.
+                x = n[len(comp) + 1:]
+                return x.removeprefix("text_model.") if comp.startswith("text_encoder") else x
+
             cfg = {
                 "r": r,
                 "lora_alpha": alpha,
-                "rank_pattern": {n[strip:]: k for n, k in ranks.items() if k != r},
-                "alpha_pattern": {n[strip:]: a for n, a in alphas.items() if a != alpha},
-                "target_modules": sorted(n[strip:] for n in names),
+                "rank_pattern": {rel(n): k for n, k in ranks.items() if k != r},
+                "alpha_pattern": {rel(n): a for n, a in alphas.items() if a != alpha},
+                "target_modules": sorted(rel(n) for n in names),
                 "use_dora": any(adapter.info(n).has_magnitude for n in names),
             }
             flat.update({f"{comp}.{k}": v for k, v in cfg.items()})

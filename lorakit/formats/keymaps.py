@@ -60,6 +60,8 @@ CLIP_L_LAYERS, OPENCLIP_H_LAYERS, OPENCLIP_G_LAYERS, T5_XXL_LAYERS = 12, 23, 32,
 
 # Module-name endings of 3×3 convolutions (for flattened LyCORIS tensors that do not carry the kernel).
 CONV3X3_ENDINGS = ("conv1", "conv2", "conv", "conv_in", "conv_out", "in_layers.2", "out_layers.3", "op")
+# ... and of 1×1 convolutions (a ResBlock's shortcut, in diffusers and SGM naming).
+CONV1X1_ENDINGS = ("conv_shortcut", "skip_connection")
 
 
 @dataclass(frozen=True)
@@ -211,13 +213,14 @@ def unet_keymap(cfg: Mapping[str, Any], *, prefix: str = "lora_unet_", component
 
 # ---- text encoders --------------------------------------------------------------------------------------
 def clip_keymap(layers: int, prefix: str, component: str, *, projection: bool = False) -> KeyMap:
-    """CLIP text encoder (transformers ``CLIPTextModel`` names)."""
+    """CLIP text encoder (transformers ``CLIPTextModel`` names: ``text_model.encoder.layers.…`` as sd-scripts
+    writes them, and ``encoder.layers.…`` as transformers 5 names the modules, each to its own spelling)."""
     km = KeyMap("clip")
     for i in range(layers):
-        base = f"text_model.encoder.layers.{i}"
-        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                  "mlp.fc1", "mlp.fc2"):
-            km.add(stem_of(prefix, f"{base}.{m}"), f"{component}{base}.{m}")
+        for base in (f"text_model.encoder.layers.{i}", f"encoder.layers.{i}"):
+            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                      "mlp.fc1", "mlp.fc2"):
+                km.add(stem_of(prefix, f"{base}.{m}"), f"{component}{base}.{m}")
     if projection:
         km.add(stem_of(prefix, "text_projection"), f"{component}text_projection")
     return km
@@ -295,6 +298,58 @@ def flux_keymap(cfg: Mapping[str, Any] = FLUX_TRANSFORMER, *, prefix: str = "lor
         km.add(stem_of("lora_transformer_", n), c + n)
         km.add(stem_of(prefix, n), c + n)
     return km
+
+
+def flux_config_from_stems(shapes: Mapping[str, tuple[int, int]], prefix: str = "lora_unet_") -> dict[str, Any]:
+    """The Flux sizes a kohya file shows, from its stems' ``(out, in)``: the hidden size from a fused ``qkv``
+    (rows / 3) or an attention output projection, the MLP width from ``linear1`` (rows − 3·hidden), the block
+    counts from the highest indices. Sizes the file does not show keep the FLUX.1 values."""
+    import re
+
+    cfg = dict(FLUX_TRANSFORMER)
+    d = None
+    for stem, (out, inn) in shapes.items():
+        if re.fullmatch(rf"{prefix}double_blocks_\d+_(img|txt)_attn_qkv", stem) and out % 3 == 0:
+            d = out // 3
+        elif re.fullmatch(rf"{prefix}double_blocks_\d+_(img|txt)_attn_proj", stem):
+            d = d or out
+    if d is None:
+        return cfg
+    cfg.update(attention_head_dim=d, num_attention_heads=1)
+    layers = single = 0
+    for stem, (out, _) in shapes.items():
+        if re.fullmatch(rf"{prefix}single_blocks_\d+_linear1", stem) and out > 3 * d:
+            cfg["mlp_ratio"] = (out - 3 * d) / d
+        m = re.match(rf"{prefix}(double|single)_blocks_(\d+)_", stem)
+        if m and m.group(1) == "double":
+            layers = max(layers, int(m.group(2)) + 1)
+        elif m:
+            single = max(single, int(m.group(2)) + 1)
+    cfg["num_layers"], cfg["num_single_layers"] = max(layers, 1), max(single, 1)
+    return cfg
+
+
+# ---- SD3 (diffusers SD3Transformer2DModel) ---------------------------------------------------------------
+def sd3_module_names(cfg: Mapping[str, Any]) -> list[str]:
+    """Linear/Conv module names of a diffusers ``SD3Transformer2DModel`` built from ``cfg`` (the last joint
+    block is ``context_pre_only``: no context output projection or context MLP; ``dual_attention_layers``
+    blocks have an ``attn2``)."""
+    n = int(cfg.get("num_layers", 18))
+    dual = set(cfg.get("dual_attention_layers") or ())
+    names = ["pos_embed.proj", "time_text_embed.timestep_embedder.linear_1",
+             "time_text_embed.timestep_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
+             "time_text_embed.text_embedder.linear_2", "context_embedder"]
+    for i in range(n):
+        t, last = f"transformer_blocks.{i}", i == n - 1
+        names += [f"{t}.norm1.linear", f"{t}.norm1_context.linear"]
+        names += [f"{t}.attn.{m}" for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                                             "to_out.0")]
+        if not last:
+            names += [f"{t}.attn.to_add_out", f"{t}.ff_context.net.0.proj", f"{t}.ff_context.net.2"]
+        if i in dual:
+            names += [f"{t}.attn2.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0")]
+        names += [f"{t}.ff.net.0.proj", f"{t}.ff.net.2"]
+    return names + ["norm_out.linear", "proj_out"]
 
 
 # ---- named architectures --------------------------------------------------------------------------------
@@ -391,7 +446,8 @@ def component_keymap(config: Mapping[str, Any], component: str = "") -> KeyMap:
     """The key map of one model config (diffusers U-Net / Flux transformer, or a transformers model)."""
     cls = str(config.get("_class_name", ""))
     prefixes = KOHYA_COMPONENT_PREFIXES.get(component.rstrip("."), GENERIC_PREFIXES)
-    comp = component or ({"UNet2DConditionModel": "unet.", "FluxTransformer2DModel": "transformer."}.get(cls, ""))
+    comp = component or ({"UNet2DConditionModel": "unet.", "FluxTransformer2DModel": "transformer.",
+                          "SD3Transformer2DModel": "transformer."}.get(cls, ""))
     if cls == "UNet2DConditionModel":
         km = KeyMap("unet")
         for p in prefixes if component else ["lora_unet_"]:
@@ -399,10 +455,34 @@ def component_keymap(config: Mapping[str, Any], component: str = "") -> KeyMap:
         return km
     if cls == "FluxTransformer2DModel":
         return flux_keymap({**FLUX_TRANSFORMER, **config}, component=comp)
+    if cls == "SD3Transformer2DModel":
+        return _names_keymap(sd3_module_names(config), ["lora_transformer_", "lora_unet_"], comp or "transformer.",
+                             "sd3")
     if "model_type" in config:
         return _names_keymap(transformers_module_names(config), prefixes, comp, str(config["model_type"]))
     raise FormatError(f"unrecognised base model config (class {cls or 'unknown'}): expected a diffusers "
-                      "UNet2DConditionModel / FluxTransformer2DModel config or a transformers config.json")
+                      "UNet2DConditionModel / FluxTransformer2DModel / SD3Transformer2DModel config or a transformers config.json")
+
+
+def is_checkpoint(base: str | Path) -> bool:
+    """True when ``base`` is a weights checkpoint (a ``.safetensors`` file, or a directory of shards with no
+    ``config.json`` / ``model_index.json``), not a config: it gives weight shapes (conv kernels), not names."""
+    p = Path(base)
+    if p.is_file():
+        return p.suffix == ".safetensors"
+    return p.is_dir() and not (p / "config.json").is_file() and not (p / "model_index.json").is_file() \
+        and any(p.glob("*.safetensors"))
+
+
+def base_weight_shapes(base: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """``tensor name → shape`` from a base checkpoint's headers (see :func:`is_checkpoint`), else ``None``."""
+    if not is_checkpoint(base):
+        return None
+    from lorakit.io.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(base)
+    keys = ckpt.keys()
+    return {k: tuple(ckpt.shape(k)) for k in keys}
 
 
 def base_keymap(path: str | Path) -> KeyMap:
@@ -458,10 +538,49 @@ def split_factors(f: LoraFactors, split: Split, *, file: str | None = None,
 
 
 # ---- writing: the stems an architecture's own tools expect ----------------------------------------------
-def writer_stems(arch: str) -> tuple[dict[str, str], dict[str, Split]]:
+def flux_config_of(shapes: Mapping[str, tuple[int, int]], component: str = "transformer.") -> dict[str, Any]:
+    """The Flux sizes that decide the fused layouts, read from an adapter's module shapes ``name → (out, in)``:
+    the hidden size from an attention projection, the single-block MLP width from ``proj_mlp``, the block counts
+    from the highest block indices. Sizes no module shows keep the FLUX.1 values."""
+    import re
+
+    cfg = dict(FLUX_TRANSFORMER)
+    d = mlp = None
+    layers = single = 0
+    for name, (out, inn) in shapes.items():
+        if not name.startswith(component):
+            continue
+        rel = name[len(component):]
+        if re.search(r"\.attn\.(to_[qkv]|add_[qkv]_proj)$", rel):
+            d = out
+        elif re.search(r"\.attn\.(to_out\.0|to_add_out)$", rel) or rel.endswith(".norm1.linear"):
+            d = d or inn
+        if rel.endswith(".proj_mlp"):
+            mlp = out
+        m = re.match(r"(single_)?transformer_blocks\.(\d+)\.", rel)
+        if m:
+            if m.group(1):
+                single = max(single, int(m.group(2)) + 1)
+            else:
+                layers = max(layers, int(m.group(2)) + 1)
+    if d is not None:
+        cfg.update(attention_head_dim=d, num_attention_heads=1)
+        if mlp is not None:
+            cfg["mlp_ratio"] = mlp / d
+    cfg["num_layers"] = max(layers, 1) if d is not None else cfg["num_layers"]
+    cfg["num_single_layers"] = max(single, 1) if d is not None else cfg["num_single_layers"]
+    return cfg
+
+
+def writer_stems(arch: str, flux_config: Mapping[str, Any] | None = None) -> tuple[dict[str, str], dict[str, Split]]:
     """``module name → kohya stem`` as sd-scripts names it for ``arch`` (SGM stems for SDXL, BFL stems for
-    Flux, ``lora_te_`` for SD1/SD2), and the fused stems whose parts :func:`fuse_factors` joins (Flux)."""
+    Flux, ``lora_te_`` for SD1/SD2), and the fused stems whose parts :func:`fuse_factors` joins (Flux; their
+    row layout from ``flux_config``, see :func:`flux_config_of`)."""
     km = arch_keymap(arch)
+    if arch == "flux" and flux_config is not None:
+        fk = flux_keymap(flux_config)
+        km.names.update(fk.names)  # same stems, sizes of this model
+        km.splits = fk.splits
     preferred: dict[str, str] = {}
     if arch == "sdxl":
         for sgm_block, block, rel in unet_blocks(SDXL_UNET):
@@ -473,6 +592,10 @@ def writer_stems(arch: str) -> tuple[dict[str, str], dict[str, Split]]:
     return preferred, dict(km.splits)
 
 
+FLUX_ONLY = ("transformer.single_transformer_blocks.", "transformer.x_embedder",
+             "transformer.time_text_embed.guidance_embedder.")
+
+
 def write_arch(names: Sequence[str], metadata: Mapping[str, str]) -> str | None:
     """The architecture whose kohya naming to write: from metadata, else the one whose module list holds
     every ``unet.`` / ``transformer.`` name (and, for SDXL vs SD1, only one of them does)."""
@@ -480,7 +603,8 @@ def write_arch(names: Sequence[str], metadata: Mapping[str, str]) -> str | None:
     if found:
         return found
     tr = [n for n in names if n.startswith("transformer.")]
-    if tr:
+    # SD3's MMDiT shares Flux's double-block names: only modules Flux alone has say Flux.
+    if tr and any(n.startswith(FLUX_ONLY) for n in tr):
         flux = writer_stems("flux")[0]
         if all(n in flux for n in tr):
             return "flux"

@@ -19,6 +19,7 @@ back on writing (:func:`lorakit.formats.keymaps.split_factors` / :func:`~lorakit
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -34,7 +35,11 @@ from lorakit.formats.keymaps import (
     arch_keymap,
     base_keymap,
     detect_arch,
+    flux_config_from_stems,
+    flux_config_of,
+    flux_keymap,
     fuse_factors,
+    is_checkpoint,
     split_factors,
     write_arch,
     writer_stems,
@@ -53,7 +58,7 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_
 # Component prefixes of diffusers-style module names and their kohya counterparts.
 COMPONENT_TO_KOHYA = {
     "unet.": "lora_unet_",
-    "transformer.": "lora_unet_",
+    "transformer.": "lora_transformer_",  # OneTrainer / ComfyUI for diffusers-named DiT modules (Flux: BFL)
     "text_encoder.": "lora_te1_",
     "text_encoder_2.": "lora_te2_",
     "text_encoder_3.": "lora_te3_",
@@ -93,7 +98,6 @@ def resolve_names(
     config or ``arch`` (every stem must map, else :class:`KeyMappingError`); the architecture detected from
     ``ss_base_model_version`` or the stems (used only if every stem maps); otherwise the stems themselves.
     """
-    file = str(source.path)
     stored: dict[str, str] = {}
     if NAMES_KEY in source.metadata:
         try:
@@ -129,6 +133,10 @@ def _map_stems(
     else:
         detected = detect_arch(stems, source.metadata)
         km = arch_keymap(detected) if detected else None
+        if detected == "flux":  # fused layouts at the sizes this file has (Flux variants, tiny test models)
+            sized = flux_keymap(flux_config_from_stems(_stem_shapes(source, stems)))
+            km = arch_keymap("flux")
+            km.splits = sized.splits
         if km is not None and any(s not in km for s in stems):
             # A close relative may fit (SD2's text encoder is deeper than SD1's): take the first that maps all.
             for other in ARCHES:
@@ -143,10 +151,34 @@ def _map_stems(
     unmapped = [s for s in stems if s not in km or s in km.ambiguous]
     if unmapped:
         return {}, [
-            f"looks like {km.arch}, but {len(unmapped)} stem(s) are not in its key map (e.g. {unmapped[0]!r}); "
-            "module names are kohya stems; pass --arch or --base to map them"
+            (f"looks like {km.arch}, but {len(unmapped)} stem(s) are not in its key map (e.g. {unmapped[0]!r}); "
+             "module names are kohya stems; pass --arch or --base to map them")
         ]
     return {s: km.resolve(s, file=file) for s in stems}, [f"module names mapped by the {km.arch} key map (detected)"]
+
+
+def _alpha_text(a: float) -> str:
+    return str(int(a)) if float(a).is_integer() else str(a)
+
+
+def key_as_written(stem: str, roles: Roles) -> str:
+    """The key errors about a kohya/LyCORIS module name: its down (or first) tensor, as the file spells it."""
+    for role in ("A", "hada_w1_a", "lokr_w1", "lokr_w1_a", "B"):
+        if role in roles:
+            return roles[role]
+    return next(iter(roles.values()), stem)
+
+
+def _stem_shapes(source: Source, stems: list[str]) -> dict[str, tuple[int, int]]:
+    """``stem → (rows of lora_up, columns of lora_down)`` from the header, for the stems that are LoRA pairs."""
+    out: dict[str, tuple[int, int]] = {}
+    keys = set(source.keys)
+    for s in stems:
+        up, down = f"{s}.lora_up.weight", f"{s}.lora_down.weight"
+        if up in keys and down in keys:
+            a, b = source.store.shape(down), source.store.shape(up)
+            out[s] = (b[0], math.prod(a[1:]))
+    return out
 
 
 def apply_splits(adapter: Adapter, names: Names, *, file: str | None = None) -> Adapter:
@@ -187,6 +219,8 @@ class KohyaFormat:
              base: str | Path | None = None) -> Adapter:
         """Read a kohya file; ``keymap`` / ``arch`` / ``base`` name its modules (see :func:`resolve_names`)."""
         groups = group_by_module(source.keys, SUFFIXES)
+        if base is not None and is_checkpoint(base):
+            base = None  # a weights checkpoint gives kernels (LyCORIS); LoRA factors store theirs
         names, notes = resolve_names(source, list(groups), keymap=keymap, arch=arch, base=base)
         missing_alpha: list[str] = []
 
@@ -208,7 +242,7 @@ class KohyaFormat:
             passthrough=passthrough,
         )
         adapter = build_adapter(source, groups, scale_of=scale_of, name_of=lambda s: name_or_stem(names, s),
-                                meta=meta)
+                                meta=meta, key_of=key_as_written)
         if not len(adapter):
             raise FormatError("no LoRA modules (lora_down/lora_up pairs) found", file=source.path)
         adapter = apply_splits(adapter, names, file=str(source.path))
@@ -222,9 +256,13 @@ class KohyaFormat:
         """Write kohya stems as the architecture's own tools name them (SGM for SDXL, BFL for Flux, with Flux
         q/k/v and ``linear1`` parts fused back exactly), else ``prefix + name.replace(".", "_")``; the stem →
         name map is stored in ``lorakit.module_names`` so lorakit reads the names back exactly."""
+        from lorakit.formats.diffusers import refuse_inexact
+
+        refuse_inexact(adapter, "kohya")
         carried = dict(adapter.meta.format_config) if adapter.meta.source_format == "kohya" else {}
         arch = write_arch(list(adapter), {**carried, **metadata})
-        preferred, fusions = writer_stems(arch) if arch else ({}, {})
+        flux_cfg = flux_config_of({n: adapter.info(n).shape for n in adapter}) if arch == "flux" else None
+        preferred, fusions = writer_stems(arch, flux_cfg) if arch else ({}, {})
         # (stem, loader, module name or None for fused modules)
         items: list[tuple[str, Callable[[], LoraFactors], str | None]] = []
         fused_names: set[str] = set()
@@ -254,8 +292,7 @@ class KohyaFormat:
             **carried,
             "ss_network_module": carried.get("ss_network_module", "networks.lora"),
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-            "ss_network_alpha": (lambda a: str(int(a)) if float(a).is_integer() else str(a))(alphas.pop())
-            if len(alphas) == 1 and not fused_names else "Dynamic",
+            "ss_network_alpha": _alpha_text(alphas.pop()) if len(alphas) == 1 and not fused_names else "Dynamic",
             **metadata,
             NAMES_KEY: json.dumps({stem: name for stem, _, name in items if name is not None}),
         }

@@ -40,9 +40,9 @@ from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
 from lorakit.errors import FormatError, LorakitError, LossyOperationWarning, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.formats import kohya
-from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats._lora import Roles, build_adapter, labelled, naming_key, read_alpha
 from lorakit.formats.base import Source, group_by_module
-from lorakit.formats.keymaps import CONV3X3_ENDINGS, KeyMap
+from lorakit.formats.keymaps import CONV1X1_ENDINGS, CONV3X3_ENDINGS, KeyMap, base_weight_shapes
 from lorakit.linalg import SVD, compute_dtype, factored_svd
 
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -117,17 +117,34 @@ class _Plan:
         self.info, self.exact_rank, self.load = info, exact_rank, load
 
 
-def _kernel_for(name: str, cols: int, known: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The conv kernel: from 4-D tensors when stored; for flattened ones, 3×3 when the name is a 3×3 conv."""
+def _kernel_for(name: str, cols: int, known: tuple[int, int] | None,
+                base_shape: tuple[int, ...] | None = None) -> tuple[int, int] | None:
+    """The conv kernel: from 4-D tensors when stored; for flattened ones, from the base model's weight when one
+    is given (``base=`` a checkpoint), else 3×3 / 1×1 when the name is a 3×3 conv / a ResBlock shortcut."""
     if known is not None:
         return known
+    if base_shape is not None:
+        if len(base_shape) == 4 and math.prod(base_shape[1:]) == cols:
+            return (base_shape[2], base_shape[3])
+        return None
     if cols % 9 == 0 and any(name.endswith(("." + e, "_" + e)) for e in CONV3X3_ENDINGS):
         return (3, 3)
+    if any(name.endswith(("." + e, "_" + e)) for e in CONV1X1_ENDINGS):
+        return (1, 1)
     return None
 
 
+def _base_shape(shapes: Mapping[str, tuple[int, ...]] | None, name: str) -> tuple[int, ...] | None:
+    if shapes is None:
+        return None
+    from lorakit.ops.apply import weight_key
+
+    key = weight_key(name, set(shapes))
+    return None if key is None else shapes[key]
+
+
 def _plan_loha(source: Source, name: str, roles: Roles, alpha: float | None, max_rank: int | None,
-               peft_scale: float | None) -> _Plan:
+               peft_scale: float | None, base_shape: tuple[int, ...] | None = None) -> _Plan:
     st, file = source.store, source.path
     missing = [r for r in LOHA_ROLES[:4] if r not in roles]
     if missing:
@@ -157,7 +174,7 @@ def _plan_loha(source: Source, name: str, roles: Roles, alpha: float | None, max
         raise ShapeMismatchError(f"LoHa factors do not fit together: {sh}", file=file, module=name)
     r1, r2 = sh["hada_w1_b"][0], sh["hada_w2_b"][0]
     scale = peft_scale if peft_scale is not None else (1.0 if alpha is None else alpha / r1)
-    kernel = _kernel_for(name, cols, kernel)
+    kernel = _kernel_for(name, cols, kernel, base_shape)
     exact = min(r1 * r2, out, cols)
     k = exact if max_rank is None else min(exact, max_rank)
 
@@ -178,7 +195,7 @@ def _plan_loha(source: Source, name: str, roles: Roles, alpha: float | None, max
 
 
 def _plan_lokr(source: Source, name: str, roles: Roles, alpha: float | None, max_rank: int | None,
-               peft_scale: float | None) -> _Plan:
+               peft_scale: float | None, base_shape: tuple[int, ...] | None = None) -> _Plan:
     st, file = source.store, source.path
     sh = {r: st.shape(roles[r]) for r in LOKR_ROLES if r in roles}
     w1_full, w2_full = "lokr_w1" in roles, "lokr_w2" in roles
@@ -229,7 +246,7 @@ def _plan_lokr(source: Source, name: str, roles: Roles, alpha: float | None, max
     else:
         r = sh["lokr_w1_b"][0] if w1_low else sh["lokr_w2_b"][0]
         scale = 1.0 if alpha is None else alpha / r
-    kernel = _kernel_for(name, cols2, kernel)
+    kernel = _kernel_for(name, cols2 if base_shape is None else cols, kernel, base_shape)
     exact = p * q
     k = exact if max_rank is None else min(exact, max_rank)
 
@@ -290,9 +307,12 @@ class LycorisFormat:
         config = source.config if source.config is not None else None
         peft = config is not None
         notes: list[str] = []
+        shapes = base_weight_shapes(base) if base is not None else None
+        if shapes is not None:
+            base = None  # a checkpoint gives kernels; module names come from the file
         if peft:
             assert config is not None
-            names: kohya.Names = {s: s[len(PEFT_PREFIX):] if s.startswith(PEFT_PREFIX) else s for s in groups}
+            names: kohya.Names = {s: s.removeprefix(PEFT_PREFIX) for s in groups}
         else:
             names, notes = kohya.resolve_names(source, list(groups), keymap=keymap, arch=arch, base=base)
         lora_groups = {s: r for s, r in groups.items() if "A" in r or "B" in r}
@@ -321,7 +341,7 @@ class LycorisFormat:
             passthrough=passthrough,
         )
         lora = build_adapter(source, lora_groups, scale_of=lora_scale,
-                             name_of=lambda s: kohya.name_or_stem(names, s), meta=meta)
+                             name_of=lambda s: kohya.name_or_stem(names, s), meta=meta, key_of=kohya.key_as_written)
         modules: dict[str, Any] = {}
         infos: dict[str, ModuleInfo] = {}
         errors: dict[str, float] = {}
@@ -338,15 +358,20 @@ class LycorisFormat:
             if name in modules:
                 raise FormatError("two tensor groups map to the same module", file=source.path, module=name)
             peft_scale = _peft_scale(config, name) if peft else None
-            alpha = None if peft else alpha_of(stem, roles)
-            try:
-                plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale)
-            except (ValueError, IndexError) as e:
-                if isinstance(e, LorakitError):
-                    raise
-                shapes = {r: source.store.shape(k) for r, k in roles.items()}
-                raise ShapeMismatchError(f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {shapes}",
-                                         file=source.path, module=name) from e
+            key = kohya.key_as_written(stem, roles)
+            with naming_key(name, key):
+                alpha = None if peft else alpha_of(stem, roles)
+                try:
+                    plan = (_plan_loha if is_loha else _plan_lokr)(source, name, roles, alpha, max_rank, peft_scale,
+                                                                   _base_shape(shapes, name))
+                except (ValueError, IndexError) as e:
+                    if isinstance(e, LorakitError):
+                        raise
+                    got = {r: source.store.shape(k) for r, k in roles.items()}
+                    raise ShapeMismatchError(
+                        f"{'LoHa' if is_loha else 'LoKr'} factors have unexpected shapes: {got}",
+                        file=source.path, module=name) from e
+                plan.load = labelled(plan.load, name, key)
             counts["LoHa" if is_loha else "LoKr"] += 1
             infos[name] = plan.info
             if plan.info.rank < plan.exact_rank:

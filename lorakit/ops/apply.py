@@ -7,7 +7,8 @@ orientation:
 - linear: ``W (out, in)`` gets ΔW; with PEFT ``fan_in_fan_out`` (GPT-2 ``Conv1D``) ``W (in, out)`` gets ΔWᵀ
   (a non-square ``(out, in)`` weight stays a Linear, as in PEFT);
 - embedding: ``W (num_embeddings, dim)`` gets ΔWᵀ (PEFT's embedding LoRA has ``A (r, num_embeddings)``);
-- conv: ``W (out, in, kh, kw)`` gets ΔW reshaped from the flattened ``(out, in·kh·kw)``.
+- conv: ``W (out, in, kh, kw)`` gets ΔW reshaped from the flattened ``(out, in·kh·kw)`` (also when the adapter
+  stored no kernel, as LoHa/LoKr on Conv2d without Tucker do: the producers reshape it the same way).
 
 What else an adapter holds is folded too, never dropped:
 
@@ -87,6 +88,10 @@ def place(info: ModuleInfo, key: str, shape: tuple[int, ...], *, fan_in_fan_out:
         if not ok:
             raise ShapeMismatchError(f"conv ΔW is {out}x{inn} (flattened) but {key} has shape {list(shape)}",
                                      file=file, module=info.name)
+        return Placement(info.name, key, False, shape)
+    elif info.kind == "linear" and len(shape) in (3, 4) and shape[0] == out and math.prod(shape[1:]) == inn:
+        # A conv ΔW stored flattened with no kernel in the file (LoHa/LoKr on Conv2d without Tucker): the
+        # producers (PEFT, LyCORIS, ComfyUI) reshape it to the base weight, and so does apply.
         return Placement(info.name, key, False, shape)
     elif fan_in_fan_out and not (tuple(shape) == (out, inn) and out != inn):
         # PEFT's fan_in_fan_out is global, but it resets the flag for nn.Linear targets: a non-square
