@@ -24,6 +24,7 @@ from lorakit.errors import FormatError, KeyMappingError
 from lorakit.formats._lora import Roles, build_adapter, peft_magnitude, read_alpha
 from lorakit.formats.base import Source, group_by_module
 from lorakit.formats.peft import clean_alpha, peft_scale
+from lorakit.io.files import loads_json
 from lorakit.io.writer import SafetensorsWriter
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "decoder")
@@ -112,9 +113,11 @@ class DiffusersFormat:
         configs: dict[str, dict[str, Any]] = {}
         if META_KEY in source.metadata:
             try:
-                flat = json.loads(source.metadata[META_KEY])
+                flat = loads_json(source.metadata[META_KEY])
             except ValueError as e:
-                raise FormatError(f"metadata {META_KEY} is not valid JSON", file=source.path) from e
+                raise FormatError(f"metadata {META_KEY} is not valid JSON: {e}", file=source.path) from e
+            if not isinstance(flat, dict):
+                raise FormatError(f"metadata {META_KEY} is not a JSON object", file=source.path)
             for k, v in flat.items():
                 comp, _, field = k.partition(".")
                 configs.setdefault(comp, {})[field] = v

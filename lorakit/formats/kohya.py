@@ -44,6 +44,7 @@ from lorakit.formats.keymaps import (
     write_arch,
     writer_stems,
 )
+from lorakit.io.files import loads_json
 from lorakit.io.writer import SafetensorsWriter
 
 SUFFIXES = {
@@ -101,9 +102,12 @@ def resolve_names(
     stored: dict[str, str] = {}
     if NAMES_KEY in source.metadata:
         try:
-            stored = dict(json.loads(source.metadata[NAMES_KEY]))
+            raw = loads_json(source.metadata[NAMES_KEY])
         except ValueError as e:
-            raise FormatError(f"metadata {NAMES_KEY} is not valid JSON", file=source.path) from e
+            raise FormatError(f"metadata {NAMES_KEY} is not valid JSON: {e}", file=source.path) from e
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise FormatError(f"metadata {NAMES_KEY} is not a mapping of stems to module names", file=source.path)
+        stored = dict(raw)
         stems = [s for s in stems if s not in stored]
         if not stems:
             return dict(stored), []

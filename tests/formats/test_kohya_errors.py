@@ -90,3 +90,30 @@ def test_inexact_peft_conversions_refused(tmp_path, cli, config, to):
     code, _, stderr = cli("convert", d, "--to", to, "-o", out)
     assert code == 1 and "Traceback" not in stderr and str(d) in stderr
     assert not out.exists()
+
+
+_DEEP = "[" * 5000 + "]" * 5000
+METADATA_CASES = {
+    "kohya names nested too deeply": ("kohya", {"lorakit.module_names": _DEEP}, "lorakit.module_names"),
+    "kohya names not a mapping": ("kohya", {"lorakit.module_names": "[1, 2]"}, "lorakit.module_names"),
+    "diffusers metadata nested too deeply": ("diffusers", {"lora_adapter_metadata": _DEEP}, "lora_adapter_metadata"),
+    "diffusers metadata not an object": ("diffusers", {"lora_adapter_metadata": "[1]"}, "lora_adapter_metadata"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METADATA_CASES))
+def test_bad_metadata_json_is_one_line(tmp_path, case, cli):
+    """Metadata that lorakit itself writes is parsed with the depth-bounded reader and checked for its shape."""
+    kind, metadata, key = METADATA_CASES[case]
+    if kind == "kohya":
+        tensors = _good(STEM)
+    else:
+        tensors = {"unet.x.lora_A.weight": torch.randn(2, 4), "unet.x.lora_B.weight": torch.randn(4, 2)}
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path, metadata)
+    out = tmp_path / "out.safetensors"
+    code, _, stderr = cli("convert", path, "--to", "peft", "-o", out)
+    assert code == 1
+    assert key in stderr and str(path) in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
