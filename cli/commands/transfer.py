@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from lorakit.cli._options import device_option, dry_run_option, json_option, quiet_option
 
 
@@ -24,9 +23,8 @@ def command() -> None:
 
 def _bars(quiet: bool) -> Any:
     """A ``progress(stage, done, total)`` callback drawing one rich bar per stage on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from lorakit.cli._output import stderr
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if quiet or not stderr.is_terminal:
         return None, lambda stage, done, total: None
@@ -61,6 +59,8 @@ Examples:
 @click.option("--task", default=None, help="Short task descriptor for the discriminator (default: the data file name).")
 @click.option("--negatives", default=128, show_default=True, help="Source-generated inputs the discriminator rejects.")
 @click.option("--epochs", default=3, show_default=True, help="Discriminator training epochs.")
+@click.option("--recall", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="Lower the accept threshold until this share of held-out real inputs passes (0: p(yes) > p(no)).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="The kit directory to write.")
 @device_option
@@ -68,10 +68,11 @@ Examples:
 @quiet_option
 @dry_run_option
 def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | None, task: str | None,
-            negatives: int, epochs: int, seed: int, output: str, device: str, as_json: bool, quiet: bool,
-            dry_run: bool) -> None:
+            negatives: int, epochs: int, recall: float, seed: int, output: str, device: str, as_json: bool,
+            quiet: bool, dry_run: bool) -> None:
     """Build a transfer kit (seeds, task descriptor, discriminator LoRA) while the task data still exists."""
     from lorakit.cli._output import emit
+
     from lorakit.report import Report
     from lorakit.transfer import pipeline
     from lorakit.transfer.kit import read_examples
@@ -85,7 +86,8 @@ def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | No
     cfg = _train_config(epochs, 8, 2e-3, seed, ())
     with bar or nullcontext():
         rep = pipeline.prepare(adapter, base, data, output, seeds=seeds, seeds_file=seeds_file, task=task,
-                               negatives=negatives, disc_config=cfg, device=device, seed=seed, progress=update)
+                               negatives=negatives, disc_config=cfg, device=device, seed=seed, recall=recall,
+                               progress=update)
     emit(rep, as_json=as_json, quiet=quiet)
 
 
@@ -117,6 +119,7 @@ def run(kit: str, source_base: str, target_base: str, samples: int, generator: s
         seed: int, output: str, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Generate, filter, teach and distil: a new LoRA for the target base. Re-run the same command to resume."""
     from lorakit.cli._output import emit
+
     from lorakit.report import Report
     from lorakit.transfer import pipeline
     from lorakit.transfer.kit import Kit
@@ -158,6 +161,7 @@ def project(adapter: str, source_base: str, target_base: str, q: str, no_null_sp
             output: str | None, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Training-free transfer between same-shape bases by subspace projection, with a per-module report."""
     from lorakit.cli._output import emit
+
     from lorakit.errors import LorakitError
     from lorakit.transfer import pipeline
 

@@ -90,6 +90,11 @@ class Kit:
     info: dict[str, Any]
 
     @property
+    def threshold(self) -> float:
+        """The discriminator's accept threshold on log p(yes) − log p(no) (0, the paper's rule, in older kits)."""
+        return float(self.info.get("discriminator", {}).get("threshold", 0.0))
+
+    @property
     def adapter_path(self) -> Path:
         return self.path / "adapter"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,10 +21,16 @@ from lorakit.errors import FormatError, IncompatibleAdaptersError, LorakitError,
 from lorakit.io.atomic import atomic_output, check_output_path
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
-from lorakit.transfer.discriminator import Discriminator, train_discriminator
+from lorakit.transfer.discriminator import Discriminator, accept, calibrate_threshold, train_discriminator
 from lorakit.transfer.generator import Generator
 from lorakit.transfer.kit import Kit, RunState, read_examples, read_jsonl, write_json, write_jsonl
-from lorakit.transfer.models import apply_adapter, check_fits, fingerprint, load_causal_lm, resolve_target_modules
+from lorakit.transfer.models import (
+    apply_adapter,
+    check_fits,
+    fingerprint,
+    load_causal_lm,
+    resolve_target_modules,
+)
 from lorakit.transfer.student import train_student
 from lorakit.transfer.teacher import Teacher
 from lorakit.transfer.train import TrainConfig
@@ -44,6 +49,15 @@ def choose_seeds(examples: list[tuple[str, str]], k: int, seed: int) -> list[tup
     return [examples[i] for i in order[:k]]
 
 
+def _hold_out(items: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """(train, held): a random quarter of ``items`` (at most 256) held out; both all of them below 4 items."""
+    k = min(256, len(items) // 4)
+    if k == 0:
+        return items, items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[k:]], [items[i] for i in order[:k]]
+
+
 def prepare(
     adapter: str | Path,
     base: str,
@@ -58,13 +72,16 @@ def prepare(
     disc_config: TrainConfig | None = None,
     device: str = "auto",
     seed: int = 0,
+    recall: float = 0.9,
     progress: Progress = _noop,
 ) -> Report:
     """Build a transfer kit for ``adapter`` (trained on ``base``) from the task data ``data``.
 
     Steps: pick ``seeds`` seed examples (or read ``seeds_file``); sample ``negatives`` inputs with the *source*
-    model from the seeds; train the discriminator LoRA on the source (real inputs → yes, generated → no); write
-    the kit (layout in :mod:`lorakit.transfer.kit`) atomically.
+    model from the seeds; train the discriminator LoRA on the source (real inputs → yes, generated → no) on
+    three quarters of each; on the held-out quarter, set the accept threshold τ ≤ 0 so that at least ``recall``
+    of the real inputs pass (τ = 0, the paper's p(yes) > p(no), when they already do; ``recall=0`` keeps it);
+    write the kit (layout in :mod:`lorakit.transfer.kit`) atomically.
     """
     dev = resolve_device(device)
     out = check_output_path(output, [adapter, data])
@@ -97,18 +114,28 @@ def prepare(
         progress("generate", min(len(fake), negatives), negatives)
     fake = fake[:negatives]
     real = [x for x, _ in examples]
+    # a quarter of each class (at most 256) is held out: the threshold and the reported rates come from inputs
+    # the discriminator did not train on (with fewer than 4 of a class, it trains and is measured on all)
+    real_train, real_held = _hold_out(real, seed)
+    fake_train, fake_held = _hold_out(fake, seed + 1)
     cfg = disc_config or TrainConfig(epochs=3, lr=2e-3, rank=8, alpha=16.0, seed=seed)
-    disc = train_discriminator(model, tok, real, fake, task, cfg, device=dev, base_model_name=base)
+    disc = train_discriminator(model, tok, real_train, fake_train, task, cfg, device=dev, base_model_name=base)
     apply_adapter(model, disc)
     d = Discriminator(model, tok, task)
-    real_acc = sum(d.keep(real[:256])) / len(real[:256])
-    fake_rej = 1 - sum(d.keep(fake)) / len(fake)
+    odds_real, odds_fake = d.log_odds(real_held), d.log_odds(fake_held)
+    threshold = calibrate_threshold(odds_real, recall)
+    real_acc = float(accept(odds_real, torch.zeros_like(odds_real), threshold).double().mean())
+    fake_rej = 1 - float(accept(odds_fake, torch.zeros_like(odds_fake), threshold).double().mean())
+    paper_real_acc = float((odds_real > 0).double().mean())
 
     info = {
         "kit_version": 1, "lorakit_version": __version__, "task": task, "source_base": base,
         "source_fingerprint": fp, "num_seeds": len(seed_examples),
-        "discriminator": {"negatives_from": "source", "real": len(real), "negatives": len(fake),
-                          "train": cfg.to_json(), "accepts_real": real_acc, "rejects_generated": fake_rej},
+        "discriminator": {"negatives_from": "source", "real": len(real_train), "negatives": len(fake_train),
+                          "held_out": {"real": len(real_held), "generated": len(fake_held)},
+                          "train": cfg.to_json(), "recall": recall, "threshold": threshold,
+                          "accepts_real": real_acc, "rejects_generated": fake_rej,
+                          "accepts_real_at_zero": paper_real_acc},
     }
     with atomic_output(out, directory=True) as tmp:
         lorakit.save(lora.with_meta(base_model=base), tmp / "adapter", format="peft",
@@ -119,8 +146,12 @@ def prepare(
         write_json(tmp / "kit.json", info)
     rep = Report(f"transfer kit for task {task!r} written to {out}")
     rep.summary = {"seeds": len(seed_examples), "real_inputs": len(real), "generated_negatives": len(fake),
-                   "discriminator_accepts_real": real_acc, "discriminator_rejects_generated": fake_rej}
+                   "discriminator_accepts_real": real_acc, "discriminator_rejects_generated": fake_rej,
+                   "discriminator_threshold": threshold, "discriminator_accepts_real_at_zero": paper_real_acc}
     rep.notes.append("the discriminator was trained on source-generated negatives only")
+    if threshold < 0:
+        rep.notes.append(f"p(yes) > p(no) accepted only {paper_real_acc:.0%} of held-out real inputs: the accept "
+                         f"threshold was lowered to log-odds {threshold:.3g} to keep {recall:.0%} of them")
     return rep
 
 
@@ -161,7 +192,6 @@ def run(
     params = {"kit": kit.source_fingerprint, "target_base": target_base, "generator": generator or "target",
               "samples": samples, "filter": use_filter, "token_kl": token_kl, "seed": seed,
               "round": generation_round, "student": cfg.to_json()}
-    timings: dict[str, float] = {}
 
     src, src_tok = load_causal_lm(source_base, dev)
     if fingerprint(src) != kit.source_fingerprint:
@@ -193,7 +223,7 @@ def run(
         disc = None
         if use_filter:
             apply_adapter(src, lorakit.load(kit.discriminator_path))
-            disc = Discriminator(src, src_tok, kit.task)
+            disc = Discriminator(src, src_tok, kit.task, threshold=kit.threshold)
         accepted = sum(sum(r["accepted"]) for r in rows)
         while accepted < samples:
             k = len(rows)
@@ -263,7 +293,7 @@ def project(
     target_base: str,
     output: str | Path | None,
     *,
-    q: int | float = 0.5,
+    q: float = 0.5,
     null_space: bool = True,
     min_similarity: float = 0.0,
     device: str = "auto",

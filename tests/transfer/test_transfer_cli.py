@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.transfer.projection import model_weights
 from lorakit.transfer.models import load_causal_lm
+from lorakit.transfer.projection import model_weights
 
 
 def test_prepare_writes_a_kit(cli, micro, tmp_path):
