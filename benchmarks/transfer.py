@@ -9,12 +9,13 @@ hidden 64, 2 layers, each pre-trained from its own initialisation and data order
 ``Q: x\\nA: y\\n`` examples of one task (copy, reverse, sort, upper, add), so both know the format and the
 string operations. Asked zero-shot (``Q: x\\nA: ``, no examples) a base cannot know which task is meant.
 
-LoRA tasks (:data:`lorakit.transfer.tiny.LORA_TASKS`), none in pre-training, each learnt to >= 0.9 by a direct
-LoRA on either base: ``first-letter``, ``last-letter``, ``capitalize``. For each task and seed: a LoRA on each base
-trained on 256 real examples (the source + LoRA of one direction is the direct baseline of the other), a kit per
-base (5 seeds + discriminator), and a transfer each way with N = 256 synthetic inputs and the direct baseline's
-training budget. The test set (256 inputs per task, disjoint from every training draw) is fixed; accuracy is
-exact match, greedy. Gap recovered = (transferred - target alone) / (direct - target alone).
+LoRA tasks (:data:`lorakit.transfer.tiny.LORA_TASKS`), none in pre-training: ``first-letter`` (``abcd`` → ``a``)
+and ``last-two`` (``abcd`` → ``cd``), the ones both bases learn to >= 0.98 with a direct LoRA (``capitalize`` and
+``length`` are learnt by only one of the two, so they cannot measure a transfer both ways). For each task and
+seed: a LoRA on each base trained on 256 real examples (the source + LoRA of one direction is the direct baseline
+of the other), a kit per base (5 seeds + discriminator), and a transfer each way with N = 256 synthetic inputs
+and the direct baseline's training budget. The test set (256 inputs per task, disjoint from every training draw)
+is fixed; accuracy is exact match, greedy. Gap recovered = (transferred - target alone) / (direct - target alone).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ DOC = Path("docs/benchmarks/transfer.md")
 # (name, arch, hidden, layers, heads, init/data seed)
 BASES = (("gpt2", "gpt2", 64, 2, 4, 1), ("llama", "llama", 64, 2, 4, 2))
 PRETRAIN = {"steps": 3000, "batch": 16, "lr": 5e-3}
-TASKS = ("first-letter", "last-letter")
+TASKS = ("first-letter", "last-two")
 SEEDS = (0, 1, 2)
 N_TRAIN, N_TEST, N_SAMPLES, N_NEGATIVES, N_SEEDS = 256, 256, 256, 256, 5
 # tiny models need a larger learning rate than the paper's 2e-5..2e-4 for 7B models
@@ -237,7 +238,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=None, help=f"Comma-separated subset of {', '.join(TASKS)}.")
     ap.add_argument("--seeds", default=None, help="Comma-separated seeds (default 0,1,2).")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--pretrain-only", action="store_true", help="Pre-train (and cache) the bases, then stop.")
+    ap.add_argument("--pretrain-only", nargs="?", const="all", choices=[*(b[0] for b in BASES), "all"],
+                    help="Pre-train (and cache) one base or all, then stop: two processes use both cores.")
     ap.add_argument("--from-json", action="store_true", help="Rebuild the doc from the last results.json.")
     ap.add_argument("--write-docs", default=str(DOC), help="Markdown file to update ('' to skip).")
     args = ap.parse_args()
@@ -250,7 +252,8 @@ def main() -> None:
     t_start = time.perf_counter()
     bases, pre_secs = {}, {}
     for b in BASES:
-        bases[b[0]], pre_secs[b[0]] = ensure_base(b[0], dev)
+        if args.pretrain_only in (None, "all", b[0]):
+            bases[b[0]], pre_secs[b[0]] = ensure_base(b[0], dev)
     if args.pretrain_only:
         return
     tasks = args.tasks.split(",") if args.tasks else list(TASKS[:1] if args.quick else TASKS)

@@ -137,7 +137,9 @@ class LoraTask:
 LORA_TASKS = {t.name: t for t in (
     LoraTask("first-letter", lambda w: w[:1]),
     LoraTask("last-letter", lambda w: w[-1:]),
+    LoraTask("last-two", lambda w: w[-2:]),
     LoraTask("capitalize", lambda w: w[:1].upper() + w[1:]),
+    LoraTask("length", lambda w: str(len(w))),
 )}
 
 
