@@ -43,7 +43,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise FormatError(f"line {lineno} is not valid JSON ({e.msg})", file=path,
                                   hint='each line must be an object like {"input": "...", "output": "..."}') from e
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(

@@ -9,7 +9,7 @@ seed, so a resumed run ends with the same adapter as an uninterrupted one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -311,7 +311,7 @@ def project(
     check_fits(src, lora, label=f"source base {source_base}")
     ws, wt = model_weights(src), model_weights(tgt)
 
-    def getter(weights: dict[str, torch.Tensor], label: str) -> Callable[[str], torch.Tensor]:
+    def getter(weights: Mapping[str, torch.Tensor], label: str) -> Callable[[str], torch.Tensor]:
         def get(name: str) -> torch.Tensor:
             if name not in weights:
                 raise KeyError(label)
