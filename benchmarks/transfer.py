@@ -155,6 +155,62 @@ def one_seed(task: str, seed: int, bases: dict[str, str], device: torch.device, 
         }
         res["seconds"][f"prepare {src}"] = t1 - t0
         res["seconds"][f"run {src}->{tgt}"] = t2 - t1
+        # ablation on every seed: Trans-LoRA's generator, the target alone
+        alone_dir = work / f"run-{src}-{tgt}-target-only"
+        shutil.rmtree(alone_dir, ignore_errors=True)
+        rep = pipeline.run(kit, bases[src], bases[tgt], alone_dir, samples=samples, generator="target",
+                           student_config=cfg, max_new_tokens=16, device=str(device), seed=seed)
+        rows = [json.loads(line) for line in (alone_dir / "teacher.jsonl").read_text().splitlines()]
+        res[f"{src}->{tgt}"]["target_only"] = {
+            "transferred": accuracy(bases[tgt], lorakit.load(alone_dir / "adapter"), test, device),
+            "valid_inputs": sum(check.valid(r["input"]) for r in rows) / len(rows),
+            "lengths_3_to_6": sum(3 <= len(r["input"]) <= 6 for r in rows) / len(rows)}
+        res[f"{src}->{tgt}"]["length_coverage"] = _coverage(run_dir)
+        res[f"{src}->{tgt}"]["target_only"]["length_coverage"] = _coverage(alone_dir)
+    return res
+
+
+def _coverage(run_dir: Path) -> float:
+    """The share of the student's inputs that have the rarest of the test lengths 3..6 (0.25 at best; 0 when
+    the student never saw one of them)."""
+    rows = [json.loads(line) for line in (run_dir / "teacher.jsonl").read_text().splitlines()]
+    return min(sum(len(r["input"]) == n for r in rows) for n in range(3, 7)) / len(rows)
+
+
+def ablations(task: str, seed: int, bases: dict[str, str], device: torch.device, samples: int,
+              work: Path) -> dict[str, Any]:
+    """On the kits :func:`one_seed` left in ``work``: the transfer with the paper's fixed rule p(yes) > p(no)
+    (the same discriminator, τ = 0; at most 40 generation rounds) and without the filter."""
+    from lorakit.errors import LorakitError
+
+    _, test = datasets(task, seed)
+    cfg = TrainConfig(**LORA, seed=seed)
+    names = list(bases)
+    res: dict[str, Any] = {"task": task, "seed": seed}
+    for src, tgt in ((names[0], names[1]), (names[1], names[0])):
+        kit = work / f"kit-{src}"
+        paper = work / f"kit-{src}-tau0"
+        shutil.rmtree(paper, ignore_errors=True)
+        shutil.copytree(kit, paper)
+        info = json.loads((paper / "kit.json").read_text())
+        info["discriminator"]["threshold"] = 0.0
+        (paper / "kit.json").write_text(json.dumps(info))
+        row: dict[str, Any] = {}
+        for label, kit_dir, use_filter in (("paper rule", paper, True), ("unfiltered", kit, False)):
+            out = work / f"run-{src}-{tgt}-{label.replace(' ', '-')}"
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                rep = pipeline.run(kit_dir, bases[src], bases[tgt], out, samples=samples, use_filter=use_filter,
+                                   student_config=cfg, max_new_tokens=16, max_rounds=40, device=str(device),
+                                   seed=seed)
+                row[label] = {"transferred": accuracy(bases[tgt], lorakit.load(out / "adapter"), test, device),
+                              "acceptance_rate": rep.summary["acceptance_rate"]}
+            except LorakitError as e:  # the rejection sampling gave up
+                rows = [json.loads(line) for line in (out / "synthetic.jsonl").read_text().splitlines()]
+                gen = sum(len(r["inputs"]) for r in rows)
+                row[label] = {"transferred": None, "acceptance_rate": sum(sum(r["accepted"]) for r in rows) / gen,
+                              "error": str(e)}
+        res[f"{src}->{tgt}"] = row
     return res
 
 
@@ -206,7 +262,34 @@ def tables(record: dict[str, Any]) -> str:
             "teacher labels correctly, share distinct) and the kit's discriminator on its held-out quarter of real "
             "and source-generated inputs (τ: the calibrated accept threshold on log p(yes) − log p(no), see "
             "docs/transfer.md):")
-    return "\n".join([*lines, "", note, "", *diag, "", *timing])
+    gen = ["", ("Generators, every seed: the default (target and source take turns by round) against "
+                "Trans-LoRA's target alone; \"rarest length\": share of the student's inputs with the rarest "
+                "test length 3..6 (0.25 at best):"), "",
+           ("| task | direction | gap recovered, target + source | rarest length | gap recovered, target alone "
+            "| rarest length |"), "| --- | --- | --- | --- | --- | --- |"]
+    for task in record["tasks"]:
+        rs = [r for r in runs if r["task"] == task]
+        for src, tgt in ((names[0], names[1]), (names[1], names[0])):
+            a0 = alone[task][tgt]
+            d = [r[f"{src}->{tgt}"] for r in rs]
+            rec = [(x["transferred"] - a0) / (r[f"lora {tgt}"] - a0) for x, r in zip(d, rs)]
+            rec1 = [(x["target_only"]["transferred"] - a0) / (r[f"lora {tgt}"] - a0) for x, r in zip(d, rs)]
+            gen.append(f"| {task} | {src} → {tgt} | {pct(rec)} | {mean_std([x['length_coverage'] for x in d])} | "
+                       f"{pct(rec1)} | {mean_std([x['target_only']['length_coverage'] for x in d])} |")
+    abl = []
+    if record.get("ablations"):
+        abl = ["", ("Ablations on seed 0 (same kit and student budget; the paper's rule is the same discriminator "
+               "with τ = 0, at most 40 generation rounds of 64):"), "",
+               ("| task | direction | transferred (τ calibrated) | paper's rule τ = 0: transferred | its acceptance "
+               "rate | unfiltered: transferred |"), "| --- | --- | --- | --- | --- | --- |"]
+        for a in record["ablations"]:
+            main = next(r for r in runs if r["task"] == a["task"] and r["seed"] == a["seed"])
+            for key in (k for k in a if "->" in k):
+                p, u = a[key]["paper rule"], a[key]["unfiltered"]
+                pt = "gave up" if p["transferred"] is None else f"{p['transferred']:.2f}"
+                abl.append(f"| {a['task']} | {key.replace('->', ' → ')} | {main[key]['transferred']:.2f} | {pt} | "
+                           f"{p['acceptance_rate']:.2f} | {u['transferred']:.2f} |")
+    return "\n".join([*lines, "", note, "", *diag, *gen, *abl, "", *timing])
 
 
 def write_doc(record: dict[str, Any], doc: Path) -> None:
@@ -241,6 +324,8 @@ def main() -> None:
     ap.add_argument("--pretrain-only", nargs="?", const="all", choices=[*(b[0] for b in BASES), "all"],
                     help="Pre-train (and cache) one base or all, then stop: two processes use both cores.")
     ap.add_argument("--from-json", action="store_true", help="Rebuild the doc from the last results.json.")
+    ap.add_argument("--ablations-only", action="store_true",
+                    help="Run the seed-0 ablations on the kits of the last full run and add them to results.json.")
     ap.add_argument("--write-docs", default=str(DOC), help="Markdown file to update ('' to skip).")
     args = ap.parse_args()
     if args.from_json:
@@ -256,17 +341,30 @@ def main() -> None:
             bases[b[0]], pre_secs[b[0]] = ensure_base(b[0], dev)
     if args.pretrain_only:
         return
+    if args.ablations_only:
+        record = json.loads((OUT / "results.json").read_text())
+        record["ablations"] = [ablations(t, record["seeds"][0], bases, dev, record["samples"],
+                                         OUT / "full" / f"{t}-seed{record['seeds'][0]}") for t in record["tasks"]]
+        (OUT / "results.json").write_text(json.dumps(record, indent=1))
+        print(tables(record))
+        if args.write_docs:
+            write_doc(record, Path(args.write_docs))
+        return
     tasks = args.tasks.split(",") if args.tasks else list(TASKS[:1] if args.quick else TASKS)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SEEDS[:1] if args.quick else SEEDS)
     samples = 128 if args.quick else N_SAMPLES
     mode = "quick" if args.quick else "full"
     alone = {t: {n: accuracy(spec, None, datasets(t, 0)[1], dev) for n, spec in bases.items()} for t in tasks}
-    runs = []
+    runs: list[dict[str, Any]] = []
+    abl: list[dict[str, Any]] = []
     for task in tasks:
         for seed in seeds:
             r = one_seed(task, seed, bases, dev, samples, OUT / mode / f"{task}-seed{seed}")
             runs.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "seconds"}), flush=True)
+            if seed == seeds[0] and not args.quick:
+                abl.append(ablations(task, seed, bases, dev, samples, OUT / mode / f"{task}-seed{seed}"))
+                print(json.dumps(abl[-1]), flush=True)
     import os
 
     import peft
@@ -275,6 +373,7 @@ def main() -> None:
                     + ([f"--seeds {args.seeds}"] if args.seeds else []))
     record = {
         "mode": mode, "tasks": tasks, "seeds": seeds, "samples": samples, "alone": alone, "runs": runs,
+        "ablations": abl,
         "bases": {b[0]: f"{b[1]} hidden {b[2]}, {b[3]} layers, {b[4]} heads" for b in BASES},
         "pretrain_seconds": pre_secs, "total_seconds": time.perf_counter() - t_start,
         "command": f"OMP_NUM_THREADS=1 python -m benchmarks.transfer {argv}".rstrip(),

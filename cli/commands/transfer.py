@@ -100,7 +100,9 @@ Examples:
 @click.option("--source-base", required=True, help="The base the kit was prepared with (checked by fingerprint).")
 @click.option("--target-base", required=True, help="The new base model (path or Hub id).")
 @click.option("--samples", default=250, show_default=True, help="N: accepted synthetic inputs to distil on.")
-@click.option("--generator", default=None, help="Model that writes the synthetic inputs (default: the target).")
+@click.option("--generator", multiple=True,
+              help="Model writing the synthetic inputs: target, source or a path/Hub id; repeat to take turns by "
+                   "round (default: target and source; Trans-LoRA's is target alone).")
 @click.option("--no-filter", is_flag=True, help="Keep every generated input (ablation; not recommended).")
 @click.option("--token-kl", is_flag=True, help="Token-level KL distillation (source and target share a tokenizer).")
 @click.option("--target-modules", multiple=True, help="Module name suffixes on the target (default: all linear).")
@@ -114,7 +116,7 @@ Examples:
 @json_option
 @quiet_option
 @dry_run_option
-def run(kit: str, source_base: str, target_base: str, samples: int, generator: str | None, no_filter: bool,
+def run(kit: str, source_base: str, target_base: str, samples: int, generator: tuple[str, ...], no_filter: bool,
         token_kl: bool, target_modules: tuple[str, ...], rank: int, epochs: int, lr: float, max_rounds: int,
         seed: int, output: str, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Generate, filter, teach and distil: a new LoRA for the target base. Re-run the same command to resume."""
@@ -133,7 +135,7 @@ def run(kit: str, source_base: str, target_base: str, samples: int, generator: s
         return
     bar, update = _bars(quiet)
     with bar or nullcontext():
-        rep = pipeline.run(kit, source_base, target_base, output, samples=samples, generator=generator,
+        rep = pipeline.run(kit, source_base, target_base, output, samples=samples, generator=generator or None,
                            use_filter=not no_filter, token_kl=token_kl,
                            student_config=_train_config(epochs, rank, lr, seed, target_modules),
                            max_rounds=max_rounds, device=device, seed=seed, progress=update)

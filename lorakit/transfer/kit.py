@@ -10,7 +10,7 @@ Kit layout (a directory)::
 Run layout (``OUT/``), each stage's artifact written atomically when the stage (or a round of it) ends::
 
     OUT/state.json          parameters of the run (a resume refuses different ones) and finished stages
-    OUT/synthetic.jsonl     one line per generation round: {"round", "inputs", "accepted"}
+    OUT/synthetic.jsonl     one line per generation round: {"round", "generator", "inputs", "accepted"}
     OUT/teacher.jsonl       {"input", "output"} for the N accepted inputs
     OUT/student.ckpt        student LoRA + optimizer state after the last finished epoch
     OUT/adapter/            the transferred LoRA on the target (PEFT layout)

@@ -9,7 +9,7 @@ seed, so a resumed run ends with the same adapter as an uninterrupted one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +34,9 @@ from lorakit.transfer.models import (
 from lorakit.transfer.student import train_student
 from lorakit.transfer.teacher import Teacher
 from lorakit.transfer.train import TrainConfig
+
+#: the models that write the synthetic inputs at transfer time, taking turns by round (see :func:`run`)
+DEFAULT_GENERATORS = ("target", "source")
 
 #: ``progress(stage, completed, total)``: called as work advances (stages: generate, filter, teacher, student).
 Progress = Callable[[str, int, int], None]
@@ -162,7 +165,7 @@ def run(
     output: str | Path,
     *,
     samples: int = 250,
-    generator: str | None = None,
+    generator: str | Sequence[str] | None = None,
     use_filter: bool = True,
     token_kl: bool = False,
     student_config: TrainConfig | None = None,
@@ -177,7 +180,11 @@ def run(
 
     Args:
         samples: N, the number of accepted synthetic inputs (rejection sampling stops at exactly N).
-        generator: the model that writes inputs (default: the target, as in Trans-LoRA).
+        generator: the model(s) that write inputs, taking turns by round (round k uses the k mod g-th):
+            ``"target"``, ``"source"`` (the clean source base) or a model path / Hub id. Default
+            ``("target", "source")``; Trans-LoRA used the target alone (``"target"``). Two generators cover more
+            of the input space than one: a tiny generator can write inputs of only some lengths, and a student
+            with absolute positions then fails the others (see docs/transfer.md).
         use_filter: False keeps every generated input (the "unfiltered" ablation).
         token_kl: distil with token-level KL instead of sequence-level cross-entropy (same tokenizer only).
         max_rounds: give up when this many generation rounds have not produced N accepted inputs.
@@ -189,7 +196,11 @@ def run(
     if samples < 1:
         raise LorakitError(f"--samples must be at least 1 (got {samples})")
     cfg = student_config or TrainConfig(seed=seed)
-    params = {"kit": kit.source_fingerprint, "target_base": target_base, "generator": generator or "target",
+    gen_names = list(DEFAULT_GENERATORS if generator is None else [generator] if isinstance(generator, str)
+                     else generator)
+    if not gen_names:
+        raise LorakitError("no generator given", hint="pass --generator target (and/or source, or a model)")
+    params = {"kit": kit.source_fingerprint, "target_base": target_base, "generator": gen_names,
               "samples": samples, "filter": use_filter, "token_kl": token_kl, "seed": seed,
               "round": generation_round, "student": cfg.to_json()}
 
@@ -215,11 +226,13 @@ def run(
     if not state.done("synthesize"):
         t0 = time.perf_counter()
         rows = read_jsonl(syn_file)
-        if generator is None:
-            gen = Generator(tgt, tgt_tok, name="target", max_new_tokens=max_new_tokens)
-        else:
-            g_model, g_tok = load_causal_lm(generator, dev)
-            gen = Generator(g_model, g_tok, name=generator, max_new_tokens=max_new_tokens)
+        gens = []
+        for name in gen_names:
+            if name == "target":
+                g_model, g_tok = tgt, tgt_tok
+            else:  # the source too is loaded afresh: `src` gets the discriminator's ΔW below
+                g_model, g_tok = load_causal_lm(source_base if name == "source" else name, dev)
+            gens.append(Generator(g_model, g_tok, name=name, max_new_tokens=max_new_tokens))
         disc = None
         if use_filter:
             apply_adapter(src, lorakit.load(kit.discriminator_path))
@@ -230,9 +243,10 @@ def run(
             if k >= max_rounds:
                 raise LorakitError(f"{max_rounds} generation rounds gave {accepted} accepted inputs of {samples}",
                                    file=out, hint="lower --samples, or raise --max-rounds (the run resumes)")
+            gen = gens[k % len(gens)]
             inputs = gen.generate(kit.seeds, generation_round, round_=k, seed=seed)
             keep = disc.keep(inputs) if disc is not None else [True] * len(inputs)
-            rows.append({"round": k, "inputs": inputs, "accepted": keep})
+            rows.append({"round": k, "generator": gen.name, "inputs": inputs, "accepted": keep})
             write_jsonl(syn_file, rows)
             accepted += sum(keep)
             progress("generate", min(accepted, samples), samples)
