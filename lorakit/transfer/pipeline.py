@@ -90,6 +90,8 @@ def prepare(
     out = check_output_path(output, [adapter, data])
     if seeds < 1:
         raise LorakitError(f"--seeds must be at least 1 (got {seeds})")
+    if not 0.0 <= recall <= 1.0:
+        raise LorakitError(f"--recall must lie in [0, 1] (got {recall})")
     examples = read_examples(data)
     if seeds_file is not None:
         seed_examples = read_examples(seeds_file)
