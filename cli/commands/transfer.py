@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from lorakit.cli._options import device_option, dry_run_option, json_option, quiet_option
 
 
@@ -24,9 +23,8 @@ def command() -> None:
 
 def _bars(quiet: bool) -> Any:
     """A ``progress(stage, done, total)`` callback drawing one rich bar per stage on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from lorakit.cli._output import stderr
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if quiet or not stderr.is_terminal:
         return None, lambda stage, done, total: None
@@ -61,6 +59,8 @@ Examples:
 @click.option("--task", default=None, help="Short task descriptor for the discriminator (default: the data file name).")
 @click.option("--negatives", default=128, show_default=True, help="Source-generated inputs the discriminator rejects.")
 @click.option("--epochs", default=3, show_default=True, help="Discriminator training epochs.")
+@click.option("--recall", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="Lower the accept threshold until this share of held-out real inputs passes (0: p(yes) > p(no)).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="The kit directory to write.")
 @device_option
@@ -68,10 +68,11 @@ Examples:
 @quiet_option
 @dry_run_option
 def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | None, task: str | None,
-            negatives: int, epochs: int, seed: int, output: str, device: str, as_json: bool, quiet: bool,
-            dry_run: bool) -> None:
+            negatives: int, epochs: int, recall: float, seed: int, output: str, device: str, as_json: bool,
+            quiet: bool, dry_run: bool) -> None:
     """Build a transfer kit (seeds, task descriptor, discriminator LoRA) while the task data still exists."""
     from lorakit.cli._output import emit
+
     from lorakit.report import Report
     from lorakit.transfer import pipeline
     from lorakit.transfer.kit import read_examples
@@ -85,7 +86,8 @@ def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | No
     cfg = _train_config(epochs, 8, 2e-3, seed, ())
     with bar or nullcontext():
         rep = pipeline.prepare(adapter, base, data, output, seeds=seeds, seeds_file=seeds_file, task=task,
-                               negatives=negatives, disc_config=cfg, device=device, seed=seed, progress=update)
+                               negatives=negatives, disc_config=cfg, device=device, seed=seed, recall=recall,
+                               progress=update)
     emit(rep, as_json=as_json, quiet=quiet)
 
 
@@ -98,7 +100,9 @@ Examples:
 @click.option("--source-base", required=True, help="The base the kit was prepared with (checked by fingerprint).")
 @click.option("--target-base", required=True, help="The new base model (path or Hub id).")
 @click.option("--samples", default=250, show_default=True, help="N: accepted synthetic inputs to distil on.")
-@click.option("--generator", default=None, help="Model that writes the synthetic inputs (default: the target).")
+@click.option("--generator", multiple=True,
+              help="Model writing the synthetic inputs: target, source or a path/Hub id; repeat to take turns by "
+                   "round (default: target and source; Trans-LoRA's is target alone).")
 @click.option("--no-filter", is_flag=True, help="Keep every generated input (ablation; not recommended).")
 @click.option("--token-kl", is_flag=True, help="Token-level KL distillation (source and target share a tokenizer).")
 @click.option("--target-modules", multiple=True, help="Module name suffixes on the target (default: all linear).")
@@ -112,11 +116,12 @@ Examples:
 @json_option
 @quiet_option
 @dry_run_option
-def run(kit: str, source_base: str, target_base: str, samples: int, generator: str | None, no_filter: bool,
+def run(kit: str, source_base: str, target_base: str, samples: int, generator: tuple[str, ...], no_filter: bool,
         token_kl: bool, target_modules: tuple[str, ...], rank: int, epochs: int, lr: float, max_rounds: int,
         seed: int, output: str, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Generate, filter, teach and distil: a new LoRA for the target base. Re-run the same command to resume."""
     from lorakit.cli._output import emit
+
     from lorakit.report import Report
     from lorakit.transfer import pipeline
     from lorakit.transfer.kit import Kit
@@ -130,7 +135,7 @@ def run(kit: str, source_base: str, target_base: str, samples: int, generator: s
         return
     bar, update = _bars(quiet)
     with bar or nullcontext():
-        rep = pipeline.run(kit, source_base, target_base, output, samples=samples, generator=generator,
+        rep = pipeline.run(kit, source_base, target_base, output, samples=samples, generator=generator or None,
                            use_filter=not no_filter, token_kl=token_kl,
                            student_config=_train_config(epochs, rank, lr, seed, target_modules),
                            max_rounds=max_rounds, device=device, seed=seed, progress=update)
@@ -158,6 +163,7 @@ def project(adapter: str, source_base: str, target_base: str, q: str, no_null_sp
             output: str | None, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Training-free transfer between same-shape bases by subspace projection, with a per-module report."""
     from lorakit.cli._output import emit
+
     from lorakit.errors import LorakitError
     from lorakit.transfer import pipeline
 

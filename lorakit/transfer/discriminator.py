@@ -2,13 +2,18 @@
 
 Query ``t(x) = "{x}\\nIs the above question from {NAME} dataset? "``; trained, while the task data exists, with
 cross-entropy towards ``yes`` on real inputs and ``no`` on inputs the source model generated from the seeds
-(Trans-LoRA §3). At transfer time it only scores: an input is kept iff ``log p(yes | t(x)) > log p(no | t(x))``
-(strict; decided at the first token where the answers differ, so any tokenizer works). It never trains on target-generated data: the
-only training entry point, :func:`train_discriminator`, is called by ``prepare``, which has no target.
+(Trans-LoRA §3). At transfer time it only scores: an input is kept iff
+``log p(yes | t(x)) − log p(no | t(x)) > τ`` (strict; decided at the first token where the answers differ, so any
+tokenizer works). ``τ = 0`` is the paper's rule. ``prepare`` lowers τ below 0 only when the trained
+discriminator would reject more than ``1 − recall`` of held-out *real* inputs (:func:`calibrate_threshold`): when the generated inputs look like the real ones, a
+cross-entropy-trained discriminator is near-constant and its sign arbitrary, and the paper's rule then rejects
+(almost) everything, so the rejection sampling never ends. It never trains on target-generated data: the only
+training entry point, :func:`train_discriminator`, is called by ``prepare``, which has no target.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +32,26 @@ def question(x: str, task: str) -> str:
     return f"{x}\nIs the above question from {task} dataset? "
 
 
-def accept(logp_yes: torch.Tensor, logp_no: torch.Tensor) -> torch.Tensor:
-    """The rejection rule: keep iff p(yes) > p(no), strictly (a tie is rejected)."""
-    return logp_yes > logp_no
+def accept(logp_yes: torch.Tensor, logp_no: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """The rejection rule: keep iff ``log p(yes) − log p(no) > threshold``, strictly (a tie is rejected);
+    ``threshold = 0`` is p(yes) > p(no) (for finite floats a − b > 0 exactly when a > b)."""
+    return logp_yes - logp_no > threshold
+
+
+def calibrate_threshold(log_odds_real: torch.Tensor, recall: float) -> float:
+    """The largest τ ≤ 0 under which :func:`accept` keeps at least ``ceil(recall·n)`` of the ``n`` held-out real
+    inputs, whose ``log p(yes) − log p(no)`` are ``log_odds_real``: 0 (the paper's rule) when that already keeps
+    them, else just below the ``(n − ceil(recall·n) + 1)``-th smallest log-odds. ``recall = 0`` returns 0.
+    Cost: one sort of n values."""
+    if not 0.0 <= recall <= 1.0:
+        raise LorakitError(f"the real-input recall must lie in [0, 1] (got {recall})")
+    n = log_odds_real.numel()
+    need = math.ceil(recall * n - 1e-9)
+    if n == 0 or need == 0:
+        return 0.0
+    s = torch.sort(log_odds_real.double().reshape(-1)).values
+    kth = float(s[n - need])  # accepting every value >= kth keeps at least `need`
+    return min(0.0, math.nextafter(kth, -math.inf))
 
 
 @dataclass
@@ -39,6 +61,7 @@ class Discriminator:
     model: Any
     tok: Any
     task: str
+    threshold: float = 0.0
 
     def scores(self, inputs: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p(yes), log p(no))`` per input, float64.
@@ -58,7 +81,12 @@ class Discriminator:
     def keep(self, inputs: Sequence[str]) -> list[bool]:
         if not inputs:
             return []
-        return accept(*self.scores(inputs)).tolist()
+        return accept(*self.scores(inputs), self.threshold).tolist()
+
+    def log_odds(self, inputs: Sequence[str]) -> torch.Tensor:
+        """``log p(yes) − log p(no)`` per input (float64)."""
+        yes, no = self.scores(inputs)
+        return yes - no
 
 
 def train_discriminator(source_model: Any, tok: Any, real: Sequence[str], source_generated: Sequence[str],

@@ -2,7 +2,8 @@
 
 The prompt is the seeds rendered as ``Q: x\\nA: y\\n`` (their order shuffled per round) followed by ``Q: ``; the
 model's continuation up to the first newline is one synthetic input. Trans-LoRA uses the target model as the
-generator at transfer time and the source model (for the discriminator's negatives) at prepare time.
+generator at transfer time and the source model (for the discriminator's negatives) at prepare time; lorakit's
+``run`` lets the target and the source take turns by round (:data:`lorakit.transfer.pipeline.DEFAULT_GENERATORS`).
 Round ``k`` samples from ``seed·1_000_003 + k``, so a run (and a resumed run) is reproducible.
 """
 

@@ -10,7 +10,7 @@ Kit layout (a directory)::
 Run layout (``OUT/``), each stage's artifact written atomically when the stage (or a round of it) ends::
 
     OUT/state.json          parameters of the run (a resume refuses different ones) and finished stages
-    OUT/synthetic.jsonl     one line per generation round: {"round", "inputs", "accepted"}
+    OUT/synthetic.jsonl     one line per generation round: {"round", "generator", "inputs", "accepted"}
     OUT/teacher.jsonl       {"input", "output"} for the N accepted inputs
     OUT/student.ckpt        student LoRA + optimizer state after the last finished epoch
     OUT/adapter/            the transferred LoRA on the target (PEFT layout)
@@ -43,7 +43,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise FormatError(f"line {lineno} is not valid JSON ({e.msg})", file=path,
                                   hint='each line must be an object like {"input": "...", "output": "..."}') from e
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(
@@ -88,6 +88,11 @@ class Kit:
     source_fingerprint: str
     seeds: list[tuple[str, str]]
     info: dict[str, Any]
+
+    @property
+    def threshold(self) -> float:
+        """The discriminator's accept threshold on log p(yes) − log p(no) (0, the paper's rule, in older kits)."""
+        return float(self.info.get("discriminator", {}).get("threshold", 0.0))
 
     @property
     def adapter_path(self) -> Path:

@@ -9,9 +9,8 @@ seed, so a resumed run ends with the same adapter as an uninterrupted one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,13 +21,22 @@ from lorakit.errors import FormatError, IncompatibleAdaptersError, LorakitError,
 from lorakit.io.atomic import atomic_output, check_output_path
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
-from lorakit.transfer.discriminator import Discriminator, train_discriminator
+from lorakit.transfer.discriminator import Discriminator, accept, calibrate_threshold, train_discriminator
 from lorakit.transfer.generator import Generator
 from lorakit.transfer.kit import Kit, RunState, read_examples, read_jsonl, write_json, write_jsonl
-from lorakit.transfer.models import apply_adapter, check_fits, fingerprint, load_causal_lm, resolve_target_modules
+from lorakit.transfer.models import (
+    apply_adapter,
+    check_fits,
+    fingerprint,
+    load_causal_lm,
+    resolve_target_modules,
+)
 from lorakit.transfer.student import train_student
 from lorakit.transfer.teacher import Teacher
 from lorakit.transfer.train import TrainConfig
+
+#: the models that write the synthetic inputs at transfer time, taking turns by round (see :func:`run`)
+DEFAULT_GENERATORS = ("target", "source")
 
 #: ``progress(stage, completed, total)``: called as work advances (stages: generate, filter, teacher, student).
 Progress = Callable[[str, int, int], None]
@@ -42,6 +50,15 @@ def choose_seeds(examples: list[tuple[str, str]], k: int, seed: int) -> list[tup
     """``k`` examples drawn without replacement under ``seed``."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     return [examples[i] for i in order[:k]]
+
+
+def _hold_out(items: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """(train, held): a random quarter of ``items`` (at most 256) held out; both all of them below 4 items."""
+    k = min(256, len(items) // 4)
+    if k == 0:
+        return items, items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[k:]], [items[i] for i in order[:k]]
 
 
 def prepare(
@@ -58,18 +75,23 @@ def prepare(
     disc_config: TrainConfig | None = None,
     device: str = "auto",
     seed: int = 0,
+    recall: float = 0.9,
     progress: Progress = _noop,
 ) -> Report:
     """Build a transfer kit for ``adapter`` (trained on ``base``) from the task data ``data``.
 
     Steps: pick ``seeds`` seed examples (or read ``seeds_file``); sample ``negatives`` inputs with the *source*
-    model from the seeds; train the discriminator LoRA on the source (real inputs → yes, generated → no); write
-    the kit (layout in :mod:`lorakit.transfer.kit`) atomically.
+    model from the seeds; train the discriminator LoRA on the source (real inputs → yes, generated → no) on
+    three quarters of each; on the held-out quarter, set the accept threshold τ ≤ 0 so that at least ``recall``
+    of the real inputs pass (τ = 0, the paper's p(yes) > p(no), when they already do; ``recall=0`` keeps it);
+    write the kit (layout in :mod:`lorakit.transfer.kit`) atomically.
     """
     dev = resolve_device(device)
     out = check_output_path(output, [adapter, data])
     if seeds < 1:
         raise LorakitError(f"--seeds must be at least 1 (got {seeds})")
+    if not 0.0 <= recall <= 1.0:
+        raise LorakitError(f"--recall must lie in [0, 1] (got {recall})")
     examples = read_examples(data)
     if seeds_file is not None:
         seed_examples = read_examples(seeds_file)
@@ -97,18 +119,28 @@ def prepare(
         progress("generate", min(len(fake), negatives), negatives)
     fake = fake[:negatives]
     real = [x for x, _ in examples]
+    # a quarter of each class (at most 256) is held out: the threshold and the reported rates come from inputs
+    # the discriminator did not train on (with fewer than 4 of a class, it trains and is measured on all)
+    real_train, real_held = _hold_out(real, seed)
+    fake_train, fake_held = _hold_out(fake, seed + 1)
     cfg = disc_config or TrainConfig(epochs=3, lr=2e-3, rank=8, alpha=16.0, seed=seed)
-    disc = train_discriminator(model, tok, real, fake, task, cfg, device=dev, base_model_name=base)
+    disc = train_discriminator(model, tok, real_train, fake_train, task, cfg, device=dev, base_model_name=base)
     apply_adapter(model, disc)
     d = Discriminator(model, tok, task)
-    real_acc = sum(d.keep(real[:256])) / len(real[:256])
-    fake_rej = 1 - sum(d.keep(fake)) / len(fake)
+    odds_real, odds_fake = d.log_odds(real_held), d.log_odds(fake_held)
+    threshold = calibrate_threshold(odds_real, recall)
+    real_acc = float(accept(odds_real, torch.zeros_like(odds_real), threshold).double().mean())
+    fake_rej = 1 - float(accept(odds_fake, torch.zeros_like(odds_fake), threshold).double().mean())
+    paper_real_acc = float((odds_real > 0).double().mean())
 
     info = {
         "kit_version": 1, "lorakit_version": __version__, "task": task, "source_base": base,
         "source_fingerprint": fp, "num_seeds": len(seed_examples),
-        "discriminator": {"negatives_from": "source", "real": len(real), "negatives": len(fake),
-                          "train": cfg.to_json(), "accepts_real": real_acc, "rejects_generated": fake_rej},
+        "discriminator": {"negatives_from": "source", "real": len(real_train), "negatives": len(fake_train),
+                          "held_out": {"real": len(real_held), "generated": len(fake_held)},
+                          "train": cfg.to_json(), "recall": recall, "threshold": threshold,
+                          "accepts_real": real_acc, "rejects_generated": fake_rej,
+                          "accepts_real_at_zero": paper_real_acc},
     }
     with atomic_output(out, directory=True) as tmp:
         lorakit.save(lora.with_meta(base_model=base), tmp / "adapter", format="peft",
@@ -119,8 +151,12 @@ def prepare(
         write_json(tmp / "kit.json", info)
     rep = Report(f"transfer kit for task {task!r} written to {out}")
     rep.summary = {"seeds": len(seed_examples), "real_inputs": len(real), "generated_negatives": len(fake),
-                   "discriminator_accepts_real": real_acc, "discriminator_rejects_generated": fake_rej}
+                   "discriminator_accepts_real": real_acc, "discriminator_rejects_generated": fake_rej,
+                   "discriminator_threshold": threshold, "discriminator_accepts_real_at_zero": paper_real_acc}
     rep.notes.append("the discriminator was trained on source-generated negatives only")
+    if threshold < 0:
+        rep.notes.append(f"p(yes) > p(no) accepted only {paper_real_acc:.0%} of held-out real inputs: the accept "
+                         f"threshold was lowered to log-odds {threshold:.3g} to keep {recall:.0%} of them")
     return rep
 
 
@@ -131,7 +167,7 @@ def run(
     output: str | Path,
     *,
     samples: int = 250,
-    generator: str | None = None,
+    generator: str | Sequence[str] | None = None,
     use_filter: bool = True,
     token_kl: bool = False,
     student_config: TrainConfig | None = None,
@@ -146,7 +182,11 @@ def run(
 
     Args:
         samples: N, the number of accepted synthetic inputs (rejection sampling stops at exactly N).
-        generator: the model that writes inputs (default: the target, as in Trans-LoRA).
+        generator: the model(s) that write inputs, taking turns by round (round k uses the k mod g-th):
+            ``"target"``, ``"source"`` (the clean source base) or a model path / Hub id. Default
+            ``("target", "source")``; Trans-LoRA used the target alone (``"target"``). Two generators cover more
+            of the input space than one: a tiny generator can write inputs of only some lengths, and a student
+            with absolute positions then fails the others (see docs/transfer.md).
         use_filter: False keeps every generated input (the "unfiltered" ablation).
         token_kl: distil with token-level KL instead of sequence-level cross-entropy (same tokenizer only).
         max_rounds: give up when this many generation rounds have not produced N accepted inputs.
@@ -158,10 +198,13 @@ def run(
     if samples < 1:
         raise LorakitError(f"--samples must be at least 1 (got {samples})")
     cfg = student_config or TrainConfig(seed=seed)
-    params = {"kit": kit.source_fingerprint, "target_base": target_base, "generator": generator or "target",
+    gen_names = list(DEFAULT_GENERATORS if generator is None else [generator] if isinstance(generator, str)
+                     else generator)
+    if not gen_names:
+        raise LorakitError("no generator given", hint="pass --generator target (and/or source, or a model)")
+    params = {"kit": kit.source_fingerprint, "target_base": target_base, "generator": gen_names,
               "samples": samples, "filter": use_filter, "token_kl": token_kl, "seed": seed,
               "round": generation_round, "student": cfg.to_json()}
-    timings: dict[str, float] = {}
 
     src, src_tok = load_causal_lm(source_base, dev)
     if fingerprint(src) != kit.source_fingerprint:
@@ -185,24 +228,27 @@ def run(
     if not state.done("synthesize"):
         t0 = time.perf_counter()
         rows = read_jsonl(syn_file)
-        if generator is None:
-            gen = Generator(tgt, tgt_tok, name="target", max_new_tokens=max_new_tokens)
-        else:
-            g_model, g_tok = load_causal_lm(generator, dev)
-            gen = Generator(g_model, g_tok, name=generator, max_new_tokens=max_new_tokens)
+        gens = []
+        for name in gen_names:
+            if name == "target":
+                g_model, g_tok = tgt, tgt_tok
+            else:  # the source too is loaded afresh: `src` gets the discriminator's ΔW below
+                g_model, g_tok = load_causal_lm(source_base if name == "source" else name, dev)
+            gens.append(Generator(g_model, g_tok, name=name, max_new_tokens=max_new_tokens))
         disc = None
         if use_filter:
             apply_adapter(src, lorakit.load(kit.discriminator_path))
-            disc = Discriminator(src, src_tok, kit.task)
+            disc = Discriminator(src, src_tok, kit.task, threshold=kit.threshold)
         accepted = sum(sum(r["accepted"]) for r in rows)
         while accepted < samples:
             k = len(rows)
             if k >= max_rounds:
                 raise LorakitError(f"{max_rounds} generation rounds gave {accepted} accepted inputs of {samples}",
                                    file=out, hint="lower --samples, or raise --max-rounds (the run resumes)")
+            gen = gens[k % len(gens)]
             inputs = gen.generate(kit.seeds, generation_round, round_=k, seed=seed)
             keep = disc.keep(inputs) if disc is not None else [True] * len(inputs)
-            rows.append({"round": k, "inputs": inputs, "accepted": keep})
+            rows.append({"round": k, "generator": gen.name, "inputs": inputs, "accepted": keep})
             write_jsonl(syn_file, rows)
             accepted += sum(keep)
             progress("generate", min(accepted, samples), samples)
@@ -263,7 +309,7 @@ def project(
     target_base: str,
     output: str | Path | None,
     *,
-    q: int | float = 0.5,
+    q: float = 0.5,
     null_space: bool = True,
     min_similarity: float = 0.0,
     device: str = "auto",
@@ -281,7 +327,7 @@ def project(
     check_fits(src, lora, label=f"source base {source_base}")
     ws, wt = model_weights(src), model_weights(tgt)
 
-    def getter(weights: dict[str, torch.Tensor], label: str) -> Callable[[str], torch.Tensor]:
+    def getter(weights: Mapping[str, torch.Tensor], label: str) -> Callable[[str], torch.Tensor]:
         def get(name: str) -> torch.Tensor:
             if name not in weights:
                 raise KeyError(label)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapter import Adapter
-from lorakit.errors import ShapeMismatchError, KeyMappingError
+from lorakit.errors import KeyMappingError, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import randomized_svd
 from lorakit.report import Report
@@ -115,7 +115,7 @@ def project_adapter(
     source_weight: WeightSource,
     target_weight: WeightSource,
     *,
-    q: int | float = 0.5,
+    q: float = 0.5,
     null_space: bool = True,
     min_similarity: float = 0.0,
     device: torch.device | str = "cpu",
@@ -170,7 +170,7 @@ def project_adapter(
 def model_weights(model: object) -> Mapping[str, torch.Tensor]:
     """Module name → weight in ``(out, in)`` orientation for every linear layer of a transformers model
     (GPT-2 ``Conv1D`` weights, stored ``(in, out)``, are transposed)."""
-    import torch.nn as nn
+    from torch import nn
 
     out: dict[str, torch.Tensor] = {}
     for name, m in model.named_modules():  # type: ignore[attr-defined]

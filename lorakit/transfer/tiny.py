@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +118,32 @@ def pretrain(model: Any, tok: Any, *, steps: int, batch: int, seed: int = 0, lr:
             print(f"  pretrain step {step}/{steps} loss {loss.item():.3f}", flush=True)
     model.eval()
     return float(loss.detach())
+
+
+# ---- LoRA tasks: none of them is in the pre-training corpus --------------------------------------------------
+@dataclass(frozen=True)
+class LoraTask:
+    """A task for a LoRA on a :func:`pretrain`-ed base: inputs are lower-case words of 3-6 letters."""
+
+    name: str
+    answer: Callable[[str], str]
+
+    @staticmethod
+    def valid(x: str) -> bool:
+        """Whether ``x`` is a well-formed task input (what the generator should write)."""
+        return 3 <= len(x) <= 6 and all(c in string.ascii_lowercase for c in x)
+
+
+LORA_TASKS = {t.name: t for t in (
+    LoraTask("first-letter", lambda w: w[:1]),
+    LoraTask("last-letter", lambda w: w[-1:]),
+    LoraTask("last-two", lambda w: w[-2:]),
+    LoraTask("capitalize", lambda w: w[:1].upper() + w[1:]),
+    LoraTask("length", lambda w: str(len(w))),
+)}
+
+
+def lora_task_example(task: str, rng: random.Random) -> tuple[str, str]:
+    """One (input, output) pair of the LoRA task ``task`` (a key of :data:`LORA_TASKS`)."""
+    w = random_word(rng)
+    return w, LORA_TASKS[task].answer(w)

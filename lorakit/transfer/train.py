@@ -72,7 +72,7 @@ def extract_adapter(peft_model: Any, base_model_name: str | None) -> Adapter:
     modules: dict[str, LoraFactors] = {}
     for name, m in peft_model.named_modules():
         if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
-            clean = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            clean = name.removeprefix(PEFT_PREFIX)
             modules[clean] = LoraFactors(
                 A=m.lora_A["default"].weight.detach().float().cpu().clone(),
                 B=m.lora_B["default"].weight.detach().float().cpu().clone(),

@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import lorakit  # noqa: E402
-from lorakit.transfer.tiny import char_tokenizer, pretrain, random_word, save_base, tiny_model  # noqa: E402
-from lorakit.testing import random_factors  # noqa: E402
+import lorakit
+from lorakit.testing import random_factors
+from lorakit.transfer.tiny import char_tokenizer, pretrain, random_word, save_base, tiny_model
 
 
 def task_pairs(n: int, seed: int) -> list[tuple[str, str]]:

@@ -8,20 +8,22 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.transfer.projection import model_weights
 from lorakit.transfer.models import load_causal_lm
+from lorakit.transfer.projection import model_weights
 
 
 def test_prepare_writes_a_kit(cli, micro, tmp_path):
     code, out, err = cli("transfer", "prepare", micro["lora"], "--base", micro["source"], "--data", micro["data"],
-                         "--seeds", "3", "--negatives", "8", "--epochs", "1", "--device", "cpu",
+                         "--seeds", "3", "--negatives", "8", "--epochs", "1", "--recall", "0", "--device", "cpu",
                          "-o", tmp_path / "kit", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["seeds"] == 3 and report["generated_negatives"] <= 8
     kit = tmp_path / "kit"
     assert len((kit / "seeds.jsonl").read_text().splitlines()) == 3
-    assert json.loads((kit / "kit.json").read_text())["task"] == "revupper"
+    info = json.loads((kit / "kit.json").read_text())
+    assert info["task"] == "revupper"
+    assert info["discriminator"]["recall"] == 0 and info["discriminator"]["threshold"] == 0  # the paper's rule
     a, b = lorakit.load(micro["lora"]), lorakit.load(kit / "adapter")
     for name in a:
         torch.testing.assert_close(a[name].delta(), b[name].delta())

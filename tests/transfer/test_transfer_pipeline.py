@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lorakit
 from lorakit.errors import IncompatibleAdaptersError, LorakitError
@@ -126,7 +129,11 @@ def test_discriminator_never_sees_target_generated_data(kit, micro, tmp_path, mo
     trained_on.clear()
     before = tree_digest(Path(kit))
     run(kit, micro, tmp_path / "out")
-    assert set(generated_by) == {target_fp}
+    # the default generators take turns: the target, then the clean source (not the one with the discriminator)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and generated_by[:2] == [target_fp, source_fp] and set(generated_by) == {target_fp,
+                                                                                                   source_fp}
+    assert [r["generator"] for r in rows] == [("target", "source")[k % 2] for k in range(len(rows))]
     disc_models = set(discriminator.Discriminator.keep.models)
     assert disc_models and target_fp not in disc_models and source_fp not in disc_models  # source + disc LoRA
     assert trained_on == [target_fp]  # only the student trains, on the target
@@ -203,3 +210,64 @@ def test_token_level_kl_needs_a_shared_tokenizer(micro):
 
     with pytest.raises(LorakitError, match="share a tokenizer"):
         train_student(model, tok, ["ab"], ["a"], STUDENT, teacher_model=model, teacher_tok=OtherTok())
+
+
+@given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=40), st.floats(0, 1))
+@settings(max_examples=200, deadline=None)
+def test_calibrated_threshold_keeps_the_asked_share_of_real_inputs(odds, recall):
+    x = torch.tensor(odds, dtype=torch.float64)
+    tau = discriminator.calibrate_threshold(x, recall)
+    need = math.ceil(recall * len(odds) - 1e-9)  # recall·n up to rounding (0.9·10 is 9.000000000000002)
+    kept = accept(x, torch.zeros_like(x), tau)
+    assert tau <= 0
+    assert int(kept.sum()) >= need
+    if int((x > 0).sum()) >= need:  # the paper's rule already keeps enough: it is left as it is
+        assert tau == 0
+    else:  # the largest such threshold: raising it to the next float loses a real input it needs
+        nxt = math.nextafter(tau, math.inf)
+        assert int(accept(x, torch.zeros_like(x), nxt).sum()) < need
+
+
+def test_threshold_zero_is_the_papers_rule_and_a_negative_one_relaxes_it():
+    yes = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)
+    no = torch.tensor([-2.0, -2.0, -1.0], dtype=torch.float64)
+    assert accept(yes, no, 0.0).tolist() == (yes > no).tolist()
+    assert accept(yes, no, -2.0).tolist() == [True, True, False]  # log-odds 1, 0, -2: -2 > -2 is false
+    with pytest.raises(LorakitError):
+        discriminator.calibrate_threshold(yes, 1.5)
+
+
+def test_prepare_calibrates_on_held_out_inputs_and_run_uses_the_kits_threshold(kit, micro, tmp_path, monkeypatch):
+    info = json.loads((Path(kit) / "kit.json").read_text())["discriminator"]
+    assert info["held_out"]["real"] == 48 // 4 and info["real"] == 48 - 12
+    assert info["threshold"] <= 0 and info["accepts_real"] >= 0.9
+    assert (info["threshold"] == 0) == (info["accepts_real_at_zero"] >= 0.9)
+    seen = []
+    real_keep = discriminator.Discriminator.keep
+
+    def spy(self, inputs):
+        seen.append(self.threshold)
+        return real_keep(self, inputs)
+
+    monkeypatch.setattr(discriminator.Discriminator, "keep", spy)
+    run(kit, micro, tmp_path / "out", samples=2)
+    assert seen and set(seen) == {info["threshold"]}
+
+
+def test_target_alone_as_generator_is_trans_loras_setting(kit, micro, tmp_path, monkeypatch, every_other):
+    target_fp = fingerprint(load_causal_lm(micro["target"])[0])
+    generated_by = []
+    real_generate = generator.Generator.generate
+
+    def spy_generate(self, *a, **k):
+        generated_by.append(fingerprint(self.model))
+        return real_generate(self, *a, **k)
+
+    monkeypatch.setattr(generator.Generator, "generate", spy_generate)
+    run(kit, micro, tmp_path / "out", generator="target")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and {r["generator"] for r in rows} == {"target"} and set(generated_by) == {target_fp}
+    with pytest.raises(LorakitError, match="other parameters"):  # the generators are part of the run's identity
+        run(kit, micro, tmp_path / "out")
+    with pytest.raises(LorakitError, match="no generator"):
+        run(kit, micro, tmp_path / "none", generator=[])

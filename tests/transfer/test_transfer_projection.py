@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorakit.adapter import Adapter
 from lorakit.errors import ShapeMismatchError
 from lorakit.linalg import svd_of
 from lorakit.testing import random_factors
 from lorakit.transfer.projection import (
-    principal_subspace, project_adapter, project_factors, subspace_similarity,
+    principal_subspace,
+    project_adapter,
+    project_factors,
+    subspace_similarity,
 )
 
 OUT, IN, R = 24, 20, 3
