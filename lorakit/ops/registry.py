@@ -14,8 +14,8 @@ and the merge pipeline streams them over an adapter set. Other kinds may define 
 from __future__ import annotations
 
 import difflib
-import math
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_type_hints
@@ -164,7 +164,7 @@ def register(
         params = {p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         try:
             hints = get_type_hints(fn)
-        except Exception:  # unresolvable forward references: fall back to no coercion
+        except (NameError, TypeError, AttributeError):  # unresolvable forward references: fall back to no coercion
             hints = {}
         _REGISTRY[key] = OperatorSpec(
             key[1], fn, kind, description, exact, space, paper, params, {k: hints.get(k) for k in params}
