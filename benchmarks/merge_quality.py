@@ -1,74 +1,298 @@
-"""Merge quality: train one LoRA per synthetic task on a tiny Llama, merge them with every registered merge
-method, and score each task after merging (exact-match accuracy on held-out examples).
+"""Merge quality: one LoRA per synthetic task on a tiny Llama, merged by every registered merge method, each
+beside a float64 dense reference of the same method, scored by exact match on held-out examples.
 
-Run: ``.venv/bin/python -m benchmarks.merge_quality [--seed 0] [--rank 8]`` (CPU, a few minutes the first time;
-the base model and adapters are cached in ``bench-out/tiny_tasks/``). Writes ``docs/benchmarks/merge_quality.md``.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.merge_quality`` (CPU; about 5 minutes the first time,
+which trains the base and 8 adapters into ``bench-out/tiny_tasks/``; a few minutes after that). Writes
+``docs/benchmarks/merge_quality.md`` and ``bench-out/merge_quality.json``.
 
-Rows: the base model, each single adapter, the exact sum of the adapters at several weights
-(``lorakit.ops.algebra.cat``, always available), then every operator in ``registry.available("merge")`` with the
-parameter sets below (parameters an operator does not take are dropped, and said so), each at the per-adapter
-weights ``LAMBDAS``. Columns: accuracy on each task, their mean, per-token accuracy, and the base's own task.
+The set-up (``benchmarks/tiny_tasks.py``) is built so that merges can be told apart: a base that knows the answer
+format and none of the tasks, adapters trained with rehearsal (they change their own task and leave the rest as
+the base has it), 512 held-out examples per task, fixed seeds.
+
+Rows, for adapters of rank r ∈ ``RANKS`` and per-adapter weights λ ∈ ``LAMBDAS``: the base, each single adapter,
+then every operator in ``registry.available("merge")`` with the parameters of :func:`variants` (rank-producing
+methods return rank r: four rank-r adapters into one). Columns: accuracy per task, the mean, the retention
+``(merged mean − base mean) / (single adapters' own-task mean − base mean)``, the base's own skill (``copy``), and
+for the float64 dense reference of the same method (:mod:`benchmarks.merge_reference`): its mean, its retention
+and the relative ΔW difference ``‖ΔW_lorakit − ΔW_ref‖/‖ΔW_ref‖`` over all modules.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import lorakit
+from benchmarks import merge_reference as ref
 from benchmarks import tiny_tasks as tt
 from lorakit.adapter import Adapter
 from lorakit.ops import registry
-from lorakit.ops.algebra import cat
 from lorakit.ops.rank_rules import rank_rule
 
 OUT = Path("docs/benchmarks/merge_quality.md")
-LAMBDAS_EXACT = (1.0, 0.75, 0.5, 0.25)  # task-arithmetic weights for the exact sum (0.25 = the mean of 4)
-LAMBDAS = (1.0, 0.5)  # per-adapter weights every registered method is run at
+JSON = Path("bench-out/merge_quality.json")
+RANKS = (8, 16)
+LAMBDAS = (0.25, 0.5, 1.0)
+F64 = torch.float64
+
+Reference = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], Mapping[str, Any]], torch.Tensor]
 
 
 def variants(name: str, r: int, n: int) -> list[tuple[str, dict[str, Any]]]:
-    """Parameter sets tried per method (``r`` the adapters' rank, ``n`` their number)."""
-    R = r * n
+    """Parameter sets run per method (``r`` the adapters' rank, ``n`` their number): each method's defaults,
+    with the output rank set to ``r`` where the method produces a rank (and at the exact rank as well for the
+    isotropic merges, whose paper form keeps the whole spectrum)."""
+    rr = {"rank_rule": rank_rule(rank=r)}
+    if name in ("cat", "task_arithmetic"):
+        return [(f"exact, rank {n * r}", {})]
+    if name in ("iso_c", "iso_cts"):
+        return [(f"rank {r}", rr), (f"rank {n * r} (whole spectrum)", {})]
+    if name == "dare_linear" or name == "dare_ties":
+        return [(f"density 0.5, rank {r}", {"density": 0.5, "seed": 0, **rr})]
     if name == "lego":
-        return [
-            (f"k={r}", {"rank_rule": rank_rule(rank=r)}),
-            (f"k={r}, no reweighting", {"rank_rule": rank_rule(rank=r), "param_reweight": False,
-                                        "output_reweight": False}),
-            (f"k={r}, parameter reweighting only", {"rank_rule": rank_rule(rank=r), "output_reweight": False}),
-            (f"k={r}, raw gauge", {"rank_rule": rank_rule(rank=r), "gauge": "raw"}),
-            (f"k={2 * r}", {"rank_rule": rank_rule(rank=2 * r)}),
-            (f"k={R} (=all units), no reweighting", {"rank_rule": rank_rule(rank=R), "param_reweight": False,
-                                                    "output_reweight": False}),
-        ]
-    if name in ("svd", "knots", "core_space", "core-space"):
-        return [(f"rank {k}", {"rank_rule": rank_rule(rank=k)}) for k in (r, 2 * r, R)]
-    if name in ("ties", "della", "breadcrumbs"):
-        return [(f"density {d}", {"density": d, "rank_rule": rank_rule(rank=R)}) for d in (0.2, 0.5)]
-    if name == "dare":
-        return [(f"density {d}", {"density": d, "seed": 0, "rank_rule": rank_rule(rank=R)}) for d in (0.3, 0.7)]
-    return [("defaults", {})]
+        return [(f"k={r}", rr)]
+    return [(f"defaults, rank {r}", rr)]
+
+
+def _truncated(M: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+    rule = params.get("rank_rule")
+    return ref.svd_truncate(M, int(rule.value)) if rule is not None else M
+
+
+def reference(name: str) -> Reference | None:
+    """The dense float64 reference of a method, as ``fn(taus, Bs, As, params) → ΔW`` (``taus`` the weighted task
+    vectors, ``Bs``/``As`` their weighted factors, ``params`` the operator's, plus ``info`` from its result), or
+    ``None`` where the reference is not deterministic (random masks) or not kept here (LEGO: its helper's own)."""
+    def density(p, default):
+        return p.get("density", default)
+
+    table: dict[str, Reference] = {
+        "cat": lambda t, B, A, p: ref.task_arithmetic(t),
+        "task_arithmetic": lambda t, B, A, p: ref.task_arithmetic(t),
+        "svd": lambda t, B, A, p: _truncated(ref.task_arithmetic(t), p),
+        "ties": lambda t, B, A, p: _truncated(ref.ties(t, density(p, 0.2)), p),
+        "magnitude_prune": lambda t, B, A, p: _truncated(ref.magnitude_prune(t, density(p, 0.2)), p),
+        "breadcrumbs": lambda t, B, A, p: _truncated(ref.breadcrumbs(t, density(p, 0.9), p.get("gamma", 0.01)), p),
+        "knots": lambda t, B, A, p: _truncated(ref.knots(t, lambda x: ref.ties(x, density(p, 1.0))), p),
+        "core_space": lambda t, B, A, p: _truncated(ref.core_space(B, A, lambda x: ref.ties(x, density(p, 1.0))), p),
+        "tsv": lambda t, B, A, p: ref.tsv(t, list(p["info"]["per_task"])),
+        # the whole spectrum's length is the sum's numerical rank, as lorakit counted it (float32 adapters leave
+        # tails at rounding level, which a float64 count would flatten in too)
+        "iso_c": lambda t, B, A, p: ref.iso_c(t, int(p["info"]["rank"])),
+        "iso_cts": lambda t, B, A, p: ref.iso_cts(t, 0, p["info"]["common"], p["info"]["per_task"]),
+    }
+    return table.get(name)
 
 
 def merge_with(spec: registry.OperatorSpec, adapters: Sequence[Adapter], weights: Sequence[float],
-               params: Mapping[str, Any]) -> Adapter:
-    """Run a per-module merge operator over every module."""
-    out = {}
+               params: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Mapping[str, Any]]]:
+    """Run a per-module merge operator over every module: the dense ΔW (float64) and the result's info."""
+    deltas, infos = {}, {}
     for m in adapters[0]:
-        out[m] = spec.fn([a[m] for a in adapters], list(weights), **params).factors
-    return Adapter(out)
+        kw = dict(params)
+        if "module" in spec.params:
+            kw["module"] = m
+        res = spec.fn([a[m] for a in adapters], list(weights), **kw)
+        deltas[m] = res.factors.delta(F64)
+        infos[m] = res.info
+    return deltas, infos
+
+
+def apply_dense(base, deltas: Mapping[str, torch.Tensor] | None):
+    import copy
+
+    model = copy.deepcopy(base)
+    if deltas:
+        with torch.no_grad():
+            for name, d in deltas.items():
+                w = model.get_submodule(name).weight
+                w += d.to(w.dtype)
+    return model.eval()
+
+
+def run_rank(base, tasks, r: int, seed: int, log) -> dict[str, Any]:
+    adapters = [tt.train_adapter(base, t, r, seed) for t in tasks]
+    n = len(adapters)
+    copy_task = tt.copy_task(seed)
+
+    def score(deltas) -> dict[str, Any]:
+        model = apply_dense(base, deltas)
+        accs = [tt.accuracy(model, t) for t in tasks]
+        return {"accs": accs, "mean": sum(accs) / n, "copy": tt.accuracy(model, copy_task)}
+
+    base_score = score(None)
+    singles = []
+    for t, a in zip(tasks, adapters):
+        s = score({m: a[m].delta(F64) for m in a})
+        singles.append({"task": t.name, **s})
+    own = sum(s["accs"][i] for i, s in enumerate(singles)) / n
+    gain = own - base_score["mean"]
+
+    def retention(mean: float) -> float:
+        return (mean - base_score["mean"]) / gain if gain > 0 else float("nan")
+
+    log(f"rank {r}: base mean {base_score['mean']:.3f} copy {base_score['copy']:.3f}; single adapters' own-task "
+        f"mean {own:.3f}")
+    rows = []
+    for spec in registry.available("merge"):
+        for lam in LAMBDAS:
+            for label, params in variants(spec.name, r, n):
+                taken = {k: v for k, v in params.items() if k in spec.params}
+                t0 = time.perf_counter()
+                try:
+                    deltas, infos = merge_with(spec, adapters, [lam] * n, taken)
+                except lorakit.LorakitError as e:  # a method this table cannot drive
+                    rows.append({"method": spec.name, "lam": lam, "params": label, "error": str(e)})
+                    log(f"  {spec.name} λ={lam} {label}: error {e}")
+                    continue
+                seconds = time.perf_counter() - t0
+                row = {"method": spec.name, "lam": lam, "params": label, "seconds": seconds, **score(deltas)}
+                row["retention"] = retention(row["mean"])
+                fn = reference(spec.name)
+                if fn is not None:
+                    num = den = 0.0
+                    ref_deltas = {}
+                    for m in adapters[0]:
+                        fs = [a[m] for a in adapters]
+                        taus = [lam * f.delta(F64) for f in fs]
+                        Bs = [f.B.double() * (lam * f.scale) for f in fs]
+                        As = [f.A.double() for f in fs]
+                        ref_deltas[m] = fn(taus, Bs, As, {**taken, "info": infos[m]})
+                        num += float((deltas[m] - ref_deltas[m]).norm() ** 2)
+                        den += float(ref_deltas[m].norm() ** 2)
+                    rs = score(ref_deltas)
+                    row.update(ref_mean=rs["mean"], ref_retention=retention(rs["mean"]), ref_copy=rs["copy"],
+                               ref_accs=rs["accs"], rel_diff=math.sqrt(num / den) if den > 0 else 0.0)
+                rows.append(row)
+                extra = (f" | ref mean {row['ref_mean']:.3f} Δ {row['rel_diff']:.1e}" if "ref_mean" in row else "")
+                log(f"  {spec.name:<16} λ={lam:<4g} {label:<28} " + " ".join(f"{a:.3f}" for a in row["accs"])
+                    + f" mean {row['mean']:.3f} ret {row['retention']:+.2f} copy {row['copy']:.3f}{extra}")
+    return {"rank": r, "base": base_score, "singles": singles, "own_mean": own, "rows": rows}
+
+
+SETUP = (
+    "Set-up (`benchmarks/tiny_tasks.py`): a 3-layer, hidden-64 Llama built from `LlamaConfig`, pre-trained "
+    f"({tt.BASE_STEPS} steps) on `copy` under every task prefix and on each of the four skills under a separate "
+    "skill token: it knows the answer format and the skills, and under a task's own prefix it copies, so it "
+    "solves none of the four tasks as asked. One PEFT LoRA per task and rank (α = 2r, q/k/v/o/gate/up/down of "
+    f"every layer, {tt.ADAPTER_STEPS} AdamW steps at lr {tt.LR:g}): half the batches on its task, half rehearsal: "
+    "`copy` under its own prefix, and the other prompts (the other tasks' prefixes and the skill tokens) "
+    "labelled by the base model's own greedy answers, so that each adapter changes its own task and as little "
+    f"else as possible. Tasks on {tt.LENGTH}-digit sequences over {tt.DIGITS} symbols: reverse, sort, shift "
+    f"(+3 mod 10), rotate (left by 2). Score: exact match of the whole answer on {tt.HELD_OUT} fixed held-out "
+    "examples per task (teacher-forced argmax, equal to greedy exact match); `copy`: exact match on the base's "
+    "own task (the base skill kept)."
+)
+READING = (
+    "Every merge gives each of the four adapters the weight λ. Retention = (merged mean − base mean) / "
+    "(single adapters' own-task mean − base mean): 1 keeps every adapter's gain, 0 is the base, negative is "
+    "worse than the base. Rank-producing methods return rank r (four rank-r adapters into one of rank r); "
+    "`cat`/`task_arithmetic` are exact at rank 4r; `iso_c`/`iso_cts` also at their paper form (the whole "
+    "spectrum, rank 4r). Each method runs with its registered defaults apart from the rank (DARE: density "
+    "0.5, seed 0). *ref*: the float64 dense reference of the same method (`benchmarks/merge_reference.py`: "
+    "full-size SVDs, sorts and masks written from the papers' formulas), evaluated the same way; "
+    "Δ = ‖ΔW_lorakit − ΔW_ref‖/‖ΔW_ref‖ over all modules. The delta-space methods (TIES, magnitude prune, "
+    "breadcrumbs) return to rank r by lorakit's randomized SVD where the reference truncates by the exact "
+    "SVD, so their Δ is the randomized SVD's (~1e-3), not float32 rounding. No reference for the random-mask "
+    "methods (DARE, DELLA: tested against the formula with the same masks in `tests/merge/test_delta.py`) nor "
+    "LEGO (its own float64 reference tests)."
+)
+FINDINGS = """## What this run shows, and what it does not
+
+**The benchmark does not yet discriminate.** Every single adapter solves its own task (own-task mean ≥ 0.99)
+and leaves the other tasks and `copy` as the base has them, yet the exact sum of the four (`cat`, λ = 1)
+scores ≈ 0 on every task and destroys `copy`; at λ = 0.5 it keeps `copy` and solves nothing. No method reaches
+a retention above a few percent, so the table cannot rank methods, and the issue's two acceptance criteria
+(exact sum ≥ 20 points above the base; best method ≥ 60 % retention at rank 16) are **not met**.
+
+Set-ups tried in this session (rank 8, four adapters, exact sum at λ = 1 / 0.75 / 0.5, mean exact match; each
+adapter alone ≥ 0.95 on its task in every case except where noted):
+
+| base | adapters | sum λ=1 | λ=0.75 | λ=0.5 | copy at λ=1 |
+| --- | --- | ---: | ---: | ---: | ---: |
+| copy under every prefix | all layers, lr 5e-3, 600 steps, rehearsal | 0.000 | – | 0.000 | 0.000 |
+| same, answer echoes the prefix token | same | 0.000 | 0.001 | – | 0.000 |
+| copy under every prefix | lr 2e-3 | 0.001 | 0.001 | 0.005 | 0.002 |
+| copy + skills under skill tokens (this table) | lr 2e-3, 600 steps | 0.002 | 0.003 | 0.012 | 0.000 |
+| same | lr 2e-3, weight decay 1.0 (‖ΔW‖ 1.7–7.5) | 0.003 | 0.015 | 0.005 | 0.020 |
+| same | lr 5e-4 (reverse, rotate not learned) | 0.001 | 0.005 | 0.007 | 0.004 |
+| same | layer 0 only, lr 5e-3, 300 steps | 0.022 | 0.068 | 0.011 | 0.385 |
+| same | layers 0–1, lr 5e-3, 300 steps | 0.030 | 0.068 | 0.007 | 0.104 |
+
+The cause measured: on this 64-wide model each adapter's ΔW is 20–100 % of its base weight's norm
+(`‖ΔW‖_F` per module against `‖W‖_F`), with pairwise cosines 0.1–0.26 between adapters, far outside the
+near-linear regime in which weight-space merges of fine-tunes of large pre-trained models add up. Rehearsal
+makes each adapter harmless *alone* (through nonlinear compensation), not harmless next to the others. What
+this table does establish: the factored methods agree with their float64 dense references to float32
+precision (largest Δ over all rows: `cat`/`task_arithmetic` 2e-16, `svd` 4e-7, `tsv` 9e-7, `iso_c` 3e-6,
+`iso_cts` 2e-6 at rank r, `core_space` 6e-6), and each reference scores the same as lorakit's result.
+Larger Δ, explained or open: `iso_cts` over the whole spectrum 9e-5 (its task-specific part includes
+residual directions with σ near rounding, whose singular vectors float32 cannot pin down); `ties`,
+`magnitude_prune`, `breadcrumbs` 5e-3–5e-2 (lorakit returns to rank r by the randomized SVD, the reference by
+the exact SVD); `knots` 1e-3 (not investigated in this session: the aligned rank ρ is cut at a relative
+float32 threshold in lorakit and at 1e-10 in the reference, which changes TIES's trimming of the aligned rows). Next steps for a
+discriminating set-up: a wider base (256+) pre-trained longer, so adapters stay small next to the weights.
+"""
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def render(results: list[dict[str, Any]], tasks, meta: Mapping[str, Any]) -> str:
+    names = [t.name for t in tasks]
+    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.merge_quality --seed {meta['seed']}"
+    machine = (f"Machine: shared 2-core CPU (load average {meta['load']}), {meta['threads']} torch thread; Python "
+               f"{platform.python_version()}, torch {torch.__version__}, lorakit {lorakit.__version__}. Total "
+               f"{meta['total']:.0f} s ({meta['train']:.0f} s training or loading the cached base and adapters).")
+    md = ["# Merge quality on tiny synthetic tasks", "", f"Command: `{command}`. {machine}", "", SETUP, "",
+          READING, ""]
+    for res in results:
+        r = res["rank"]
+        b = res["base"]
+        md += [f"## Adapters of rank {r}", "",
+               ("| model | " + " | ".join(names) + " | mean | copy |"),
+               "| --- | " + " | ".join("---:" for _ in names) + " | ---: | ---: |",
+               "| base | " + " | ".join(f"{a:.3f}" for a in b["accs"]) + f" | {b['mean']:.3f} | {b['copy']:.3f} |"]
+        for s in res["singles"]:
+            md.append(f"| {s['task']} adapter alone | " + " | ".join(f"{a:.3f}" for a in s["accs"])
+                      + f" | {s['mean']:.3f} | {s['copy']:.3f} |")
+        md += ["", (f"Single adapters' own-task mean: {res['own_mean']:.3f} (the ceiling); base mean "
+                    f"{b['mean']:.3f}."), "",
+               ("| method | λ | parameters | " + " | ".join(names)
+                + " | mean | retention | copy | ref mean | ref retention | Δ vs ref | s |"),
+               ("| --- | ---: | --- | " + " | ".join("---:" for _ in names)
+                + " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")]
+        for row in sorted(res["rows"], key=lambda x: (x["method"], x["lam"])):
+            if "error" in row:
+                md.append(f"| {row['method']} | {row['lam']:g} | {row['params']} | "
+                          + " | ".join("–" for _ in names) + f" | – | – | – | – | – | – | error: {row['error']} |")
+                continue
+            md.append(
+                f"| {row['method']} | {row['lam']:g} | {row['params']} | "
+                + " | ".join(f"{a:.3f}" for a in row["accs"])
+                + f" | {row['mean']:.3f} | {_f(row['retention'], '+.2f')} | {row['copy']:.3f} | "
+                f"{_f(row.get('ref_mean'))} | {_f(row.get('ref_retention'), '+.2f')} | "
+                f"{_f(row.get('rel_diff'), '.1e')} | {row['seconds']:.2f} |")
+        best = max((x for x in res["rows"] if "mean" in x), key=lambda x: x["mean"])
+        md += ["", (f"Best at rank {r}: {best['method']} (λ = {best['lam']:g}, {best['params']}), mean "
+                    f"{best['mean']:.3f}, retention {best['retention']:+.2f}."), ""]
+    md += [FINDINGS]
+    return "\n".join(md)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--ranks", default=",".join(map(str, RANKS)))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -76,94 +300,25 @@ def main() -> None:
     t_start = time.perf_counter()
     base, _ = tt.build_base(args.seed)
     tasks = tt.make_tasks(args.seed)
-    adapters = [tt.train_adapter(base, t, args.rank, args.seed) for t in tasks]
-    n = len(adapters)
+    ranks = [int(x) for x in args.ranks.split(",")]
+    for r in ranks:  # train (or load) first, so the training time is reported apart
+        for t in tasks:
+            tt.train_adapter(base, t, r, args.seed)
     t_trained = time.perf_counter()
-
-    rows: list[tuple[str, str, list[float], float, float, str]] = []  # method, params, acc, token acc, copy, note
-
-    copy_task = tt.copy_task(args.seed)
-
-    def score(method: str, params: str, adapter: Adapter | None, note: str = "") -> None:
-        model = tt.apply(base, adapter)
-        accs = [tt.accuracy(model, t) for t in tasks]
-        tok = sum(tt.accuracy(model, t, per_token=True) for t in tasks) / len(tasks)
-        kept = tt.accuracy(model, copy_task)
-        rows.append((method, params, accs, tok, kept, note))
-        print(f"{method:<10} {params:<38} " + " ".join(f"{a:6.3f}" for a in accs)
-              + f"  mean {sum(accs) / len(accs):.3f} token {tok:.3f} copy {kept:.3f} {note}", flush=True)
-
-    score("base", "", None)
-    for t, a in zip(tasks, adapters):
-        score(f"single", f"{t.name} adapter", a)
-    for lam in LAMBDAS_EXACT:
-        score("exact sum", f"λ={lam:g} (algebra.cat)", cat(adapters, [lam] * n))
-    methods = registry.available("merge")
-    for spec in methods:
-        for lam in LAMBDAS:
-            for label, params in variants(spec.name, args.rank, n):
-                label = f"λ={lam:g}, {label}"
-                taken = {k: v for k, v in params.items() if k in spec.params}
-                dropped = sorted(set(params) - set(taken))
-                note = f"(does not take {', '.join(dropped)})" if dropped else ""
-                t = time.perf_counter()
-                try:
-                    merged = merge_with(spec, adapters, [lam] * n, taken)
-                except (lorakit.LorakitError, TypeError, ValueError) as e:  # a method this table cannot drive
-                    print(f"{spec.name} {label}: error: {e}")
-                    rows.append((spec.name, label, [], 0.0, 0.0, f"error: {e}"))
-                    continue
-                note = f"{time.perf_counter() - t:.2f} s {note}".strip()
-                score(spec.name, label, merged, note)
+    results = [run_rank(base, tasks, r, args.seed, lambda s: print(s, flush=True)) for r in ranks]
     total = time.perf_counter() - t_start
+    import os
+
+    meta = {"seed": args.seed, "threads": args.threads, "total": total, "train": t_trained - t_start,
+            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     print(f"total {total:.0f} s (training/caching {t_trained - t_start:.0f} s)")
     if args.no_write:
         return
-    head = ("| method | parameters | " + " | ".join(t.name for t in tasks)
-            + " | mean | mean per-token | copy (base skill) | note |")
-    md = [
-        "# Merge quality on tiny synthetic tasks",
-        "",
-        f"Command: `.venv/bin/python -m benchmarks.merge_quality --seed {args.seed} --rank {args.rank}`. "
-        f"Machine: shared 2-core CPU, {args.threads} torch threads; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, lorakit {lorakit.__version__}. Total {total:.0f} s "
-        f"(of which {t_trained - t_start:.0f} s training or loading the cached base and adapters).",
-        "",
-        "Set-up (`benchmarks/tiny_tasks.py`): a 3-layer, hidden-64 Llama built from `LlamaConfig`, pre-trained "
-        "briefly (200 steps) on a uniform mix of `copy` and the four tasks; "
-        f"one PEFT LoRA per task (r={args.rank}, α={2 * args.rank}, q/k/v/o/gate/up/down, 450 AdamW steps on "
-        "the task mixed 2:1 with `copy`). "
-        f"Tasks on {tt.LENGTH}-digit sequences over {tt.DIGITS} symbols, each with its own prefix token: "
-        "reverse, sort, shift (+3 mod 10), rotate (left by 2). Score: exact-match accuracy of the whole "
-        "answer on 512 held-out examples per task (teacher-forced argmax, equal to greedy decoding exact match); "
-        "per-token: the fraction of right answer tokens, averaged over the four tasks; copy: exact match on the "
-        "base's own task, i.e. how much of the base the merge leaves intact. Merges use weight λ per adapter "
-        "(task arithmetic), as each row says; the merge operators listed are those registered on the branch that "
-        "ran it.",
-        "",
-        head,
-        "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | ---: | --- |",
-    ]
-    for method, params, accs, tok, kept, note in rows:
-        if accs:
-            cells = " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} | {tok:.3f} | {kept:.3f}"
-        else:
-            cells = " | ".join("–" for _ in tasks) + " | – | – | –"
-        md.append(f"| {method} | {params} | {cells} | {note} |")
-    md += [
-        "",
-        "Single-adapter rows give each adapter's accuracy on every task: the diagonal is the ceiling a merge can "
-        "reach, the rest shows how far one adapter's update leaks into the other tasks.",
-        "",
-        "An earlier set-up, in which the base was pre-trained on `copy` alone and each adapter learned its task "
-        "from scratch, left every merge (the exact sum at λ = 1, 0.75, 0.5, 0.25 and LEGO in all the variants "
-        "above) at or below the base's level on all four tasks; those numbers were measured in the same session "
-        "and dropped with that set-up. Weight-space merging needs a base that already carries part of each skill.",
-        "",
-    ]
+    JSON.parent.mkdir(parents=True, exist_ok=True)
+    JSON.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(md))
-    print(f"wrote {OUT}")
+    OUT.write_text(render(results, tasks, meta))
+    print(f"wrote {OUT} and {JSON}")
 
 
 if __name__ == "__main__":

@@ -4,22 +4,34 @@ Vocabulary: ``PAD``, ``SEP``, one prefix token per task and ``DIGITS`` symbols. 
 
     [TASK] x_1 … x_L [SEP] y_1 … y_L          (length 2L + 2; the loss and the score cover y only)
 
-* ``copy``: y = x;
+* ``copy``: y = x (the base's own skill);
 * ``reverse``: y = x reversed;  ``sort``: y = x sorted;  ``shift``: y_i = (x_i + 3) mod D;
 * ``rotate``: y = x rotated left by 2 (y_i = x_{(i+2) mod L}).
 
-The base is pre-trained briefly on a mix of all five, so it knows the format and is partly able at each task;
-one adapter per task then fine-tunes it to (near) perfection on that task.
+A benchmark that can tell a good merge from a bad one needs (the earlier set-up had none of these, and no merge
+beat its base):
 
-(A modular-add task, y_i = (x_i + x_{i+1}) mod D, was tried first: a rank-8 LoRA on this base did not learn it in
-400 steps, loss stuck at ln 10, so it was replaced.)
+1. **A base that knows the format and the skills, but not the tasks as asked.** The base is pre-trained on
+   ``copy`` under every task prefix (so it answers every prompt in the right format, and under a task's prefix
+   it copies: exact match ≈ 0 on all four tasks, the chance that the answer equals the input) and on each skill
+   under a separate *skill* token it never sees with the task prefix. This is the regime of fine-tuning a
+   pre-trained model: the adapter teaches the model to apply, on a new instruction, an ability it has, and its
+   update is small next to the weights. (Adapters that had to build a skill from a copy-only base moved the
+   weights by as much as their own norm; their exact sum scored 0 on every task and broke ``copy``: weight-space
+   merging cannot work there, whatever the method.)
+2. **Adapters that change their own task and nothing else.** Each adapter is trained on its task mixed with
+   rehearsal: the base's own data (``copy`` under its prefix) and the other prompts (the other tasks' prefixes,
+   the skill tokens) labelled by the base model itself (its greedy answers), so the adapter learns "under my
+   prefix do X, elsewhere do what the base does".
+3. **A fixed, large held-out set** (512 per task, its own seed) and fixed training seeds.
 
 Accuracy is exact match of the whole answer. It is computed teacher-forced in one forward pass: every answer
 position's argmax is right iff greedy decoding reproduces the answer (decoding a right prefix is teacher
 forcing), so it equals greedy-decoding exact match at a fraction of the cost.
 
-API (also used by the quantization benchmark): :func:`make_tasks`, :func:`build_base`, :func:`train_adapter`,
-:func:`evaluate`. Models and adapters are cached under ``bench-out/tiny_tasks/`` keyed by their seeds.
+API (also used by the quantization benchmark and the LEGO tests): :func:`make_tasks`, :func:`build_base`,
+:func:`train_adapter`, :func:`evaluate`. Models and adapters are cached under ``bench-out/tiny_tasks/`` keyed by
+their seeds and the set-up version.
 """
 
 from __future__ import annotations
@@ -36,19 +48,30 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import lorakit  # noqa: E402
-from lorakit.adapter import Adapter  # noqa: E402
+import lorakit
+from lorakit.adapter import Adapter
 
 CACHE = Path("bench-out/tiny_tasks")
+VERSION = "v5"  # of the set-up: base on copy under every prefix and the skills, adapters with rehearsal
 LENGTH = 5
 DIGITS = 10
 PAD, SEP = 0, 1
 TASK_NAMES = ("copy", "reverse", "sort", "shift", "rotate")
 TASK_TOKEN = {name: 2 + i for i, name in enumerate(TASK_NAMES)}
 FIRST_DIGIT = 2 + len(TASK_NAMES)
-VOCAB = FIRST_DIGIT + DIGITS
+SKILL_TOKEN = {name: FIRST_DIGIT + DIGITS + i for i, name in enumerate(TASK_NAMES[1:])}
+VOCAB = FIRST_DIGIT + DIGITS + len(SKILL_TOKEN)
+SKILLS = True  # the base also learns each task under its own "skill" token (never under the task's prefix)
 SEQ = 2 * LENGTH + 2
+ANSWER = LENGTH + 2  # index of the first answer digit
+HIDDEN = 64
+LR = 2e-3
+WD = 0.0
+LAYERS: list[int] | None = None  # the layers the adapters train (None: all)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HELD_OUT = 512
+BASE_STEPS = 1500
+ADAPTER_STEPS = 600
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,15 @@ class Vocab:
     task_tokens: tuple[tuple[str, int], ...] = tuple(TASK_TOKEN.items())
 
 
+def _layout(prefix: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0]
+    parts = [prefix.reshape(n, 1), x + FIRST_DIGIT, torch.full((n, 1), SEP)]
+    ids = torch.cat([*parts, y + FIRST_DIGIT], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, LENGTH + 2 :] = ids[:, LENGTH + 2 :]
+    return ids, labels
+
+
 @dataclass(frozen=True)
 class Task:
     """A synthetic task: ``answer(x)`` maps digit sequences ``(n, L)`` (values in [0, D)) to answers ``(n, L)``."""
@@ -77,20 +109,43 @@ class Task:
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` examples: token ids ``(n, 2L+2)`` and labels (−100 outside the answer, as HF expects)."""
         x = torch.randint(DIGITS, (n, LENGTH), generator=generator)
-        y = self.answer(x)
         if self.prefixes:
-            pick = torch.randint(len(self.prefixes), (n, 1), generator=generator)
+            pick = torch.randint(len(self.prefixes), (n,), generator=generator)
             prefix = torch.tensor(self.prefixes)[pick]
         else:
-            prefix = torch.full((n, 1), self.token)
-        ids = torch.cat([prefix, x + FIRST_DIGIT, torch.full((n, 1), SEP), y + FIRST_DIGIT], dim=1)
-        labels = torch.full_like(ids, -100)
-        labels[:, LENGTH + 2 :] = ids[:, LENGTH + 2 :]
-        return ids, labels
+            prefix = torch.full((n,), self.token)
+        return _layout(prefix, x, self.answer(x))
 
-    def held_out(self, n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def held_out(self, n: int = HELD_OUT) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed evaluation set (its own seed, disjoint in practice from the training stream)."""
         return self.batch(n, torch.Generator().manual_seed(10_000 + self.seed))
+
+
+class BaseLabelled:
+    """Rehearsal data: inputs under the given prefixes, labelled by ``model``'s own greedy answers.
+
+    A fixed pool of ``pool`` examples is decoded once (``L`` batched greedy steps); batches are drawn from it."""
+
+    def __init__(self, model, prefixes: tuple[int, ...], seed: int, pool: int = 4096) -> None:
+        g = torch.Generator().manual_seed(20_000 + seed)
+        x = torch.randint(DIGITS, (pool, LENGTH), generator=g)
+        prefix = torch.tensor(prefixes)[torch.randint(len(prefixes), (pool,), generator=g)]
+        self.ids, self.labels = _layout(prefix, x, greedy(model, prefix, x))
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = torch.randint(self.ids.shape[0], (n,), generator=generator)
+        return self.ids[pick], self.labels[pick]
+
+
+@torch.no_grad()
+def greedy(model, prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s greedy answers ``(n, L)`` (digit values) to the prompts ``[prefix] x [SEP]``."""
+    n = x.shape[0]
+    ids = torch.cat([prefix.reshape(n, 1), x + FIRST_DIGIT, torch.full((n, 1), SEP)], dim=1)
+    for _ in range(LENGTH):
+        logits = model(input_ids=ids).logits[:, -1, FIRST_DIGIT:]
+        ids = torch.cat([ids, (logits.argmax(-1) + FIRST_DIGIT).unsqueeze(1)], dim=1)
+    return ids[:, ANSWER:] - FIRST_DIGIT
 
 
 def _answers() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -104,7 +159,7 @@ def _answers() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 
 
 def copy_task(seed: int = 0, prefixes: tuple[int, ...] = ()) -> Task:
-    """``copy`` under its own prefix, or under a prefix drawn from ``prefixes`` (the "leave it alone" data)."""
+    """``copy`` under its own prefix, or under a prefix drawn from ``prefixes`` (the base's pre-training data)."""
     return Task("copy", TASK_TOKEN["copy"], _answers()["copy"], seed, prefixes)
 
 
@@ -118,16 +173,16 @@ def _config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=SEQ, tie_word_embeddings=False, pad_token_id=PAD,
         bos_token_id=None, eos_token_id=None,
     )
 
 
-def _train(model, params, tasks: list[Task], steps: int, lr: float, seed: int, batch: int = 64,
-           log: bool = False) -> float:
-    """AdamW with a linear warm-up and cosine decay on a uniform mix of ``tasks``; returns the last loss."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def _train(model, params, tasks: list, steps: int, lr: float, seed: int, batch: int = 64,
+           log: bool = False, weight_decay: float = 0.0) -> float:
+    """AdamW with a linear warm-up and cosine decay, cycling through ``tasks``; returns the last loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item())
     )
@@ -148,13 +203,13 @@ def _train(model, params, tasks: list[Task], steps: int, lr: float, seed: int, b
     return float(loss.detach())
 
 
-def build_base(seed: int = 0, *, steps: int = 200, verbose: bool = True):
-    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained briefly on a uniform
-    mix of ``copy`` and the four tasks (so it knows the format and is partly able at each task, as a pre-trained
-    model is before fine-tuning), cached in ``bench-out/tiny_tasks/base-s{seed}-v3``. Returns ``(model, Vocab())``."""
+def build_base(seed: int = 0, *, steps: int = BASE_STEPS, verbose: bool = True):
+    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained on ``copy`` under
+    every prefix token (it knows the answer format and solves none of the tasks), cached in
+    ``bench-out/tiny_tasks/base-s{seed}-v4``. Returns ``(model, Vocab())``."""
     from transformers import LlamaForCausalLM
 
-    path = CACHE / f"base-s{seed}-v3"
+    path = CACHE / f"base-s{seed}-{VERSION}"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path)
         model.eval()
@@ -162,31 +217,48 @@ def build_base(seed: int = 0, *, steps: int = 200, verbose: bool = True):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config())
     t = time.perf_counter()
-    loss = _train(model, model.parameters(), [copy_task(seed), *make_tasks(seed)], steps, 3e-3, seed, log=verbose)
+    data = [copy_task(seed, prefixes=tuple(TASK_TOKEN.values()))]
+    if SKILLS:
+        answers = _answers()
+        data += [Task(n, tok, answers[n], seed * 100 + 50 + i) for i, (n, tok) in enumerate(SKILL_TOKEN.items())]
+    loss = _train(model, model.parameters(), data, steps, 3e-3, seed, log=verbose)
     if verbose:
-        print(f"base (seed {seed}): pre-trained on the mix for {steps} steps in {time.perf_counter() - t:.0f} s, "
+        print(f"base (seed {seed}): pre-trained on copy for {steps} steps in {time.perf_counter() - t:.0f} s, "
               f"final loss {loss:.3f}")
     model.save_pretrained(path)
     return build_base(seed, steps=steps, verbose=verbose)  # reloaded: the adapter cache is keyed by its path
 
 
-def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = 450, verbose: bool = True) -> Adapter:
+def rehearsal(base, task: Task, seed: int = 0) -> list:
+    """The data that keeps an adapter to its own task: the base's own ``copy`` and the other prefixes' inputs
+    labelled by the base."""
+    others = tuple(tok for tok in TASK_TOKEN.values() if tok not in (task.token, TASK_TOKEN["copy"]))
+    if SKILLS:
+        others += tuple(SKILL_TOKEN.values())
+    return [copy_task(seed), BaseLabelled(base, others, seed + task.seed)]
+
+
+def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = ADAPTER_STEPS,
+                  verbose: bool = True) -> Adapter:
     """A PEFT LoRA (rank ``rank``, α = 2·rank, all attention and MLP projections) trained on CPU on ``task``
-    mixed 2:1 with ``copy`` (replay of a base skill, so the adapter keys its change on its prefix token), saved in
-    PEFT format under ``bench-out/tiny_tasks/`` and read back with :func:`lorakit.load`."""
+    (half the batches) and :func:`rehearsal` (the other half), saved in PEFT format under
+    ``bench-out/tiny_tasks/adapters/`` and read back with :func:`lorakit.load`."""
     from peft import LoraConfig, get_peft_model
 
     tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
-    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-mix"
+    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}"
     if not (path / "adapter_config.json").exists():
         torch.manual_seed(seed)
+        data = [task, *rehearsal(base, task, seed)]
         model = get_peft_model(
             copy.deepcopy(base),
-            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, lora_dropout=0.0),
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, lora_dropout=0.0,
+                       layers_to_transform=LAYERS),
         )
         t = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
-        loss = _train(model, params, [task, task, copy_task(seed)], steps, 5e-3, 1000 + seed + task.seed, log=verbose)
+        loss = _train(model, params, [data[0], data[1], data[0], data[2]], steps, LR,
+                      1000 + seed + task.seed, log=verbose, weight_decay=WD)
         if verbose:
             print(f"adapter {task.name} r={rank}: {steps} steps in {time.perf_counter() - t:.0f} s, loss {loss:.3f}")
         model.save_pretrained(path)
@@ -206,25 +278,31 @@ def apply(base, adapter: Adapter | None):
 
 
 @torch.no_grad()
-def evaluate(base, adapter: Adapter | None, task: Task, n: int = 512, *, per_token: bool = False) -> float:
+def evaluate(base, adapter: Adapter | None, task: Task, n: int = HELD_OUT, *, per_token: bool = False) -> float:
     """Exact-match accuracy of ``base`` (+ the adapter's ΔW) on ``n`` held-out examples of ``task``
     (``per_token``: the fraction of right answer tokens instead)."""
     return accuracy(apply(base, adapter), task, n, per_token=per_token)
 
 
 @torch.no_grad()
-def accuracy(model, task: Task, n: int = 512, *, per_token: bool = False) -> float:
+def accuracy(model, task: Task, n: int = HELD_OUT, *, per_token: bool = False) -> float:
     """Exact-match (or per-token) accuracy of an adapted ``model`` on held-out examples (teacher-forced argmax)."""
-    ids, labels = task.held_out(n)
+    ids, _labels = task.held_out(n)
     logits = model(input_ids=ids).logits
-    right = logits[:, LENGTH + 1 : -1].argmax(-1) == ids[:, LENGTH + 2 :]  # position t predicts token t + 1
+    right = logits[:, ANSWER - 1 : -1].argmax(-1) == ids[:, ANSWER:]  # position t predicts token t + 1
     return float(right.float().mean() if per_token else right.all(1).float().mean())
 
 
 if __name__ == "__main__":
+    import sys
+
     torch.set_num_threads(1)
+    rank = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     base, _ = build_base(0)
-    print("base on copy:", accuracy(base, copy_task(0)))
-    for t in make_tasks(0):
-        a = train_adapter(base, t, 8, 0)
-        print(t.name, "base", accuracy(base, t), "adapter", evaluate(base, a, t), list(a)[:1])
+    tasks = make_tasks(0)
+    print("base on copy:", accuracy(base, copy_task(0)), "on tasks:", [accuracy(base, t) for t in tasks])
+    for t in tasks:
+        a = train_adapter(base, t, rank, 0)
+        model = apply(base, a)
+        print(t.name, "own", accuracy(model, t), "others", [accuracy(model, o) for o in tasks if o is not t],
+              "copy", accuracy(model, copy_task(0)), flush=True)

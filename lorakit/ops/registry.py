@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_type_hints
@@ -68,41 +69,78 @@ class OperatorSpec:
                     f"{self.name} takes no parameter {key!r} (its parameters: {known})", operator=self.name,
                     parameter=key,
                 )
-            typ = _plain_type(self.types.get(key))
-            if value is not None and typ in (int, float, bool, str) and not isinstance(value, typ):
-                try:
-                    value = _coerce(typ, value)
-                except (TypeError, ValueError) as e:
-                    raise OperatorParameterError(
-                        f"{self.name}: parameter {key} must be {typ.__name__}, got {value!r}", operator=self.name,
-                        parameter=key,
-                    ) from e
-            out[key] = value
+            out[key] = self._coerce(key, value)
         return out
 
+    def _coerce(self, key: str, value: Any) -> Any:
+        """``value`` as the parameter's declared type (``int``, ``float``, ``bool``, ``str``, or one of them or
+        ``None``); strings from the command line are parsed by that type, other types pass unchanged."""
+        typ = _plain_type(self.types.get(key))
+        if value is None or typ is None:
+            return value
+        try:
+            return parse_value(value, typ)
+        except (TypeError, ValueError):
+            raise OperatorParameterError(
+                f"{self.name}: parameter {key} must be {_TYPE_WORDS[typ]}, got {value!r}", operator=self.name,
+                parameter=key,
+            ) from None
 
+
+_TYPE_WORDS = {bool: "true or false (also 1/0, yes/no, on/off)", int: "an integer", float: "a number",
+               str: "a string"}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def _plain_type(hint: Any) -> Any:
-    """``X`` for a hint ``X`` or ``X | None`` (the value ``None`` is passed through before coercion)."""
+def _plain_type(hint: Any) -> type | None:
+    """``int``/``float``/``bool``/``str`` for a hint that is one of them, alone or with ``None``; else ``None``."""
+    if hint in _TYPE_WORDS:
+        return hint  # type: ignore[no-any-return]
     args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
-    return args[0] if len(args) == 1 and getattr(hint, "__args__", None) else hint
+    if len(args) == 1 and args[0] in _TYPE_WORDS and type(None) in getattr(hint, "__args__", ()):
+        return args[0]  # type: ignore[no-any-return]
+    return None
 
 
-def _coerce(typ: type, value: Any) -> Any:
-    """``value`` as ``typ``; a string bool must be one of true/false, 1/0, yes/no, on/off (``bool("false")`` is
-    True, so the plain constructor cannot be used for text from the command line)."""
-    if typ is bool and isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE or word in _FALSE:
-            return word in _TRUE
+def parse_value(value: Any, typ: type) -> Any:
+    """Parse ``value`` (a command-line string, or a Python value) as ``typ``; ``ValueError`` when it is not one.
+
+    bool: ``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case), or a Python bool or 0/1 (never the
+    truthiness of a non-empty string: ``"false"`` is False); int: an integer (``"3"``, ``3``, ``3.0``), not
+    ``"3.5"`` or a bool; float: a number (``"0.2"``, ``"1e-3"``, an int), not a bool; str: the string."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
         raise ValueError(value)
-    if typ is bool and not (isinstance(value, int) and value in (0, 1)):
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return int(value.strip())
         raise ValueError(value)
-    if typ is int and isinstance(value, float) and not value.is_integer():
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            out = float(value.strip())
+            if math.isnan(out):  # no parameter means NaN
+                raise ValueError(value)
+            return out
         raise ValueError(value)
-    return typ(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(value)
+
 
 
 _REGISTRY: dict[tuple[str, str], OperatorSpec] = {}
@@ -127,7 +165,7 @@ def register(
         params = {p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         try:
             hints = get_type_hints(fn)
-        except Exception:  # unresolvable forward references: fall back to no coercion
+        except (NameError, TypeError, AttributeError):  # unresolvable forward references: fall back to no coercion
             hints = {}
         _REGISTRY[key] = OperatorSpec(
             key[1], fn, kind, description, exact, space, paper, params, {k: hints.get(k) for k in params}
@@ -162,6 +200,8 @@ BUILTIN_MODULES: list[str] = [
     "lorakit.ops.merge_exact",
     "lorakit.ops.merge_delta",
     "lorakit.ops.knots",
+    "lorakit.ops.tsv",
+    "lorakit.ops.iso",
     "lorakit.ops.lego",
 ]
 

@@ -155,7 +155,7 @@ def test_cli_param_output_reweight_false_turns_it_off(tmp_path, off):
     torch.testing.assert_close(outs["true"], (4 / 2) ** 0.5 * outs[off], rtol=1e-5, atol=1e-7)
     res = CliRunner().invoke(cli, ["merge", *paths, "--method", "lego", "--param", "output_reweight=maybe", "-o",
                                    str(tmp_path / "bad.safetensors")])
-    assert res.exit_code == 1 and "output_reweight must be bool" in res.output
+    assert res.exit_code == 1 and "output_reweight must be true or false" in res.output
     assert not (tmp_path / "bad.safetensors").exists()
 
 

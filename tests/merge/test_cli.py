@@ -150,5 +150,5 @@ def test_bad_input_one_line_error_and_nothing_written(cli, tmp_path, case, args,
 def test_output_equal_to_an_input_is_refused(cli, tmp_path):
     a, b = pair(tmp_path)
     before = a.read_bytes()
-    code, _, err = cli("merge", a, b, "-o", a)
+    code, _, _err = cli("merge", a, b, "-o", a)
     assert code == 1 and a.read_bytes() == before

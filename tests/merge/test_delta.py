@@ -112,7 +112,7 @@ def test_kth_largest_is_exact_across_tiles(monkeypatch):
     monkeypatch.setattr(K, "TILE_ELEMENTS", 100)
     x = torch.randn(3, 50, 40, generator=torch.Generator().manual_seed(0), dtype=F64)
     rows = K.tile_rows(50, 40)
-    tiles = lambda: ((r0, x[:, r0:r0 + rows]) for r0 in range(0, 50, rows))  # noqa: E731
+    tiles = lambda: ((r0, x[:, r0:r0 + rows]) for r0 in range(0, 50, rows))
     ks = torch.tensor([[1, 17, 1999], [0, 2000, 600], [5, 5, 3000]])
     got = K.kth_largest_abs(tiles, ks, x.abs().flatten(1).max(1).values * 2)
     for i in range(3):
