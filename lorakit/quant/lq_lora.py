@@ -15,7 +15,8 @@ and keep the best iterate (the reference code returns the one that triggered the
 Bit budget: for every matrix ``i`` and configuration ``c`` (bits × block size, double-quantized constants) the
 cost ``‖W_i − (Q + L₁L₂)‖²_F`` after a short decomposition and the exact storage ``s_ic`` are tabulated, and
 ``min Σ cost·x`` subject to ``Σ s·x ≤ budget·Σ numel``, one configuration per matrix, is solved with
-``scipy.optimize.milp`` (:mod:`lorakit.quant.knapsack`). Matrices are streamed one at a time in both passes.
+``scipy.optimize.milp`` (:mod:`lorakit.quant.knapsack`). Matrices are streamed one at a time in both passes, by the verb
+(:mod:`lorakit.verbs.lq_decompose`, which also reads residual files back).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Per module: canonical SVD form (exact), then fixed bits for every direction or a per-direction allocation
 (:mod:`lorakit.quant.mixed`), then packing; the relative ΔW error is measured in factored form against the
 input. The report gives bits per parameter including every stored constant, relative to the original
-``rank·(out + in)`` parameters.
+``rank·(out + in)`` parameters. Reading and writing files is the verb's (:mod:`lorakit.verbs.quantize`).
 """
 
 from __future__ import annotations
