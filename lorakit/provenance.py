@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,26 +26,51 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+Origins = Mapping[str | Path, Mapping[str, Any]]  # local path → {"repo", "revision"[, "path_in_repo"]}
+
+
 def make_provenance(
-    operation: str, parameters: Mapping[str, Any] | None = None, inputs: Sequence[str | Path] = ()
+    operation: str, parameters: Mapping[str, Any] | None = None, inputs: Sequence[str | Path] = (),
+    *, origins: Origins | None = None,
 ) -> dict[str, Any]:
-    """The provenance record of one operation: version, operation, parameters, inputs with their sha256."""
+    """The provenance record of one operation: version, operation, parameters, inputs with their sha256.
+
+    ``origins`` says where inputs came from when their path does not (files pulled from the Hub into a folder of
+    the user's: :meth:`lorakit.hub.PullResult.origins`); files in the Hub cache layout are recognised by path.
+    """
     from lorakit import __version__
 
     return {
         "lorakit_version": __version__,
         "operation": operation,
         "parameters": dict(parameters or {}),
-        "inputs": [input_record(p) for p in inputs if Path(p).exists()],
+        "inputs": [input_record(p, origins) for p in inputs if Path(p).exists()],
     }
 
 
-def input_record(path: str | Path) -> dict[str, Any]:
-    """``{"path": name, "sha256": …}``, plus ``repo``/``revision``/``path_in_repo`` for files pulled from the Hub
-    (recognised without importing ``huggingface_hub``)."""
-    from lorakit.hub.pull import hub_origin
+# A file in the standard Hub cache layout: ``models--org--name/snapshots/<commit>/<path in repo>``.
+_CACHE_RE = re.compile(
+    r"models--(?P<org>[\w.-]+?)--(?P<name>[\w.-]+)/snapshots/(?P<commit>[0-9a-f]{40})(?:/(?P<path>.+))?$"
+)
 
-    return {"path": Path(path).name, "sha256": file_sha256(path), **(hub_origin(path) or {})}
+
+def cache_origin(path: str | Path) -> dict[str, Any] | None:
+    """``{"repo", "revision"[, "path_in_repo"]}`` read from a path in the Hub cache layout, else ``None``."""
+    m = _CACHE_RE.search(Path(path).absolute().as_posix())
+    if not m:
+        return None
+    origin: dict[str, Any] = {"repo": f"{m['org']}/{m['name']}", "revision": m["commit"]}
+    if m["path"]:
+        origin["path_in_repo"] = m["path"]
+    return origin
+
+
+def input_record(path: str | Path, origins: Origins | None = None) -> dict[str, Any]:
+    """``{"path": name, "sha256": …}``, plus ``repo``/``revision``/``path_in_repo`` for files pulled from the Hub:
+    from ``origins`` (keyed by path) when given, else from the Hub cache layout of the path itself."""
+    known = {Path(k).absolute(): v for k, v in (origins or {}).items()}
+    origin = known.get(Path(path).absolute()) or cache_origin(path)
+    return {"path": Path(path).name, "sha256": file_sha256(path), **(dict(origin) if origin else {})}
 
 
 def provenance_metadata(provenance: Mapping[str, Any] | None) -> dict[str, str]:

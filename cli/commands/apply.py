@@ -29,10 +29,10 @@ def command(base: str, adapter: str, output: str, weight: float, subtract: bool,
     """Merge an adapter into a base checkpoint (safetensors, sharded or not), streamed tensor by tensor; the
     output keeps the base's dtypes, sharding and companion files (config.json...)."""
     from lorakit.cli._output import emit
-    from lorakit.io.resolve import resolve_input
-    from lorakit.ops.apply import apply_file
+    from lorakit.verbs.store import resolve
+    from lorakit.verbs.apply import apply_file
 
-    src = resolve_input(adapter, allow_pickle=allow_pickle)
+    src = resolve(adapter, allow_pickle=allow_pickle)
     report = apply_file(base, src, output, weight=weight, subtract=subtract, device=device, dry_run=dry_run,
                         allow_pickle=allow_pickle)
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

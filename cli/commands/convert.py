@@ -34,9 +34,9 @@ def command(adapter: str, output: str, to_format: str, as_json: bool, quiet: boo
             arch: str | None, base: str | None, max_rank: int | None) -> None:
     """Convert an adapter between formats (exact: ΔW and every module's scale are preserved)."""
     from lorakit.cli._output import emit
-    from lorakit.io.resolve import resolve_input
+    from lorakit.verbs.store import resolve
     from lorakit.ops.convert import convert
 
-    src = resolve_input(adapter, allow_pickle=allow_pickle)
+    src = resolve(adapter, allow_pickle=allow_pickle)
     report = convert(src, output, to_format, allow_pickle=allow_pickle, arch=arch, base=base, max_rank=max_rank)
     emit(report, as_json=as_json, quiet=quiet)

@@ -29,10 +29,10 @@ def command(adapter: str, output: str, to_format: str | None, dtype: str, as_jso
     """Dequantize a quantized adapter into an ordinary LoRA file (the factors in canonical SVD form)."""
     from lorakit.cli._output import emit
 
-    from lorakit.io.resolve import resolve_input
-    from lorakit.quant.quantize import dequantize_file
+    from lorakit.verbs.store import resolve
+    from lorakit.verbs.quantize import dequantize_file
 
-    src = resolve_input(adapter)
+    src = resolve(adapter)
     emit(
         dequantize_file(src, output, to_format=to_format, dtype=torch_dtype(dtype)),
         as_json=as_json,

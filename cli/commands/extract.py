@@ -42,7 +42,7 @@ def command(base: str, finetuned: str, output: str, rank: int | None, energy: fl
     from lorakit.cli._options import torch_dtype
     from lorakit.cli._output import emit
     from lorakit.errors import OperatorParameterError
-    from lorakit.ops.extract import extract_file
+    from lorakit.verbs.extract import extract_file
     from lorakit.ops.rank_rules import rank_rule
 
     rule = rank_rule(rank=rank, energy=energy, error=error)

@@ -67,7 +67,7 @@ def command(
     from lorakit.cli._output import emit, progress
 
     from lorakit.device import resolve_device
-    from lorakit.quant.lq_lora import lq_decompose_file
+    from lorakit.verbs.lq_decompose import lq_decompose_file
 
     if bits is None and budget is None:
         bits = 4

@@ -77,14 +77,14 @@ def command(
     import lorakit
     from lorakit.device import resolve_device
     from lorakit.errors import OperatorParameterError
-    from lorakit.io.resolve import resolve_input
-    from lorakit.quant.quantize import quantize_adapter
+    from lorakit.verbs.store import resolve
+    from lorakit.verbs.quantize import quantize_adapter
 
     if mixed and bits is not None:
         raise OperatorParameterError("--bits and --mixed exclude each other")
     if not mixed:
         bits = 4 if bits is None else bits
-    src = resolve_input(adapter, allow_pickle=allow_pickle)
+    src = resolve(adapter, allow_pickle=allow_pickle)
     a = lorakit.load(src, allow_pickle=allow_pickle)
     report = quantize_adapter(
         a,

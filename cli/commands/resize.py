@@ -52,12 +52,12 @@ def command(adapter: str, rank: int | None, energy: float | None, sv_ratio: floa
     per-module report of rank in/out, energy kept and relative error."""
     from lorakit.cli._options import torch_dtype
     from lorakit.cli._output import emit
-    from lorakit.io.resolve import resolve_input
+    from lorakit.verbs.store import resolve
     from lorakit.ops.rank_rules import rank_rule
-    from lorakit.ops.resize import resize_file
+    from lorakit.verbs.resize import resize_file
 
     rule = rank_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, error=error)
-    src = resolve_input(adapter, allow_pickle=allow_pickle)
+    src = resolve(adapter, allow_pickle=allow_pickle)
     report = resize_file(src, output, rule, budget=parse_count(budget), expand=expand, to_format=to_format,
                          dtype=torch_dtype(dtype), device=device, dry_run=dry_run, allow_pickle=allow_pickle)
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

@@ -22,7 +22,7 @@ def command(inputs: tuple[str, ...], per_module: bool, as_json: bool, quiet: boo
             device: str) -> None:
     """Cosine similarity ⟨ΔW_i, ΔW_j⟩/(‖ΔW_i‖‖ΔW_j‖) over the common modules, computed from the factors."""
     from lorakit.cli._output import emit
-    from lorakit.ops.similarity import similarity_report
+    from lorakit.verbs.similarity import similarity_report
 
     emit(similarity_report(list(inputs), per_module=per_module, allow_pickle=allow_pickle,
                            device=device), as_json=as_json,

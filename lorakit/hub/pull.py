@@ -22,6 +22,7 @@ from lorakit.errors import HubError, UnsafeFileError
 from lorakit.formats.base import PICKLE_SUFFIXES, WEIGHT_NAMES
 from lorakit.hub._client import HubSettings, api, hf, hub_errors, settings
 from lorakit.hub.spec import HubSpec, join_inside, parse_spec, safe_repo_path
+from lorakit.provenance import cache_origin
 from lorakit.report import Report
 
 CONFIG_NAME = "adapter_config.json"
@@ -77,6 +78,16 @@ class PullResult:
         with contextlib.suppress(HubError):
             r.summary["adapter"] = str(self.adapter_path)
         return r
+
+    def origins(self) -> dict[Path, dict[str, Any]]:
+        """Local path → ``{"repo", "revision"[, "path_in_repo"]}`` of every pulled file and of the folder: pass
+        it as ``make_provenance(..., origins=...)`` when the files were pulled outside the Hub cache (``-o``)."""
+        rev = self.commit or self.revision
+        out: dict[Path, dict[str, Any]] = {
+            f.local.absolute(): {"repo": self.repo_id, "revision": rev, "path_in_repo": f.path_in_repo}
+            for f in self.files}
+        out[self.root.absolute()] = {"repo": self.repo_id, "revision": rev}
+        return out
 
     @property
     def adapter_path(self) -> Path:
@@ -281,40 +292,13 @@ def pull(
         return PullResult(parsed.repo_id, revision, commit, root, planned)
     root = _download(s, parsed, revision, [f.path for f in chosen], out, offline=False)
     files = [_verify(f, join_inside(root, f.path)) for f in chosen]
-    result = PullResult(parsed.repo_id, revision, commit, root, files)
-    record_origin(result)
-    return result
-
-
-# Local path → where it came from, for provenance of files pulled in this process (``-o`` copies included).
-_ORIGINS: dict[Path, dict[str, Any]] = {}
-
-
-def record_origin(result: PullResult) -> None:
-    for f in result.files:
-        _ORIGINS[f.local.absolute()] = {"repo": result.repo_id, "revision": result.commit or result.revision,
-                                        "path_in_repo": f.path_in_repo}
-    _ORIGINS[result.root.absolute()] = {"repo": result.repo_id, "revision": result.commit or result.revision}
-
-
-_CACHE_RE = re.compile(
-    r"models--(?P<org>[\w.-]+?)--(?P<name>[\w.-]+)/snapshots/(?P<commit>[0-9a-f]{40})(?:/(?P<path>.+))?$"
-)
+    return PullResult(parsed.repo_id, revision, commit, root, files)
 
 
 def hub_origin(path: str | Path) -> dict[str, Any] | None:
-    """``{"repo", "revision", "path_in_repo"}`` for a file pulled from the Hub (in this process, or found in the
-    standard cache layout ``models--org--name/snapshots/<commit>/…``); ``None`` for other paths."""
-    p = Path(path).absolute()
-    if p in _ORIGINS:
-        return dict(_ORIGINS[p])
-    m = _CACHE_RE.search(p.as_posix())
-    if not m:
-        return None
-    origin: dict[str, Any] = {"repo": f"{m['org']}/{m['name']}", "revision": m["commit"]}
-    if m["path"]:
-        origin["path_in_repo"] = m["path"]
-    return origin
+    """``{"repo", "revision", "path_in_repo"}`` for a file in the standard Hub cache layout
+    (``models--org--name/snapshots/<commit>/…``); ``None`` for other paths (see :meth:`PullResult.origins`)."""
+    return cache_origin(path)
 
 
 def resolve_spec(spec: str, *, allow_pickle: bool = False) -> Path:

@@ -160,8 +160,9 @@ def push(
         HubError: offline, no token/permission, or the Hub refused the upload.
         FormatError: ``path`` is not an adapter lorakit can read.
     """
-    import lorakit
     from lorakit.card import build_card
+    from lorakit.formats import detect
+    from lorakit.formats.base import Source
 
     check_repo_id(repo_id)
     src = Path(path)
@@ -170,7 +171,8 @@ def push(
     s = settings(endpoint=endpoint, token=token)
     if s.offline and not dry_run:
         raise HubError("cannot push in offline mode", hint="unset HF_HUB_OFFLINE (or drop --offline)")
-    adapter = lorakit.load(src)
+    source = Source.open(src)  # a local path (checked above): read as lorakit.load would, without the Hub
+    adapter = detect(source).read(source)
     fmt = adapter.meta.source_format or "peft"
     base = base_model or adapter.meta.base_model
     base = None if is_local_path(base) else base

@@ -39,8 +39,7 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import FormatError, KeyMappingError, LorakitError, NonFiniteError, ShapeMismatchError
 from lorakit.factors import all_finite
-from lorakit.io.checkpoint import Checkpoint, CheckpointWriter, companion_files
-from lorakit.report import Report
+from lorakit.io.checkpoint import Checkpoint
 
 WRAPPER_PREFIXES = ("base_model.model.", "unet.", "transformer.", "text_encoder.", "text_encoder_2.")
 
@@ -285,63 +284,3 @@ def full_key(adapter: Adapter, name: str) -> str:
     return adapter.meta.full_tensors[name].key or name
 
 
-def apply_file(
-    base: str | Path,
-    adapter_path: str | Path,
-    output: str | Path,
-    *,
-    weight: float = 1.0,
-    subtract: bool = False,
-    device: str = "auto",
-    dry_run: bool = False,
-    allow_pickle: bool = False,
-) -> Report:
-    """``lorakit apply``: ``W + w·ΔW`` (or ``W − w·ΔW``) for every adapted tensor, written like the base."""
-    from lorakit.api import load
-    from lorakit.device import resolve_device
-    from lorakit.io.atomic import check_output_path
-    from lorakit.provenance import make_provenance, provenance_metadata
-
-    check_output_path(output, [base, adapter_path])
-    if not math.isfinite(weight):
-        raise LorakitError(f"--scale must be finite, got {weight}")
-    ckpt = Checkpoint(base)
-    adapter = load(adapter_path, allow_pickle=allow_pickle)
-    plan = plan_apply(ckpt, adapter, weight=weight, subtract=subtract)
-    w = -weight if subtract else weight
-    verb = "subtracted" if subtract else "applied"
-    report = Report(title=f"{verb} {adapter_path} ×{weight} {'from' if subtract else 'to'} {base} → {output}",
-                    columns=["module", "tensor", "shape", "‖w·ΔW‖_F", "‖w·ΔW‖/‖W‖"])
-    roles = [p.role for p in plan.values()]
-    summary = {"modules_applied": roles.count("delta") + roles.count("dora"), "dora_modules": roles.count("dora"),
-               "bias_updates": roles.count("bias"), "full_tensors_replaced": roles.count("full"),
-               "trainable_token_tables": roles.count("tokens"), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards), "output": str(output)}
-    if dry_run:
-        report.title = "plan: " + report.title
-        for key, p in plan.items():
-            report.add_row(p.module, key, list(p.shape), None, None)
-        report.summary = summary
-        return report
-    dev = resolve_device(device)
-    layout = ckpt.layout()
-    out = Path(output)
-    params = {"base": Path(base).name, "scale": weight, "subtract": subtract}
-    meta = {**ckpt.metadata(), **provenance_metadata(make_provenance("apply", params, [adapter_path]))}
-    with CheckpointWriter(out, layout, metadata=meta, index_name=ckpt.index_path.name if ckpt.index_path else
-                          "model.safetensors.index.json", index_metadata=ckpt.index_metadata,
-                          companions=companion_files(ckpt)) as writer:
-        for names in layout.values():
-            for key in names:
-                t = ckpt.get(key)
-                where = plan.get(key)
-                if where is not None:
-                    new = _folded(t, where, adapter, w, dev)
-                    change = float((new.double() - t.double()).norm())
-                    label = where.module if where.role in ("delta", "dora") else f"{where.module} ({where.role})"
-                    report.add_row(label, key, list(where.shape), change,
-                                   change / max(float(t.double().norm()), 1e-300))
-                    t = new
-                writer.add(key, t)
-    report.summary = summary
-    report.notes.extend(adapter.meta.notes)
-    return report

@@ -3,15 +3,13 @@
 Per module: canonical SVD form (exact), then fixed bits for every direction or a per-direction allocation
 (:mod:`lorakit.quant.mixed`), then packing; the relative ΔW error is measured in factored form against the
 input. The report gives bits per parameter including every stored constant, relative to the original
-``rank·(out + in)`` parameters.
+``rank·(out + in)`` parameters. Reading and writing files is the verb's (:mod:`lorakit.verbs.quantize`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -24,7 +22,6 @@ from lorakit.quant.blockwise import QuantConfig
 from lorakit.quant.codebooks import check_bits
 from lorakit.quant.mixed import allocate, candidate_configs, default_code, direction_table
 from lorakit.quant.module import QuantizedModule, factored_error, quantize_canonical, to_canonical
-from lorakit.report import Report
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int, str], Iterator[T]]
@@ -124,140 +121,6 @@ def _relative(f: LoraFactors, q: QuantizedModule, norm: float) -> float:
     return factored_error(f, q.factors()) / norm if norm > 0 else 0.0
 
 
-def quantize_adapter(
-    adapter: Adapter,
-    output: str | Path | None,
-    *,
-    bits: int | None = 4,
-    code: str | None = None,
-    block: int = 64,
-    double: bool = True,
-    error: float | None = None,
-    avg_bits: float | None = None,
-    pad: bool = False,
-    inputs: tuple[str | Path, ...] = (),
-    progress: Progress | None = None,
-    dry_run: bool = False,
-    device: torch.device | str | None = None,
-) -> Report:
-    """Quantize every module of ``adapter`` and write the quantized file to ``output`` (nothing with
-    ``dry_run``). See :func:`quantize_module` for the parameters.
-
-    Raises:
-        FormatError: the adapter is already quantized.
-        OperatorParameterError: unsupported bits, a block size that does not divide a row (without ``pad``),
-            contradictory options.
-    """
-    from lorakit.formats.quantized import write_quantized
-    from lorakit.io.atomic import check_output_path
-    from lorakit.provenance import make_provenance, provenance_metadata
-
-    if adapter.meta.source_format == "quantized":
-        raise FormatError(
-            "the adapter is already quantized",
-            file=adapter.meta.source_path,
-            hint="dequantize it first (lorakit dequantize), or quantize the original",
-        )
-    if adapter.meta.full_tensors:
-        name = next(iter(adapter.meta.full_tensors))
-        raise FormatError(
-            f"{len(adapter.meta.full_tensors)} whole module tensor(s) (modules_to_save, e.g. {name}) have no "
-            "place in a quantized file", file=adapter.meta.source_path,
-            hint="keep this adapter in the PEFT format, or apply it to its base model (lorakit apply)",
-        )
-    _check_options(adapter, bits, code, block, error, avg_bits, pad)
-    params = {
-        "bits": bits,
-        "code": code,
-        "block": block,
-        "double": double,
-        "error": error,
-        "avg_bits": avg_bits,
-        "pad": pad,
-    }
-    mode = (
-        f"{bits} bits"
-        if bits is not None
-        else (f"mixed, error ≤ {error:g}" if error is not None else f"mixed, {avg_bits:g} bits average")
-    )
-    report = Report(
-        f"quantize ({mode}, block {block}{', double quantization' if double else ''})",
-        ["module", "shape", "rank", "kept", "bits", "bits/param", "rel error"],
-    )
-    if dry_run:
-        for name, i in adapter.infos().items():
-            est = (
-                QuantConfig(bits, code or default_code(bits), block, double).bits_per_parameter
-                if bits
-                else None
-            )
-            report.add_row(name, f"{i.out_features}x{i.in_features}", i.rank, None, bits, est, None)
-        report.summary.update(n_modules=len(adapter), params=adapter.num_params, dry_run=True)
-        return report
-    out = check_output_path(output, inputs) if output is not None else None
-    totals = {"bits": 0, "params": 0, "err2": 0.0, "norm2": 0.0}
-
-    def produce() -> Iterator[QuantizedModule]:
-        names: Iterable[str] = list(adapter)
-        if progress is not None:
-            names = progress(names, len(adapter), "quantize")
-        for name in names:
-            f = adapter[name]
-            q, rel = quantize_module(
-                name,
-                f,
-                bits=bits,
-                code=code,
-                block=block,
-                double=double,
-                error=error,
-                avg_bits=avg_bits,
-                pad=pad,
-                device=device,
-            )
-            norm = f.norm()
-            totals["bits"] += q.storage_bits
-            totals["params"] += q.num_params
-            totals["err2"] += (rel * norm) ** 2
-            totals["norm2"] += norm**2
-            report.add_row(
-                name,
-                f"{q.out_features}x{q.in_features}",
-                q.rank,
-                q.kept_rank,
-                bits_summary(q.bits),
-                q.storage_bits / max(q.num_params, 1),
-                rel,
-            )
-            yield q
-
-    if out is not None:
-        prov = make_provenance("quantize", params, inputs)
-        write_quantized(out, produce(), adapter.meta, provenance_metadata(prov))
-        report.summary["file_bytes"] = out.stat().st_size
-        report.summary["output"] = str(out)
-    else:
-        for _ in produce():
-            pass
-    report.summary.update(
-        n_modules=len(adapter),
-        params=totals["params"],
-        bits_per_param=totals["bits"] / max(totals["params"], 1),
-        fp16_bytes=2 * totals["params"],
-        rel_error=math.sqrt(totals["err2"] / totals["norm2"]) if totals["norm2"] > 0 else 0.0,
-    )
-    report.notes.append(
-        "errors are ‖ΔW − ΔŴ‖_F/‖ΔW‖_F per module, computed in factored form; bits/param counts "
-        "codes and all block constants against the original rank·(out+in) parameters"
-    )
-    if adapter.meta.passthrough:
-        report.notes.append(
-            f"{len(adapter.meta.passthrough)} non-LoRA tensors (modules_to_save...) are not "
-            "carried into the quantized file"
-        )
-    return report
-
-
 def _check_options(
     adapter: Adapter,
     bits: int | None,
@@ -305,25 +168,3 @@ def dequantize_adapter(adapter: Adapter) -> Adapter:
     )
 
 
-def dequantize_file(
-    path: str | Path, output: str | Path, *, to_format: str | None = None, dtype: Any = None
-) -> Report:
-    """Read a quantized file and write it as an ordinary adapter (``to_format``, default: its source format)."""
-    import lorakit
-    from lorakit.api import default_output_format
-    from lorakit.provenance import make_provenance
-
-    q = lorakit.load(path)
-    plain = dequantize_adapter(q)
-    if dtype is not None:
-        plain = plain.map(
-            lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
-        )
-    fmt = to_format or default_output_format(plain)
-    prov = make_provenance("dequantize", {"to": fmt}, (path,))
-    out = lorakit.save(plain, output, format=fmt, provenance=prov, inputs=(path,))
-    report = Report(f"dequantize to {fmt}", ["module", "shape", "rank"])
-    for n, i in plain.infos().items():
-        report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
-    report.summary.update(n_modules=len(plain), output=str(out), format=fmt)
-    return report

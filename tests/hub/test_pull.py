@@ -219,3 +219,16 @@ def test_peft_adapter_in_a_subfolder(fake_hub, hub_env):
     assert_adapters_close(loaded, random_adapter(SHAPES, rank=4, seed=5))
     assert resolve_gets(fake_hub, "org/multi") == {"README.md", "style/adapter_config.json",
                                                     "style/adapter_model.safetensors"}
+
+
+def test_pulled_to_a_folder_provenance_gets_the_origin_passed_as_data(fake_hub, hub_env, tmp_path):
+    """`-o` copies are outside the cache layout: their origin comes from ``PullResult.origins()``, not a global."""
+    from lorakit.provenance import make_provenance
+
+    commit = fake_hub.add_repo("org/a", peft_repo_files(seed=3))
+    result = pull("org/a", output=tmp_path / "copy")
+    weights = result.adapter_path
+    assert "repo" not in make_provenance("op", {}, [weights])["inputs"][0]
+    (rec,) = make_provenance("op", {}, [weights], origins=result.origins())["inputs"]
+    assert rec["repo"] == "org/a" and rec["revision"] == commit
+    assert rec["path_in_repo"] == weights.relative_to(result.root).as_posix()

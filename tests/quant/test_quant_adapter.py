@@ -16,7 +16,8 @@ from lorakit.errors import CorruptFileError, FormatError, OperatorParameterError
 from lorakit.quant.knapsack import choose_one_per_item
 from lorakit.quant.mixed import allocate, candidate_configs, direction_table
 from lorakit.quant.module import factored_error, runs, to_canonical
-from lorakit.quant.quantize import quantize_adapter, quantize_module
+from lorakit.quant.quantize import quantize_module
+from lorakit.verbs.quantize import quantize_adapter
 from lorakit.testing import random_adapter, random_factors
 
 SHAPES = {"layers.0.q_proj": (128, 64), "layers.0.v_proj": (64, 192), "layers.1.q_proj": (128, 64)}
@@ -145,7 +146,7 @@ def test_file_round_trip_and_transparent_loading(adapter, tmp_path):
 
 @pytest.mark.parametrize("to", ["peft", "kohya"])
 def test_dequantize_writes_an_ordinary_adapter(adapter, tmp_path, to):
-    from lorakit.quant.quantize import dequantize_file
+    from lorakit.verbs.quantize import dequantize_file
 
     out = tmp_path / "q.safetensors"
     quantize_adapter(adapter, out, bits=8)

@@ -9,7 +9,8 @@ import torch
 
 import lorakit
 from lorakit.quant.blockwise import QuantConfig
-from lorakit.quant.lq_lora import load_residual, lq_decompose, lq_decompose_file, plan_budget
+from lorakit.quant.lq_lora import lq_decompose, plan_budget
+from lorakit.verbs.lq_decompose import load_residual, lq_decompose_file
 
 
 def low_rank_plus_noise(out, inn, r, seed=0):

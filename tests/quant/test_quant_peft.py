@@ -16,7 +16,7 @@ def test_peft_loads_the_lq_lora_initialisation(tmp_path):
     from peft import PeftModel
 
     from lorakit.io.writer import write_safetensors
-    from lorakit.quant.lq_lora import load_residual, lq_decompose_file
+    from lorakit.verbs.lq_decompose import load_residual, lq_decompose_file
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(

@@ -1,0 +1,212 @@
+"""``lorakit lq-decompose``: stream the matrices of a base checkpoint through the LQ-LoRA decomposition
+(:func:`lorakit.quant.lq_lora.lq_decompose`), write the quantized residual and the LoRA initialisation, report;
+and read such a residual back (:func:`load_residual`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapter import Adapter, AdapterMeta
+from lorakit.errors import CorruptFileError, FormatError, OperatorParameterError
+from lorakit.factors import LoraFactors
+from lorakit.formats.quantized import crc32, dtype_from_name
+from lorakit.io.atomic import atomic_output, check_output_path
+from lorakit.io.files import loads_json
+from lorakit.io.safetensors_file import SafetensorsFile
+from lorakit.io.writer import SafetensorsWriter
+from lorakit.provenance import make_provenance, provenance_metadata
+from lorakit.quant.blockwise import QuantConfig, QuantizedTensor, dequantize_tensor
+from lorakit.quant.lq_lora import (
+    DEFAULT_EXCLUDE,
+    RESIDUAL_KEY,
+    RESIDUAL_SCHEMA,
+    RESIDUAL_VERSION,
+    lq_decompose,
+    matrices_to_decompose,
+    plan_budget,
+)
+from lorakit.quant.mixed import default_code
+from lorakit.report import Report
+from lorakit.verbs.store import save
+
+
+def lq_decompose_file(
+    base: str | Path,
+    output: str | Path,
+    *,
+    rank: int,
+    bits: int | None = 4,
+    budget: float | None = None,
+    block: int = 64,
+    iters: int = 20,
+    ilp_iters: int = 2,
+    include: str | None = None,
+    exclude: str | None = DEFAULT_EXCLUDE,
+    pad: bool = False,
+    seed: int = 0,
+    dry_run: bool = False,
+    device: torch.device | str | None = None,
+    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
+) -> Report:
+    """Decompose the matrices of a safetensors base checkpoint; write ``OUTPUT/residual.safetensors`` (quantized
+    Q, other tensors as they were) and ``OUTPUT/adapter/`` (PEFT LoRA initialisation, ``lora_B = L₁``,
+    ``lora_A = L₂``, scale 1). Exactly one of ``bits`` and ``budget``.
+    """
+    if (bits is None) == (budget is None):
+        raise OperatorParameterError("give exactly one of --bits and --budget")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise OperatorParameterError(
+            f"--budget must be a positive number of bits per parameter, got {budget}"
+        )
+    if bits is not None:
+        QuantConfig(bits, default_code(bits), block)
+    src = SafetensorsFile(base)
+    if RESIDUAL_KEY in src.metadata or "lorakit.quantized" in src.metadata:
+        raise FormatError(
+            "the base checkpoint is already quantized",
+            file=base,
+            hint="lq-decompose reads full-precision base weights",
+        )
+    names = matrices_to_decompose(src.keys(), lambda k: src.info(k).shape, rank, include, exclude)
+    if not names:
+        raise FormatError(
+            f"no 2-D weight matrix larger than rank {rank} to decompose",
+            file=base,
+            hint="check --include/--exclude and --rank",
+        )
+    if bits is not None and not pad:
+        for n in names:
+            cols = src.info(n).shape[1]
+            if cols % block:
+                raise OperatorParameterError(
+                    f"block size {block} does not divide the row length {cols}",
+                    module=n,
+                    hint=f"choose a --block that divides {cols}, or pass --pad",
+                )
+    report = Report(
+        f"lq-decompose (rank {rank}, " + (f"{bits} bits" if bits else f"budget {budget:g} bits") + ")",
+        ["matrix", "shape", "bits", "block", "iterations", "first error", "best error", "bits/param"],
+    )
+    if dry_run:
+        for n in names:
+            report.add_row(n, "x".join(map(str, src.info(n).shape)), bits, block, None, None, None, None)
+        report.summary.update(matrices=len(names), dry_run=True)
+        return report
+    out = check_output_path(output, (base,))
+    chosen: dict[str, QuantConfig]
+    if budget is not None:
+        chosen, facts = plan_budget(
+            lambda k: src.get(k),
+            names,
+            rank,
+            budget,
+            iters=ilp_iters,
+            pad=pad,
+            device=device,
+            progress=progress,
+        )
+        report.summary.update(ilp_avg_bits=facts["avg_bits"], ilp_configs=facts["configs"])
+    else:
+        assert bits is not None
+        chosen = {n: QuantConfig(bits, default_code(bits), block, True) for n in names}
+    params = {"rank": rank, "bits": bits, "budget": budget, "block": block, "iters": iters, "seed": seed}
+    prov = provenance_metadata(make_provenance("lq-decompose", params, (base,)))
+    schema: dict[str, Any] = {
+        "schema": RESIDUAL_SCHEMA,
+        "version": RESIDUAL_VERSION,
+        "rank": rank,
+        "matrices": {},
+    }
+    factors: dict[str, LoraFactors] = {}
+    total_bits = total_numel = 0
+    err2 = norm2 = 0.0
+    it: Iterable[str] = names if progress is None else progress(names, len(names), "lq-decompose")
+    with atomic_output(out, directory=True) as tmp:
+        with SafetensorsWriter(tmp / "residual.safetensors", {"format": "pt", **prov}) as w:
+            todo = set(names)
+            for k in src.keys():  # noqa: SIM118 (a file's keys, not a dict)
+                if k not in todo:
+                    w.add(k, src.get(k))
+            for n in it:
+                W = src.get(n)
+                res = lq_decompose(W, rank, chosen[n], iters=iters, seed=seed, pad=pad, device=device)
+                assert res.Q is not None
+                for role, t in res.Q.tensors().items():
+                    w.add(f"{n}.{role}", t)
+                schema["matrices"][n] = {
+                    "shape": list(W.shape),
+                    "dtype": str(W.dtype).removeprefix("torch."),
+                    **chosen[n].to_json(),
+                    "crc32": crc32(res.Q.codes),
+                }
+                module = n.removesuffix(".weight")
+                factors[module] = LoraFactors(res.L2.to("cpu", W.dtype), res.L1.to("cpu", W.dtype), 1.0)
+                total_bits += res.Q.storage_bits
+                total_numel += W.numel()
+                wn2 = float(W.float().norm()) ** 2
+                err2 += res.error**2 * wn2
+                norm2 += wn2
+                report.add_row(
+                    n,
+                    f"{W.shape[0]}x{W.shape[1]}",
+                    chosen[n].bits,
+                    chosen[n].block,
+                    len(res.errors),
+                    res.errors[0],
+                    res.error,
+                    res.Q.storage_bits / W.numel(),
+                )
+            w.metadata[RESIDUAL_KEY] = json.dumps(schema, sort_keys=True)
+        adapter = Adapter(factors, AdapterMeta(base_model=str(base), source_format="peft"))
+        save(adapter, tmp / "adapter", format="peft", metadata=prov)
+    report.summary.update(
+        matrices=len(names),
+        quantized_bits_per_param=total_bits / max(total_numel, 1),
+        rel_error=math.sqrt(err2 / norm2) if norm2 else 0.0,
+        output=str(out),
+    )
+    report.notes.append(
+        "errors are ‖W − (Q + L₁L₂)‖_F/‖W‖_F; bits/param counts the quantized residual with its "
+        "constants (the rank-r factors are stored in adapter/ at the base dtype)"
+    )
+    return report
+
+
+def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
+    """The dense base weights of a residual file: quantized matrices dequantized (in their original dtype), every
+    other tensor as stored. Raises :class:`CorruptFileError` for a damaged file."""
+    f = SafetensorsFile(path)
+    try:
+        schema = loads_json(f.metadata[RESIDUAL_KEY])  # ValueError, not RecursionError, when nested deeply
+        matrices = schema["matrices"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise CorruptFileError(f"metadata {RESIDUAL_KEY} is missing or malformed", file=path) from e
+    if schema.get("version") != RESIDUAL_VERSION:
+        raise FormatError(f"residual version {schema.get('version')} is not supported", file=path)
+    out: dict[str, torch.Tensor] = {}
+    owned = {f"{n}.{r}" for n in matrices for r in ("codes", "absmax", "qabsmax", "scale2", "offset")}
+    for k in f.keys():  # noqa: SIM118 (a file's keys, not a dict)
+        if k not in owned:
+            out[k] = f.get(k)
+    for n, spec in matrices.items():
+        cfg = QuantConfig(int(spec["bits"]), spec["code"], int(spec["block"]), bool(spec["double"]))
+        roles = ("qabsmax", "scale2", "offset") if cfg.double else ("absmax",)
+        missing = [r for r in ("codes", *roles) if f"{n}.{r}" not in f]
+        if missing:
+            raise CorruptFileError(f"tensor {n}.{missing[0]} is missing", file=path, module=n)
+        q = QuantizedTensor(
+            tuple(spec["shape"]), cfg, f.get(f"{n}.codes"), **{r: f.get(f"{n}.{r}") for r in roles}
+        )
+        if crc32(q.codes) != int(spec["crc32"]):
+            raise CorruptFileError("codes fail their checksum (the file is damaged)", file=path, module=n)
+        try:
+            out[n] = dequantize_tensor(q, where=n).to(dtype_from_name(spec["dtype"]))
+        except CorruptFileError as e:
+            raise CorruptFileError(e.message, file=path, module=n) from e
+    return out
