@@ -64,7 +64,7 @@ def cast_error(adapter, dtype: torch.dtype) -> float:
 def table_for(adapter, src: Path, tmp: Path, accuracy=None, block: int = 64) -> list[list[str]]:
     """Rows: format, bits/param, file MB, ratio to fp16, rel ΔW error, seconds [, accuracy]."""
     import lorakit
-    from lorakit.quant.quantize import quantize_adapter
+    from lorakit.verbs.quantize import quantize_adapter
 
     rows = []
     n_params = adapter.num_params

@@ -23,7 +23,6 @@ from typing import Any, Literal
 import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
-from lorakit.api import default_output_format, load, save
 from lorakit.device import HostMemoryTrimmer, factors_to, resolve_device, to_device
 from lorakit.errors import (
     IncompatibleAdaptersError,
@@ -50,6 +49,7 @@ from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import MergeResult, OperatorSpec, resolve
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
+from lorakit.verbs.store import default_output_format, load, save
 
 ModuleSet = Literal["exact", "union", "intersection"]
 FACTOR_RANK_EXACT = ("cat", "task_arithmetic")  # rank Σr_i when no rank rule is given

@@ -137,7 +137,7 @@ def _kernel_for(name: str, cols: int, known: tuple[int, int] | None,
 def _base_shape(shapes: Mapping[str, tuple[int, ...]] | None, name: str) -> tuple[int, ...] | None:
     if shapes is None:
         return None
-    from lorakit.ops.apply import weight_key
+    from lorakit.io.checkpoint import weight_key
 
     key = weight_key(name, set(shapes))
     return None if key is None else shapes[key]

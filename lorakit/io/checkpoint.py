@@ -275,3 +275,23 @@ def companion_files(checkpoint: Checkpoint) -> list[Path]:
     skip = set(checkpoint.shards) | {checkpoint.index_path.name if checkpoint.index_path else ""}
     return [p for p in sorted(checkpoint.directory.iterdir())
             if p.is_file() and p.name not in skip and not p.name.startswith(".") and p.suffix != ".safetensors"]
+
+
+WRAPPER_PREFIXES = ("base_model.model.", "unet.", "transformer.", "text_encoder.", "text_encoder_2.")
+
+
+def weight_key(module: str, keys: set[str]) -> str | None:
+    """The checkpoint tensor a module's ΔW applies to, or ``None``.
+
+    In order: ``<module>.weight``; the same after dropping a wrapper prefix (``base_model.model.``, a
+    diffusers component such as ``unet.``); the one key ending in ``.<module>.weight`` if exactly one does.
+    """
+    names = [module] + [module[len(p):] for p in WRAPPER_PREFIXES if module.startswith(p)]
+    for n in names:
+        if f"{n}.weight" in keys:
+            return f"{n}.weight"
+    for n in names:
+        hits = [k for k in keys if k.endswith(f".{n}.weight")]
+        if len(hits) == 1:
+            return hits[0]
+    return None

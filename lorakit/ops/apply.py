@@ -39,26 +39,7 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import FormatError, KeyMappingError, LorakitError, NonFiniteError, ShapeMismatchError
 from lorakit.factors import all_finite
-from lorakit.io.checkpoint import Checkpoint
-
-WRAPPER_PREFIXES = ("base_model.model.", "unet.", "transformer.", "text_encoder.", "text_encoder_2.")
-
-
-def weight_key(module: str, keys: set[str]) -> str | None:
-    """The checkpoint tensor a module's ΔW applies to, or ``None``.
-
-    In order: ``<module>.weight``; the same after dropping a wrapper prefix (``base_model.model.``, a
-    diffusers component such as ``unet.``); the one key ending in ``.<module>.weight`` if exactly one does.
-    """
-    names = [module] + [module[len(p):] for p in WRAPPER_PREFIXES if module.startswith(p)]
-    for n in names:
-        if f"{n}.weight" in keys:
-            return f"{n}.weight"
-    for n in names:
-        hits = [k for k in keys if k.endswith(f".{n}.weight")]
-        if len(hits) == 1:
-            return hits[0]
-    return None
+from lorakit.io.checkpoint import WRAPPER_PREFIXES, Checkpoint, weight_key
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-import lorakit
 from lorakit import __version__
 from lorakit.device import resolve_device
 from lorakit.errors import FormatError, IncompatibleAdaptersError, LorakitError, OutputError
@@ -34,6 +33,7 @@ from lorakit.transfer.models import (
 from lorakit.transfer.student import train_student
 from lorakit.transfer.teacher import Teacher
 from lorakit.transfer.train import TrainConfig
+from lorakit.verbs import store
 
 #: the models that write the synthetic inputs at transfer time, taking turns by round (see :func:`run`)
 DEFAULT_GENERATORS = ("target", "source")
@@ -105,7 +105,7 @@ def prepare(
                               file=data, hint=f"pass --seeds {len(examples)} or give more data")
         seed_examples = choose_seeds(examples, seeds, seed)
     task = task or Path(data).stem
-    lora = lorakit.load(adapter)
+    lora = store.load(adapter)
     model, tok = load_causal_lm(base, dev)
     check_fits(model, lora, label=f"base {base}")
     fp = fingerprint(model)
@@ -143,9 +143,9 @@ def prepare(
                           "accepts_real_at_zero": paper_real_acc},
     }
     with atomic_output(out, directory=True) as tmp:
-        lorakit.save(lora.with_meta(base_model=base), tmp / "adapter", format="peft",
+        store.save(lora.with_meta(base_model=base), tmp / "adapter", format="peft",
                      provenance=make_provenance("transfer.prepare", {"part": "task adapter"}, [adapter]))
-        lorakit.save(disc, tmp / "discriminator", format="peft",
+        store.save(disc, tmp / "discriminator", format="peft",
                      provenance=make_provenance("transfer.prepare", {"part": "discriminator", **info}, [data]))
         write_jsonl(tmp / "seeds.jsonl", [{"input": x, "output": y} for x, y in seed_examples])
         write_json(tmp / "kit.json", info)
@@ -211,7 +211,7 @@ def run(
         raise IncompatibleAdaptersError(
             f"the kit's discriminator was trained on another source model ({kit.source_base}), not {source_base}",
             file=kit.path, hint="pass the --source-base the kit was prepared with, or prepare a kit for this one")
-    lora = lorakit.load(kit.adapter_path)
+    lora = store.load(kit.adapter_path)
     check_fits(src, lora, label=f"source base {source_base}")
     tgt, tgt_tok = load_causal_lm(target_base, dev)
     resolve_target_modules(tgt, cfg.target_modules, label=f"target model {target_base}")
@@ -237,7 +237,7 @@ def run(
             gens.append(Generator(g_model, g_tok, name=name, max_new_tokens=max_new_tokens))
         disc = None
         if use_filter:
-            apply_adapter(src, lorakit.load(kit.discriminator_path))
+            apply_adapter(src, store.load(kit.discriminator_path))
             disc = Discriminator(src, src_tok, kit.task, threshold=kit.threshold)
         accepted = sum(sum(r["accepted"]) for r in rows)
         while accepted < samples:
@@ -285,7 +285,7 @@ def run(
             teacher_tok=src_tok if token_kl else None, on_step=on_step, base_model_name=target_base)
         prov = make_provenance("transfer.run", {**params, "source_base": source_base,
                                                 "task": kit.task}, [kit.adapter_path / "adapter_model.safetensors"])
-        lorakit.save(adapter, out / "adapter", format="peft", provenance=prov)
+        store.save(adapter, out / "adapter", format="peft", provenance=prov)
         state.finish("student", seconds=time.perf_counter() - t0, final_loss=losses[-1] if losses else None)
 
     facts = state.state.get("facts", {})
@@ -321,7 +321,7 @@ def project(
     dev = resolve_device(device)
     if output is not None:
         check_output_path(output, [adapter])
-    lora = lorakit.load(adapter)
+    lora = store.load(adapter)
     src, _ = load_causal_lm(source_base, "cpu")
     tgt, _ = load_causal_lm(target_base, "cpu")
     check_fits(src, lora, label=f"source base {source_base}")
@@ -338,7 +338,7 @@ def project(
                                   min_similarity=min_similarity, device=dev)
     if output is not None:
         result = result.with_meta(base_model=target_base, source_format="peft")
-        lorakit.save(result, output, format=None if str(output).endswith(".safetensors") else "peft",
+        store.save(result, output, format=None if str(output).endswith(".safetensors") else "peft",
                      provenance=make_provenance("transfer.project", {"source_base": source_base, "target_base":
                                                 target_base, "q": q, "null_space": null_space,
                                                 "min_similarity": min_similarity}, [adapter]))

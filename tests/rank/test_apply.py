@@ -10,8 +10,7 @@ import torch
 import lorakit
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.factors import LoraFactors
-from lorakit.io.checkpoint import Checkpoint
-from lorakit.ops.apply import weight_key
+from lorakit.io.checkpoint import Checkpoint, weight_key
 
 from ._checkpoints import write_checkpoint
 

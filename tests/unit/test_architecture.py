@@ -38,10 +38,6 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
     ("lorakit.adapter", "lorakit.ops.algebra"): "Adapter operators delegate to ops.algebra",
     # ops/convert.py is being rewritten on another branch: its file work moves to lorakit/verbs/convert.py.
     ("lorakit.ops.convert", "lorakit.api"): "convert's load/save still in ops/convert.py",
-    # pipeline.py (the merge verb) is being edited on another branch: it should import lorakit.verbs.store.
-    ("lorakit.pipeline", "lorakit.api"): "merge engine imports load/save from the front door",
-    # transfer/pipeline.py is edited on another branch: `lorakit.load/save` → lorakit.verbs.store.
-    ("lorakit.transfer.pipeline", "lorakit"): "transfer verbs call lorakit.load/save",
 }
 
 
