@@ -32,7 +32,7 @@ import torch
 
 from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, compute_dtype, fix_signs
+from lorakit.linalg import SVD, _qr, _svd, compute_dtype, fix_signs
 from lorakit.ops import _kernels as K
 from lorakit.ops.merge_exact import check_same_shape, default_rank
 from lorakit.ops.rank_rules import RankRule
@@ -154,7 +154,7 @@ def probe(tiles: TaskTiles, k: int, seed: int) -> torch.Tensor:
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     A = torch.cat(tiles.As).T  # (in, Σr)
-    Qa = torch.linalg.qr(A, mode="reduced").Q
+    Qa, _ = _qr(A)
     inn, R = Qa.shape
     if R >= k:
         G = torch.randn(R, k, generator=gen, dtype=Qa.dtype).to(Qa.device)
@@ -178,12 +178,12 @@ def refactor(merged: Merged, rule: RankRule, *, lam: float, n_iter: int = POWER_
     ``M`` itself is never rescaled. Cost: ``2·n_iter + 1`` products of ``M`` with ``k`` columns.
     """
     M, norm2 = merged.M, merged.norm2
-    Q, _ = torch.linalg.qr(merged.Y, mode="reduced")
+    Q, _ = _qr(merged.Y)  # thin QRs and the small SVD in one thread (lorakit.linalg.lapack_one_thread)
     for _ in range(n_iter):
-        Z, _ = torch.linalg.qr(M.T @ Q, mode="reduced")
-        Q, _ = torch.linalg.qr(M @ Z, mode="reduced")
+        Z, _ = _qr(M.T @ Q)
+        Q, _ = _qr(M @ Z)
     Bt = M.T @ Q  # (in, k) = (Qᵀ M)ᵀ
-    Ub, S, Vh = torch.linalg.svd(Bt.T, full_matrices=False)
+    Ub, S, Vh = _svd(Bt.T)
     U, Vh = fix_signs(Q @ Ub, Vh)
     if rule.kind == "rank":
         keep = min(int(rule.value), S.shape[0])
