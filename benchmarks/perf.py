@@ -288,7 +288,8 @@ def two_core_8b() -> dict[str, object]:
     return res
 
 
-def cost_table(startup_s: float) -> list[dict[str, object]]:
+def cost_table(startup_s: float, shapes: tuple[str, ...] = ("llama3-8b", "llama3-70b"),
+               ranks: tuple[int, ...] = (16, 64), counts: tuple[int, ...] = (2, 4, 8)) -> list[dict[str, object]]:
     """2, 4, 8 adapters × r16/r64 × 8B/70B shapes × svd, cat, ties, dare, lego, resize, end to end.
 
     Light methods (svd, cat, resize) run on every layer of 8B and the first ``COST_LAYERS['light']`` layers of
@@ -297,10 +298,10 @@ def cost_table(startup_s: float) -> list[dict[str, object]]:
     has the same modules, so the work per layer is the same (the table marks each such number).
     """
     rows = []
-    for shape in ("llama3-8b", "llama3-70b"):
+    for shape in shapes:
         layers = int(SHAPES[shape]["layers"])  # type: ignore[call-overload]
-        for rank in (16, 64):
-            for n in (2, 4, 8):
+        for rank in ranks:
+            for n in counts:
                 for method, args in COST_METHODS.items():
                     sampled = COST_LAYERS["heavy" if method in COST_HEAVY else "light"][shape]
                     inputs = make_adapters(shape, rank, n if method != "resize" else 1,
@@ -431,6 +432,9 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
             "columns are the mean over layer 0's modules of ‖result − target‖/‖target‖ at rank 16, each against",
             "its own tool's dense method (PEFT: its dense TIES; lorakit: its exact TIES/DARE matrix): PEFT takes a",
             "full SVD, the best possible at that rank, so lorakit's randomized SVD matches it when the two agree.",
+            "Caveat: the PEFT driver (`benchmarks/merge.py`) builds its LoRA config with scaling 1 while the",
+            "targets use the files' α/r = 2, so its `ties_svd` error is sqrt(0.25 + 0.75·e²) for a true error e",
+            "(0.653 ↔ e = 0.486); its `dare_ties_svd` error is measured against PEFT's dense TIES, not DARE.",
             "",
             ("| shape | rank | method | PEFT layer 0 s | lorakit layer 0 s | PEFT / lorakit (layer 0) "
             "| PEFT error | lorakit error "
