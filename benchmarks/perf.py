@@ -389,7 +389,7 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
                   "rich, scipy, huggingface_hub or transformers: `tests/cli/test_startup.py` checks `sys.modules`); `inspect`",
                   "reads the header only, so it costs about one `import torch`.", "",
                   "| command | s | − `import torch` s |", "| --- | ---: | ---: |"]
-        for name, sec in starts.items():  # type: ignore[union-attr]
+        for name, sec in starts.items():  # type: ignore[attr-defined]
             lines.append(f"| `{name}` | {sec} | {float(sec) - torch_s:+.3f} |")
     two = extra.get("two_core")
     if two:
@@ -503,7 +503,7 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
                   "has the same modules); the measured time is beside it."), "",
                   "| shape | rank | adapters | method | whole adapter s | measured s | layers timed | peak MB |",
                   "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
-        for c in cost:  # type: ignore[union-attr]
+        for c in cost:  # type: ignore[attr-defined]
             sampled = int(c["layers_timed"]) < int(c["layers"])
             whole = c.get("whole_s", "failed: " + str(c.get("failed")))
             lines.append(f"| {c['shape']} | {c['rank']} | {c['adapters']} | {c['method']} | {whole}{'*' if sampled and 'whole_s' in c else ''} "
