@@ -103,10 +103,12 @@ class MergePlan:
             R = sum(self.adapters[i].info(m).rank for i in self.present[m])
             if self.spec.space == "delta":
                 K = int(self.rule.value) if self.rule and self.rule.kind == "rank" else R
-                # three passes form the task tiles (two for thresholds, one to merge), then six products
-                # of the merged matrix with K + 10 columns in the randomized SVD
-                flops += 2.0 * out * inn * (3 * R + 6 * (K + 10))
-                peak = max(peak, 4 * out * inn + 4 * n * _kernels.tile_rows(out, inn) * inn * 2)
+                # two passes form the task tiles (one counts for the thresholds, one merges), then four
+                # products of the merged matrix with K + 10 columns (the first fused into the merge pass)
+                flops += 2.0 * out * inn * (2 * R + 4 * (K + 10))
+                # the merged M, and per tile: the formed stack, a float and two bool scratch stacks, 5 planes
+                rows = _kernels.tile_rows(out, inn)
+                peak = max(peak, 4 * out * inn + (8 * n + 2 * n + 20) * rows * inn)
             else:
                 flops += 10.0 * (out + inn) * R * R + 20.0 * R**3
                 peak = max(peak, 4 * 4 * (out + inn) * R)

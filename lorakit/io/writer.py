@@ -32,6 +32,36 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _copy_range(src, dst, start: int, size: int) -> None:  # type: ignore[no-untyped-def]
+    """Append ``size`` bytes of ``src`` from ``start`` to ``dst`` (``dst`` flushed, positioned at its end).
+
+    ``os.copy_file_range`` copies inside the kernel (page cache to page cache, no trip through Python buffers):
+    the re-ordering copy of a 160 MB output took 0.2 s of CPU through read/write. Falls back to reads and
+    writes where the call is missing or refused (other filesystems, old kernels)."""
+    done = 0
+    copy = getattr(os, "copy_file_range", None)
+    if copy is not None:
+        try:
+            while done < size:
+                n = copy(src.fileno(), dst.fileno(), size - done, start + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass
+    if done < size:
+        dst.seek(0, os.SEEK_END)
+        src.seek(start + done)
+        remaining = size - done
+        while remaining:
+            chunk = src.read(min(remaining, 1 << 24))
+            if not chunk:
+                raise OutputError("the temporary data file ended early")
+            dst.write(chunk)
+            remaining -= len(chunk)
+        dst.flush()
+
+
 class SafetensorsWriter:
     """Append tensors one by one, then :meth:`close` to publish the file atomically.
 
@@ -76,14 +106,10 @@ class SafetensorsWriter:
             with atomic_output(self.path) as tmp, open(tmp, "wb") as out, open(self._data_path, "rb") as data:
                 out.write(struct.pack("<Q", len(raw)))
                 out.write(raw)
+                out.flush()
                 for name in order:
                     _, _, start, size = self._entries[name]
-                    data.seek(start)
-                    remaining = size
-                    while remaining:
-                        chunk = data.read(min(remaining, 1 << 24))
-                        out.write(chunk)
-                        remaining -= len(chunk)
+                    _copy_range(data, out, start, size)
         finally:
             self._data_path.unlink(missing_ok=True)
             self._closed = True

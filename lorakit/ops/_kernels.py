@@ -16,6 +16,8 @@ import torch
 
 TILE_ELEMENTS = 1 << 21  # per task: 2M floats (8 MB fp32) per tile
 HIST_BINS = 1 << 16
+SAMPLE = 1 << 16  # sampled magnitudes per task that bracket a top-k threshold
+BRACKET_SIGMAS = 6.0
 
 Tiles = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # yields (row0, stack (n, rows, cols)) in row order
 
@@ -86,38 +88,196 @@ def _bin_index(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.abs().double() * s).floor().clamp_(0, HIST_BINS - 1).long()
 
 
+def sample_abs(Bs: list[torch.Tensor], As: list[torch.Tensor], count: int, seed: int = 0) -> torch.Tensor:
+    """``(n, count)`` magnitudes ``|τ_i[j, k]| = |B_i[j]·A_i[:, k]|`` at uniform random entries, from the factors.
+
+    O(count·r) per task, no dense tile. The same positions serve every task (they are an unbiased sample of
+    each); values may differ from a tile's GEMM in the last bit, which is harmless because they only bracket a
+    threshold that :func:`kth_largest_abs_bracketed` then selects exactly from the tiles.
+    """
+    out, inn = Bs[0].shape[0], As[0].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(out, (count,), generator=g).to(Bs[0].device)
+    cols = torch.randint(inn, (count,), generator=g).to(Bs[0].device)
+    # gathers of whole rows of B and of Aᵀ are contiguous (a column gather of A is 2× slower)
+    return torch.stack([(B[rows] * A.T.contiguous()[cols]).sum(1).abs() for B, A in zip(Bs, As)])
+
+
+def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tensor, numel: int,
+                              *, sigmas: float = BRACKET_SIGMAS) -> torch.Tensor:
+    """The exact k-th largest ``|x|`` per task, from a sample that brackets it and one counting pass.
+
+    In a uniform sample of ``s`` magnitudes, the number above the k-th largest of ``N`` is Binomial(s, k/N);
+    the sample order statistics ``sigmas`` standard deviations (plus two) either side of ``s·k/N`` bracket the
+    threshold ``[lo, hi)`` with overwhelming probability. One pass over the tiles counts the entries ``≥ hi``
+    and collects those in ``[lo, hi)`` (a few percent of the entries); when ``count(≥ hi) < k ≤ count(≥ lo)`` the
+    threshold is the ``(k − count(≥ hi))``-th largest collected value, exactly, ties included (equal magnitudes
+    fall on the same side of both bounds). A bracket the sample got wrong falls back to the exact two-pass
+    histogram (:func:`kth_largest_abs`) for that task, so the result never depends on the sample.
+
+    Args:
+        tiles: the tile stream of ``n`` tasks; ``ks``: ``(n, m)`` ranks (1 = largest); ``sample``: ``(n, s)``
+            magnitudes (:func:`sample_abs`); ``numel``: entries per task.
+
+    Returns:
+        ``(n, m)`` thresholds in the tiles' dtype: ``k ≤ 0`` gives ``+inf``, ``k ≥ numel`` gives ``0``.
+
+    Cost: one tile pass with two comparisons per entry and bracket; memory O(tile + bracket).
+    """
+    n, m = ks.shape
+    s = sample.shape[1]
+    sample = sample.double().cpu()
+    lo = torch.zeros(n, m, dtype=torch.float64)
+    hi = torch.full((n, m), float("inf"), dtype=torch.float64)
+    out = torch.zeros(n, m, dtype=torch.float64)
+    todo: list[tuple[int, int]] = []
+    for i in range(n):
+        for j in range(m):
+            k = int(ks[i, j])
+            if k <= 0:
+                out[i, j] = float("inf")
+                continue
+            if k >= numel:
+                continue  # 0: every entry is kept
+            p = k / numel
+            centre, spread = s * p, sigmas * (s * p * (1 - p)) ** 0.5 + 2
+            i_hi, i_lo = int(centre - spread), int(centre + spread) + 1
+            if i_hi >= 0:  # the (i_hi + 1)-th largest sample value
+                hi[i, j] = torch.kthvalue(sample[i], s - i_hi).values
+            if i_lo < s:
+                lo[i, j] = torch.kthvalue(sample[i], s - i_lo).values
+            todo.append((i, j))
+    if not todo:
+        return out
+    above = {key: 0 for key in todo}
+    found: dict[tuple[int, int], list[torch.Tensor]] = {key: [] for key in todo}
+    dtype = None
+    ws = getattr(tiles, "workspace", None)
+    for _, x in tiles():
+        dtype = x.dtype
+        ws = Workspace.for_tile(x, ws)
+        a, ge_hi, inside = ws.stack(x.shape[1])
+        torch.abs(x, out=a)
+        for i, j in todo:
+            h, low = float(hi[i, j]), float(lo[i, j])
+            torch.ge(a[i], low, out=inside[i])
+            if h != float("inf"):
+                above[(i, j)] += int(torch.count_nonzero(torch.ge(a[i], h, out=ge_hi[i])))
+                inside[i].logical_and_(ge_hi[i].logical_not_())
+            found[(i, j)].append(a[i][inside[i]])
+    missed = []
+    for key in todo:
+        vals = torch.cat(found.pop(key))
+        r = ks[key].item() - above[key]
+        if 0 < r <= vals.numel():
+            out[key] = float(torch.topk(vals, int(r)).values[-1])
+        else:
+            missed.append(key)
+    if missed:  # the sample misled the bracket (astronomically rare): the exact histogram for those tasks
+        bounds = sample.new_empty(0)
+        for _, x in tiles():
+            a = x.abs().flatten(1).amax(1).double()
+            bounds = a if bounds.numel() == 0 else torch.maximum(bounds, a)
+        exact = kth_largest_abs(tiles, ks, bounds.cpu() * (1 + 1e-6) + 1e-30)
+        for key in missed:
+            out[key] = exact[key]
+    return out.to(dtype or torch.float64)
+
+
+class Workspace:
+    """Scratch buffers reused across the tiles of a module: a float and two bool ``(n, rows, cols)`` stacks and a
+    few ``(rows, cols)`` planes. Fresh multi-MB temporaries are mmap'd and page-faulted on every tile (they cost
+    3-4× the arithmetic on this CPU), so the hot kernels write into these with ``out=``."""
+
+    def __init__(self, n: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.f = torch.empty(n, rows, cols, dtype=dtype, device=device)
+        self.b = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
+        self.b2 = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
+        self.planes = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(5)]
+        self.mask = torch.empty(rows, cols, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def for_tile(x: torch.Tensor, ws: Workspace | None) -> Workspace:
+        if ws is None or ws.f.shape[0] != x.shape[0] or ws.f.shape[1] < x.shape[1] or ws.f.shape[2] != x.shape[2] \
+                or ws.f.dtype != x.dtype:
+            return Workspace(x.shape[0], x.shape[1], x.shape[2], x.dtype, x.device)
+        return ws
+
+    def stack(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.f[:, :rows], self.b[:, :rows], self.b2[:, :rows]
+
+    def plane(self, i: int, rows: int) -> torch.Tensor:
+        return self.planes[i][:rows]
+
+
 def trim(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """TIES trim / magnitude prune: keep entries with ``|x| ≥ threshold`` (per task), zero the rest."""
-    t = threshold.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
-    return torch.where(x.abs().double() >= t, x, torch.zeros((), dtype=x.dtype))
+    return trim_(x.clone(), threshold)
 
 
-def band(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Breadcrumbs: keep entries with ``low ≤ |x| < high`` (per task), zero both tails."""
-    a = x.abs().double()
-    lo = low.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
-    hi = high.to(device=x.device, dtype=torch.float64).view(-1, *([1] * (x.ndim - 1)))
-    return torch.where((a >= lo) & (a < hi), x, torch.zeros((), dtype=x.dtype))
+def trim_(x: torch.Tensor, threshold: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+    """:func:`trim` in place. The comparison runs in ``x``'s dtype: a threshold is one of the entries'
+    magnitudes, so it is exact in that dtype and no float64 copy of the tile is needed."""
+    f, keep, _ = Workspace.for_tile(x, ws).stack(x.shape[1])
+    torch.ge(torch.abs(x, out=f), _per_task(threshold, x), out=keep)
+    return x.mul_(keep)
+
+
+def _per_task(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def band(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+    """Breadcrumbs: keep entries with ``low ≤ |x| < high`` (per task), zero both tails (in place)."""
+    f, keep, below = Workspace.for_tile(x, ws).stack(x.shape[1])
+    torch.abs(x, out=f)
+    torch.ge(f, _per_task(low, x), out=keep)
+    keep.logical_and_(torch.lt(f, _per_task(high, x), out=below))
+    return x.mul_(keep)
 
 
 def dare(x: torch.Tensor, density: float, generators: list[torch.Generator]) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (Bernoulli), divide the kept ones by ``density``."""
+    return x if density >= 1.0 else dare_(x.clone(), density, generators)
+
+
+def dare_(x: torch.Tensor, density: float, generators: list[torch.Generator], *,
+          rescale: bool = True, ws: Workspace | None = None) -> torch.Tensor:
+    """:func:`dare` in place. The mask of task ``i`` is ``torch.rand(rows, cols, generator=generators[i]) <
+    density`` (the documented stream). ``rescale=False`` leaves the ``1/density`` to the caller: the delta merges
+    fold it into the module's final scale, one multiplication per module instead of one per entry."""
     if density >= 1.0:
         return x
-    keep = torch.stack([torch.rand(x.shape[1:], generator=g) < density for g in generators]).to(x.device)
-    return torch.where(keep, x / density, torch.zeros((), dtype=x.dtype))
+    f, keep, _ = Workspace.for_tile(x, ws).stack(x.shape[1])
+    u = f if x.dtype == torch.float32 and x.device.type == "cpu" else torch.empty(x.shape, dtype=torch.float32)
+    for i, g in enumerate(generators):
+        torch.rand(x.shape[1:], generator=g, out=u[i])
+    torch.lt(u.to(x.device), density, out=keep)
+    x.mul_(keep)
+    return x.div_(density) if rescale else x
 
 
 def della(x: torch.Tensor, density: float, epsilon: float, generators: list[torch.Generator]) -> torch.Tensor:
     """DELLA MAGPRUNE: per row, keep probability ``p = density − ε + 2ε·rank/(cols−1)`` (rank of ``|x|`` in the
-    row, 0 = smallest), Bernoulli keep, kept entries divided by their ``p`` (the paper's rescale)."""
+    row, 0 = smallest), Bernoulli keep, kept entries divided by their ``p`` (the paper's rescale).
+
+    Runs in ``x``'s dtype (float32 for 16-bit adapters: the ranks and probabilities are exact there up to
+    2^24 columns); the uniforms are drawn in that dtype from each task's tile generator.
+    """
     cols = x.shape[-1]
-    rank = x.abs().argsort(dim=-1).argsort(dim=-1).to(torch.float64)
-    p = density - epsilon + 2 * epsilon * (rank / max(cols - 1, 1))
+    # Magnitudes are non-negative, so their bit patterns as integers sort in the same order; an integer sort
+    # is 25% faster than a float one on CPU, and the sort is most of DELLA's cost (~45 ns an entry).
+    a = x.abs()
+    keys = {torch.float32: torch.int32, torch.float64: torch.int64}.get(a.dtype)
+    order = (a.view(keys) if keys is not None else a).argsort(dim=-1)
+    rank = torch.empty_like(x)
+    rank.scatter_(-1, order, torch.arange(cols, dtype=x.dtype, device=x.device).expand_as(x))
     if cols == 1:
-        p = torch.full_like(p, density)
-    u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=torch.float64) for g in generators]).to(x.device)
-    return torch.where(u < p, (x.double() / p).to(x.dtype), torch.zeros((), dtype=x.dtype))
+        p = torch.full_like(x, density)
+    else:
+        p = rank.mul_(2 * epsilon / (cols - 1)).add_(density - epsilon)
+    u = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=x.dtype) for g in generators]).to(x.device)
+    return torch.where(u < p, x / p, torch.zeros((), dtype=x.dtype))
 
 
 def elect_sign(x: torch.Tensor) -> torch.Tensor:
@@ -137,25 +297,61 @@ class SignedMerge:
     entry is nonzero, the elected sign is the module's majority sign ``sign(Σ γ)``, known only after the last
     tile. Ties are rare (measure zero for real data), so both candidates are kept for those entries only and
     the right one is chosen in :meth:`finish`.
+
+    One tile costs a handful of element-wise passes: with ``s = Σ_i x_i``, ``P = Σ_i max(x_i, 0)`` and
+    ``p``/``q`` the counts of positive/negative entries, the disjoint mean is ``P/p`` where ``s > 0`` and
+    ``(s − P)/q`` where ``s < 0``; at a tie (``s = 0``, ``P > 0``) both are at hand.
     """
 
     def __init__(self) -> None:
         self.sign_sum = 0.0
-        self.ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def tile(self, row0: int, x: torch.Tensor) -> torch.Tensor:
-        sign = elect_sign(x)
-        self.sign_sum += float(sign.sum())
-        merged = disjoint_mean(x, torch.where(sign == 0, torch.ones_like(sign), sign))
-        tie = (sign == 0) & (x != 0).any(0)
-        if bool(tie.any()):
-            pos = tie.nonzero()
-            neg = disjoint_mean(x, -torch.ones_like(sign))[tie]
-            self.ties.append((row0, pos[:, 0], pos[:, 1], neg))
+    def tile(self, row0: int, x: torch.Tensor, out: torch.Tensor | None = None,
+             ws: Workspace | None = None) -> torch.Tensor:
+        """The merged ``(rows, cols)`` tile (written into ``out`` when given); ``+`` mean at ties for now.
+
+        Branch-free (a ``where`` on a random mask costs 4 ns an entry on CPU): with ``σ = sign(s)``,
+        ``D = Σ_i sign(x_i) = p − q`` and ``T = Σ_i |sign(x_i)| = p + q``, the agreeing mass is
+        ``(s − σ·(s − 2P))/2`` (``P`` where ``σ = 1``, ``s − P`` where ``σ = −1``) and the agreeing count is
+        ``(T + σ·D)/2``; the halves cancel. Each is exact up to a rounding of the result's own size.
+        """
+        ws = Workspace.for_tile(x, ws)
+        rows = x.shape[1]
+        f, _, _ = ws.stack(rows)
+        s, P, D, T, sig = (ws.plane(i, rows) for i in range(5))
+        torch.sum(x, 0, out=s)
+        torch.sum(torch.clamp(x, min=0, out=f), 0, out=P)
+        torch.sum(torch.sign(x, out=f), 0, out=D)
+        torch.sum(f.abs_(), 0, out=T)
+        torch.sign(s, out=sig)
+        self.sign_sum += float(sig.sum())
+        # Ties (s = 0 with some entry nonzero) are where s = 0 but not T = 0, as {T = 0} ⊆ {s = 0}.
+        mask = ws.mask[:rows]
+        n_tie = int(torch.count_nonzero(torch.eq(s, 0, out=mask))) - int(torch.count_nonzero(torch.eq(T, 0, out=mask)))
+        if n_tie:
+            tie = (s == 0) & (T > 0)
+            where = tie.nonzero()
+            p_cnt, q_cnt = (T[tie] + D[tie]) / 2, (T[tie] - D[tie]) / 2
+            pos = P[tie] / p_cnt
+            neg = -P[tie] / q_cnt.clamp(min=1)  # s = 0: the negative mass is −P
+            self.ties.append((row0, where[:, 0], where[:, 1], neg, pos))
+        num = torch.sub(s, P, alpha=2, out=P)            # s − 2P
+        num = torch.addcmul(s, sig, num, value=-1, out=num)  # s − σ(s − 2P) = 2·agreeing mass
+        den = torch.addcmul(T, sig, D, out=D).clamp_(min=1)  # T + σD = 2·agreeing count
+        merged = torch.div(num, den, out=out) if out is not None else num / den
+        if n_tie:
+            merged[where[:, 0], where[:, 1]] = pos.to(merged.dtype)
         return merged
 
-    def finish(self, out: torch.Tensor) -> None:
-        """Apply the majority rule to the tie entries of the assembled result ``out`` (in place)."""
+    def finish(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Apply the majority rule to the tie entries of the assembled result ``out`` (in place).
+
+        Returns the changes as ``(rows, cols, old, new)`` so a caller holding products or norms of ``out`` can
+        update them."""
+        changes = []
         if self.sign_sum < 0:
-            for row0, r, c, neg in self.ties:
+            for row0, r, c, neg, pos in self.ties:
                 out[row0 + r, c] = neg.to(out.dtype)
+                changes.append((row0 + r, c, pos.to(out.dtype), neg.to(out.dtype)))
+        return changes

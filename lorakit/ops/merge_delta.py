@@ -26,19 +26,17 @@ Formulas (per entry, per module; ``N`` entries, density ``d``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, compute_dtype, randomized_svd
+from lorakit.linalg import SVD, _qr, _svd, compute_dtype, fix_signs
 from lorakit.ops import _kernels as K
 from lorakit.ops.merge_exact import check_same_shape, default_rank
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register
-
-Prune = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def check_params(
@@ -57,7 +55,13 @@ def check_params(
 
 
 class TaskTiles:
-    """Row tiles of the weighted task vectors ``w_i·s_i·B_i[rows]@A_i``, stacked ``(n, rows, in)``."""
+    """Row tiles of the weighted task vectors ``w_i·s_i·B_i[rows]@A_i``, stacked ``(n, rows, in)``.
+
+    The tiles are formed into one reused buffer (no allocation, so no page faults, per tile); a consumer may
+    modify a tile in place but must not keep it past the next one. Every pass forms a row's values with the
+    same GEMM shapes, so they are bit for bit the same in every pass (thresholds counted in one pass hold in
+    the next).
+    """
 
     def __init__(self, inputs: Sequence[LoraFactors], weights: Sequence[float]) -> None:
         check_same_shape(inputs)
@@ -66,11 +70,20 @@ class TaskTiles:
         self.As = [f.A.to(self.dtype) for f in inputs]
         self.shape = inputs[0].shape
         self.rows = K.tile_rows(*self.shape)
+        self._buf: torch.Tensor | None = None
+        rows = min(self.rows, self.shape[0])
+        self.workspace = K.Workspace(len(self.Bs), rows, self.shape[1], self.dtype, self.As[0].device)
 
-    def __call__(self):
-        out = self.shape[0]
+    def __call__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        out, inn = self.shape
+        if self._buf is None:
+            self._buf = torch.empty(len(self.Bs), min(self.rows, out), inn, dtype=self.dtype,
+                                    device=self.As[0].device)
         for r0 in range(0, out, self.rows):
-            yield r0, torch.stack([B[r0:r0 + self.rows] @ A for B, A in zip(self.Bs, self.As)])
+            x = self._buf[:, : min(self.rows, out - r0)]
+            for i, (B, A) in enumerate(zip(self.Bs, self.As)):
+                torch.mm(B[r0:r0 + x.shape[1]], A, out=x[i])
+            yield r0, x
 
     @property
     def numel(self) -> int:
@@ -81,55 +94,136 @@ class TaskTiles:
         return torch.tensor([float(B.norm(dim=1).max() * A.norm(dim=0).max()) * (1 + 1e-6) + 1e-30
                              for B, A in zip(self.Bs, self.As)], dtype=torch.float64)
 
-    def thresholds(self, counts: Sequence[int]) -> torch.Tensor:
-        """``(n, len(counts))`` thresholds: the ``c``-th largest ``|τ_i|`` for each count ``c``."""
+    def thresholds(self, counts: Sequence[int], seed: int = 0) -> torch.Tensor:
+        """``(n, len(counts))`` thresholds: the ``c``-th largest ``|τ_i|`` for each count ``c``, exactly.
+
+        A sample of ``K.SAMPLE`` entries computed from the factors brackets each threshold; one counting pass
+        over the tiles then selects it exactly (:func:`lorakit.ops._kernels.kth_largest_abs_bracketed`)."""
         ks = torch.tensor([list(counts)] * len(self.Bs), dtype=torch.int64)
-        return K.kth_largest_abs(self, ks, self.bounds())
+        sample = K.sample_abs(self.Bs, self.As, min(K.SAMPLE, 4 * self.numel), seed=seed)
+        return K.kth_largest_abs_bracketed(self, ks, sample, self.numel)
 
 
 def keep_count(density: float, numel: int) -> int:
     return max(1, math.floor(density * numel))
 
 
-def merge_dense(tiles: TaskTiles, prune: Prune, *, signed: bool, lam: float) -> torch.Tensor:
-    """Assemble ``M = λ·merge(prune(τ))`` tile by tile into one ``(out, in)`` matrix."""
-    M = torch.empty(tiles.shape, dtype=tiles.dtype)
-    signer = K.SignedMerge() if signed else None
+MergeTile = Callable[[int, torch.Tensor, torch.Tensor], object]  # (row0, tile stack, out rows) -> anything
+
+
+class Merged:
+    """The merged module ``M`` (``(out, in)``, before ``λ``), its probe product ``Y = M @ Ω`` and ``‖M‖²``."""
+
+    def __init__(self, M: torch.Tensor, Y: torch.Tensor, omega: torch.Tensor, norm2: float) -> None:
+        self.M, self.Y, self.omega, self.norm2 = M, Y, omega, norm2
+
+
+def merge_dense(tiles: TaskTiles, merge_tile: MergeTile, omega: torch.Tensor,
+                signer: K.SignedMerge | None = None) -> Merged:
+    """Assemble ``M = merge(prune(τ))`` tile by tile, with ``Y = M @ Ω`` and ``‖M‖²`` taken from each tile
+    while it is still in cache (the randomized SVD's first product and norm cost no extra pass over ``M``).
+
+    ``merge_tile(row0, x, out)`` writes the merged rows of one tile stack into ``out``. With a ``signer`` (TIES
+    election), its tie fix-ups are applied after the last tile, to ``M``, ``Y`` and the norm alike.
+    """
+    out = tiles.shape[0]
+    M = torch.empty(tiles.shape, dtype=tiles.dtype, device=omega.device)
+    Y = torch.empty(out, omega.shape[1], dtype=tiles.dtype, device=omega.device)
+    norm2 = 0.0
     for r0, x in tiles():
-        x = prune(r0, x)
-        M[r0:r0 + x.shape[1]] = signer.tile(r0, x) if signer else x.sum(0)
-    if signer:
-        signer.finish(M)
-    return M.mul_(lam)
+        rows = M[r0:r0 + x.shape[1]]
+        merge_tile(r0, x, rows)
+        torch.mm(rows, omega, out=Y[r0:r0 + x.shape[1]])
+        flat = rows.reshape(-1)
+        norm2 += float(torch.dot(flat, flat))
+    if signer is not None:
+        for r, c, old, new in signer.finish(M):
+            Y.index_add_(0, r, (new - old).unsqueeze(1) * omega[c])
+            norm2 += float((new.double() ** 2 - old.double() ** 2).sum())
+    return Merged(M, Y, omega, max(norm2, 0.0))
 
 
-def refactor(
-    M: torch.Tensor, rule: RankRule, *, seed: int, sketch: int, kernel=None, kind="linear"
-) -> MergeResult:
-    """Low-rank factors of ``M`` by the randomized SVD, with the exact relative error of the result."""
-    # ‖M‖² by row blocks: a float64 copy of a 14336×4096 M would double the peak memory
-    norm2 = sum(float((blk.double() ** 2).sum()) for blk in M.split(K.tile_rows(*M.shape)))
-    full = min(M.shape)
+def probe(tiles: TaskTiles, k: int, seed: int) -> torch.Tensor:
+    """The range finder's ``(in, k)`` test matrix: an orthonormal basis of the inputs' row spaces
+    ``span(A_1ᵀ … A_nᵀ)``, where nearly all of a merged task vector's energy lies, completed by Gaussian
+    columns (or, when the row spaces have more than ``k`` dimensions, ``k`` Gaussian mixtures of them).
+
+    A Gaussian test matrix needs power iterations to find that subspace; this one starts in it, so a single
+    iteration (:data:`POWER_ITERATIONS`) reaches the accuracy two gave from a Gaussian start (measured in
+    docs/performance.md), and every iteration saved is two products with the dense ``M``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    A = torch.cat(tiles.As).T  # (in, Σr)
+    Qa, _ = _qr(A)
+    inn, R = Qa.shape
+    if R >= k:
+        G = torch.randn(R, k, generator=gen, dtype=Qa.dtype).to(Qa.device)
+        return Qa @ G
+    G = torch.randn(inn, k - R, generator=gen, dtype=Qa.dtype).to(Qa.device)
+    return torch.cat([Qa, G], dim=1)
+
+
+POWER_ITERATIONS = 1
+OVERSAMPLE = 10
+
+
+def refactor(merged: Merged, rule: RankRule, *, lam: float, n_iter: int = POWER_ITERATIONS, kernel=None,
+             kind="linear") -> MergeResult:
+    """Low-rank factors of ``λ·M`` by the randomized SVD from the probe product ``Y = M @ Ω`` already taken,
+    with the exact relative error of the result.
+
+    Halko–Martinsson–Tropp: ``Q = orth(Y)``, ``n_iter`` power iterations ``Q ← orth(M·orth(Mᵀ Q))``, then the
+    exact SVD of ``Qᵀ M``. The result is the orthogonal projection ``Q Qᵀ M`` truncated, so
+    ``‖M − M_K‖² = ‖M‖² − Σ_{i≤K} σ̂_i²``. ``λ`` scales the singular values (its sign goes into ``U``), so
+    ``M`` itself is never rescaled. Cost: ``2·n_iter + 1`` products of ``M`` with ``k`` columns.
+    """
+    M, norm2 = merged.M, merged.norm2
+    Q, _ = _qr(merged.Y)  # thin QRs and the small SVD in one thread (lorakit.linalg.lapack_one_thread)
+    for _ in range(n_iter):
+        Z, _ = _qr(M.T @ Q)
+        Q, _ = _qr(M @ Z)
+    Bt = M.T @ Q  # (in, k) = (Qᵀ M)ᵀ
+    Ub, S, Vh = _svd(Bt.T)
+    U, Vh = fix_signs(Q @ Ub, Vh)
     if rule.kind == "rank":
-        rs = randomized_svd(M, min(int(rule.value), full), seed=seed, dtype=M.dtype)
+        keep = min(int(rule.value), S.shape[0])
     else:
         # Select from the sketched spectrum; the residual energy joins as one last value, so that energy/error
         # rules see the true total ‖M‖².
-        rs = randomized_svd(M, min(sketch, full), seed=seed, dtype=M.dtype)
-        rest = max(norm2 - float((rs.S.double() ** 2).sum()), 0.0)
-        spectrum = torch.cat([rs.S.double(), torch.tensor([math.sqrt(rest)], dtype=torch.float64)])
-        rs = rs.truncate(max(1, min(rule.select(spectrum), rs.rank)))
-    kept = float((rs.S.double() ** 2).sum())
+        rest = max(norm2 - float((S.double() ** 2).sum()), 0.0)
+        spectrum = torch.cat([S.double(), torch.tensor([math.sqrt(rest)], dtype=torch.float64)])
+        keep = max(1, min(rule.select(spectrum), S.shape[0]))
+    U, S, Vh = U[:, :keep], S[:keep], Vh[:keep]
+    kept = float((S.double() ** 2).sum())
     err = math.sqrt(max(norm2 - kept, 0.0) / norm2) if norm2 > 0 else 0.0
-    out = SVD(rs.U, rs.S, rs.Vh).to_factors(kernel=kernel, kind=kind)
-    return MergeResult(out, error=err, best_error=None, info={"rank": rs.rank})
+    if lam < 0:
+        U = -U
+    out = SVD(U, S * abs(lam), Vh).to_factors(kernel=kernel, kind=kind)
+    return MergeResult(out, error=err, best_error=None, info={"rank": keep})
 
 
-def _finish(inputs: Sequence[LoraFactors], M: torch.Tensor, rule: RankRule | None, seed: int,
-            info: dict) -> MergeResult:
+def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile, rule: RankRule | None,
+         seed: int, lam: float, info: dict, signed: bool) -> MergeResult:
+    """Probe, merge (fused with the first product), refactor: the shared body of every delta method."""
     first = inputs[0]
-    res = refactor(M, rule or default_rank(inputs), seed=seed, sketch=max(64, 4 * sum(f.rank for f in inputs)),
-                   kernel=first.kernel, kind=first.kind)
+    rule = rule or default_rank(inputs)
+    full = min(tiles.shape)
+    if rule.kind == "rank":
+        k = min(int(rule.value) + OVERSAMPLE, full)
+    else:
+        k = min(max(64, 4 * sum(f.rank for f in inputs)), full)
+    omega = probe(tiles, k, seed)
+    signer = K.SignedMerge() if signed else None
+    if signer is not None:
+        def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
+            merge_tile(r0, x, out)
+            signer.tile(r0, x, out=out, ws=tiles.workspace)
+    else:
+        def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
+            merge_tile(r0, x, out)
+            torch.sum(x, 0, out=out)
+    merged = merge_dense(tiles, body, omega, signer)
+    res = refactor(merged, rule, lam=lam, kernel=first.kernel, kind=first.kind)
     return MergeResult(res.factors, res.error, res.best_error, {**res.info, **info})
 
 
@@ -163,9 +257,9 @@ def _trimmed(
     sign election and disjoint mean."""
     check_params(density=density)
     tiles = TaskTiles(inputs, weights)
-    t = tiles.thresholds([keep_count(density, tiles.numel)])[:, 0]
-    M = merge_dense(tiles, lambda _r0, x: K.trim(x, t), signed=signed, lam=lam)
-    return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
+    t = tiles.thresholds([keep_count(density, tiles.numel)], seed=seed)[:, 0]
+    return _run(inputs, tiles, lambda _r0, x, _out: K.trim_(x, t, tiles.workspace), rank_rule, seed, lam,
+                {"density": density}, signed)
 
 
 @register("dare_linear", description="DARE: random drop (keep density), rescale by 1/density, weighted sum",
@@ -194,8 +288,10 @@ def _dare(
     check_params(density=density)
     tiles = TaskTiles(inputs, weights)
     n = len(inputs)
-    M = merge_dense(tiles, lambda r0, x: K.dare(x, density, _gens(seed, n, module, r0)), signed=signed, lam=lam)
-    return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
+    # 1/density is folded into λ: the TIES election is invariant to a positive scale and the means are linear
+    return _run(inputs, tiles, lambda r0, x, _out: K.dare_(x, density, _gens(seed, n, module, r0), rescale=False,
+                                                            ws=tiles.workspace),
+                rank_rule, seed, lam / density, {"density": density}, signed)
 
 
 @register("della", description="DELLA: magnitude-ranked random drop (MAGPRUNE, 1/p rescale), TIES election",
@@ -207,9 +303,11 @@ def della(
     check_params(density=density, epsilon=epsilon)
     tiles = TaskTiles(inputs, weights)
     n = len(inputs)
-    M = merge_dense(tiles, lambda r0, x: K.della(x, density, epsilon, _gens(seed, n, module, r0)),
-                    signed=True, lam=lam)
-    return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density})
+
+    def prune(r0: int, x: torch.Tensor, _out: torch.Tensor) -> None:
+        x.copy_(K.della(x, density, epsilon, _gens(seed, n, module, r0)))
+
+    return _run(inputs, tiles, prune, rank_rule, seed, lam, {"density": density}, True)
 
 
 @register("breadcrumbs", description="drop the top-gamma outliers and the small tail, keep density; sum",
@@ -221,6 +319,6 @@ def breadcrumbs(
     check_params(density=density, gamma=gamma)
     tiles = TaskTiles(inputs, weights)
     n_out = math.floor(gamma * tiles.numel)
-    t = tiles.thresholds([n_out, n_out + keep_count(density, tiles.numel)])
-    M = merge_dense(tiles, lambda _r0, x: K.band(x, t[:, 1], t[:, 0]), signed=False, lam=lam)
-    return _finish(inputs, M, rule=rank_rule, seed=seed, info={"density": density, "gamma": gamma})
+    t = tiles.thresholds([n_out, n_out + keep_count(density, tiles.numel)], seed=seed)
+    return _run(inputs, tiles, lambda _r0, x, _out: K.band(x, t[:, 1], t[:, 0], tiles.workspace), rank_rule, seed, lam,
+                {"density": density, "gamma": gamma}, False)

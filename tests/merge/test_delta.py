@@ -138,3 +138,55 @@ def test_rank_rules_and_reported_error_are_exact():
 def test_density_outside_the_unit_interval_is_refused(bad):
     with pytest.raises(OperatorParameterError, match="density"):
         D.ties(make(), [1, 1, 1], density=bad)
+
+
+def _sorted_kth(x, k):
+    s = x.abs().flatten().sort(descending=True).values
+    return float("inf") if k <= 0 else (0.0 if k >= x.numel() else float(s[k - 1]))
+
+
+@pytest.mark.parametrize("sample", ["drawn", "misleading-low", "misleading-high", "tiny"])
+def test_bracketed_threshold_is_exact_with_ties_at_the_threshold(monkeypatch, sample):
+    """Sampled bracket + counting pass: exact k-th largest, also where many entries equal the threshold and
+    where the sample is wrong (the histogram fallback then answers)."""
+    monkeypatch.setattr(K, "TILE_ELEMENTS", 120)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-6, 7, (2, 60, 40), generator=g).to(F64) * 0.25  # 13 distinct magnitudes: heavy ties
+    rows = K.tile_rows(60, 40)
+    tiles = lambda: ((r0, x[:, r0:r0 + rows].clone()) for r0 in range(0, 60, rows))
+    ks = torch.tensor([[1, 300, 1199, 2400], [0, 1000, 2399, 7]])
+    drawn = x.abs().flatten(1)[:, torch.randint(2400, (512,), generator=g)]
+    s = {"drawn": drawn, "misleading-low": torch.zeros(2, 512, dtype=F64),
+         "misleading-high": torch.full((2, 512), 1e9, dtype=F64), "tiny": drawn[:, :3]}[sample]
+    got = K.kth_largest_abs_bracketed(tiles, ks, s, 2400)
+    for i in range(2):
+        for j in range(4):
+            assert float(got[i, j]) == _sorted_kth(x[i], int(ks[i, j]))
+
+
+def test_sign_ties_follow_the_majority_sign(tiling):
+    """Entries where the trimmed tasks cancel exactly (Σ τ̂ = 0, some nonzero) take the module's majority sign."""
+    g = torch.Generator().manual_seed(5)
+    f = random_factors(30, 20, 3, generator=g, dtype=F64)
+    h = random_factors(30, 20, 2, generator=g, dtype=F64)
+    for wh in (1.0, -1.0, 0.3):
+        fs, ws = [f, f.scaled(-1.0), h], [1.0, 1.0, wh]
+        got = D.ties(fs, ws, density=0.3, rank_rule=FULL).factors.delta(F64)
+        torch.testing.assert_close(got, _ref.ties(taus(fs, ws), 0.3), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "della", "breadcrumbs"])
+def test_float32_module_matches_float64_reference_and_batching_of_rows(method, tiling):
+    """16-bit inputs compute in float32 (no float64 pass): the result matches the float64 method to float32
+    accuracy (thresholds are exact in float32, so the same entries are kept)."""
+    fs64 = make(out=40, inn=24)
+    fs32 = [type(f)(f.A.float(), f.B.float(), f.scale) for f in fs64]
+    kw = {"density": 0.4, "seed": 2, "rank_rule": rank_rule(rank=24)}
+    if method in ("dare_ties", "della"):
+        kw["module"] = "m"
+    a = getattr(D, method)(fs32, [0.7, -0.4, 1.1], **kw).factors.delta(F64)
+    b = getattr(D, method)(fs64, [0.7, -0.4, 1.1], **kw).factors.delta(F64)
+    if method in ("ties", "magnitude_prune", "breadcrumbs", "dare_ties"):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    else:  # DELLA draws its uniforms in the compute dtype: a different stream, the same law
+        assert a.shape == b.shape and torch.isfinite(a).all()

@@ -117,3 +117,22 @@ def test_output_path_checks(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         check_output_path(tmp_path / "missing" / "x.safetensors")
     assert check_output_path(tmp_path / "ok.safetensors", [src]) == tmp_path / "ok.safetensors"
+
+
+@pytest.mark.parametrize("kernel_copy", ["available", "refused", "missing"])
+def test_writer_reorders_with_or_without_copy_file_range(tmp_path, monkeypatch, kernel_copy):
+    """The final file is byte-identical whether the kernel copies the data ranges or Python does."""
+    import os
+
+    if kernel_copy == "refused":
+        def refuse(*_a, **_k):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    elif kernel_copy == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    tensors = {"z": torch.arange(7, dtype=torch.float16), "a": torch.randn(33, 5, dtype=torch.float64),
+               "m": torch.randn(4, 3).to(torch.bfloat16)}
+    path = write_safetensors(tmp_path / f"{kernel_copy}.safetensors", tensors, {"k": "v"})
+    with safe_open(str(path), "pt") as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
