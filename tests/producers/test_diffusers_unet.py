@@ -99,7 +99,7 @@ def test_apply_equals_peft_merge(produced, tmp_path):
     """``lorakit apply`` of the diffusers file onto the UNet checkpoint: W + ΔW with PEFT's ΔW, conv included."""
     from safetensors.torch import load_file, save_file
 
-    from lorakit.ops.apply import apply_file
+    from lorakit.verbs.apply import apply_file
 
     base = D.tiny_unet().state_dict()
     ckpt = tmp_path / "unet.safetensors"

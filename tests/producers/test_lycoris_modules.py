@@ -15,7 +15,7 @@ pytest.importorskip("lycoris")
 pytest.importorskip("peft")
 
 import lorakit
-from lorakit.ops.apply import apply_file
+from lorakit.verbs.apply import apply_file
 from lorakit.ops.convert import convert
 from tests.producers import _diffusion as D
 

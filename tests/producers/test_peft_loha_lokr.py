@@ -12,7 +12,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lorakit
-from lorakit.ops.apply import apply_file
+from lorakit.verbs.apply import apply_file
 from tests.producers._diffusion import REL, rel_err
 
 pytestmark = pytest.mark.peft
