@@ -71,6 +71,7 @@ def child(mode: str, path: str) -> dict:
 
     torch.set_num_threads(1)
     from lorakit.cli.main import cli
+
     from lorakit.io.safetensors_file import SafetensorsFile
 
     reads = {"tensors": 0, "bytes": 0}

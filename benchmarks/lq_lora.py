@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parts = [
         "## LQ-LoRA: low-rank plus quantized base weights",
         "",
-        f"Command: `{cmd.strip()}`. {head} Load average at start: {load:.1f} (shared machine). Total wall time "
-        f"{time.perf_counter() - t_start:.0f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB.",
+        (f"Command: `{cmd.strip()}`. {head} Load average at start: {load:.1f} (shared machine). Total wall time "
+        f"{time.perf_counter() - t_start:.0f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB."),
         "",
-        f"Matrix set: {len(mats)} matrices with Llama-3.2-1B shapes ({args.layers} layer(s) of q/k/v/o/gate/up/down, "
+        (f"Matrix set: {len(mats)} matrices with Llama-3.2-1B shapes ({args.layers} layer(s) of q/k/v/o/gate/up/down, "
         f"{total / 1e6:.1f} M parameters), each a Gaussian bulk plus a decaying rank-128 spike. LoRA rank "
         f"{args.rank}; the low-rank factors in bf16 add {lowrank_bits:.3f} bits/parameter. Errors are "
-        "‖W − (Q + L₁L₂)‖_F/‖W‖_F over the whole set; block 64 with double quantization.",
+        "‖W − (Q + L₁L₂)‖_F/‖W‖_F over the whole set; block 64 with double quantization."),
         "",
         "### Against plain NF quantization of the same matrices",
         "",
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             ["code", "iteration", "mean error", "worst error", "matrices still iterating"], iter_rows
         ),
         "",
-        f"### ILP allocation (one configuration per matrix among NF{'/'.join(map(str, args.bits))} at block 64, "
-        "costs = squared error after the full alternation, exact storage; scipy.optimize.milp)",
+        (f"### ILP allocation (one configuration per matrix among NF{'/'.join(map(str, args.bits))} at block 64, "
+        "costs = squared error after the full alternation, exact storage; scipy.optimize.milp)"),
         "",
         markdown_table(
             [

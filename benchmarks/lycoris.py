@@ -68,7 +68,6 @@ def dense_route(kind: str, t: dict[str, torch.Tensor], k: int) -> tuple[torch.Te
 
 def _child(route: str, case: tuple, q: mp.Queue) -> None:
     torch.set_num_threads(1)
-    import lorakit.formats.lycoris  # noqa: F401  (both routes pay the same imports before the baseline)
 
     _, kind, out, inn, r, k = case
     t = make_inputs(kind, out, inn, r)
@@ -109,14 +108,14 @@ def main() -> None:
     lines = [
         "## LyCORIS LoHa / LoKr → LoRA (truncated)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, shared 2-core CPU (load average "
+        (f"Machine: {platform.processor() or platform.machine()}, shared 2-core CPU (load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} while measuring, other agents running), torch "
-        f"{torch.__version__}, 1 thread, float32, best of {REPEATS} runs (the first includes one-off allocator costs). Command: `.venv/bin/python -m benchmarks.lycoris`.",
+        f"{torch.__version__}, 1 thread, float32, best of {REPEATS} runs (the first includes one-off allocator costs). Command: `.venv/bin/python -m benchmarks.lycoris`."),
         "",
-        "lorakit: exact LoRA from the factors, then QR-core SVD / Kronecker SVD truncation. Dense: form ΔW, "
+        ("lorakit: exact LoRA from the factors, then QR-core SVD / Kronecker SVD truncation. Dense: form ΔW, "
         "full SVD, truncate (what extraction tools do). Peak: growth of the process's max RSS during the timed "
         "runs (the first run included). Error: ‖ΔW_k − ΔW‖_F / ‖ΔW‖_F against float64 ΔW (both take the best rank-k approximation, so "
-        "the errors agree).",
+        "the errors agree)."),
         "",
         "| case | lorakit ms | dense ms | speed-up | lorakit peak MiB | dense peak MiB | lorakit error | dense error |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -25,13 +25,13 @@ from benchmarks._env import markdown_table, peak_rss_mb
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks" / "quantize.md"
 CONFIGS = [
-    ("int8 (--bits 8)", dict(bits=8)),
-    ("NF4 (--bits 4)", dict(bits=4)),
-    ("NF3 (--bits 3)", dict(bits=3)),
-    ("NF2 (--bits 2)", dict(bits=2)),
-    ("mixed --avg-bits 3", dict(bits=None, avg_bits=3.0)),
-    ("mixed --avg-bits 2.5", dict(bits=None, avg_bits=2.5)),
-    ("mixed --error 0.05", dict(bits=None, error=0.05)),
+    ("int8 (--bits 8)", {"bits": 8}),
+    ("NF4 (--bits 4)", {"bits": 4}),
+    ("NF3 (--bits 3)", {"bits": 3}),
+    ("NF2 (--bits 2)", {"bits": 2}),
+    ("mixed --avg-bits 3", {"bits": None, "avg_bits": 3.0}),
+    ("mixed --avg-bits 2.5", {"bits": None, "avg_bits": 2.5}),
+    ("mixed --error 0.05", {"bits": None, "error": 0.05}),
 ]
 
 
@@ -180,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parts = [
         "## Adapter quantization",
         "",
-        f"Command: `{cmd.strip()}`. {header()} Load average at start: {load:.1f} (shared machine; seconds are "
-        f"wall time and only indicative). Peak RSS of the run: {peak_rss_mb():.0f} MB.",
+        (f"Command: `{cmd.strip()}`. {header()} Load average at start: {load:.1f} (shared machine; seconds are "
+        f"wall time and only indicative). Peak RSS of the run: {peak_rss_mb():.0f} MB."),
         "",
-        "bits/param counts codes and every stored constant (absmax, double-quantization scales and offsets) "
+        ("bits/param counts codes and every stored constant (absmax, double-quantization scales and offsets) "
         "against the original rank·(out+in) parameters; rel ΔW error is ‖ΔW − ΔŴ‖_F/‖ΔW‖_F over the whole adapter, "
         "computed in factored form (no dense ΔW). No anchor quantizes adapters: their smallest option is a 16-bit "
         "cast, measured on the same adapter in the same run. Mixed rows choose 0/2/3/4/8 bits per singular "
-        "direction per module (block 64, double quantization everywhere).",
+        "direction per module (block 64, double quantization everywhere)."),
         "",
         f"### 8B-shaped adapter: {desc}",
         "",

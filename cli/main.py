@@ -54,7 +54,7 @@ class LazyGroup(click.Group):
     """Lists verbs from the ``commands`` package; imports a verb's module only when it runs or shows help."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        from lorakit.cli import commands
+        from . import commands
 
         return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(commands.__path__)
                       if not m.name.startswith("_"))
@@ -73,7 +73,7 @@ class LazyGroup(click.Group):
 
             close = difflib.get_close_matches(args[0], self.list_commands(ctx), n=1) if args else []
             if close:
-                e.message += f" Did you mean {close[0]!r}?"
+                e.message += f" Did you mean {close[0]!r}?"  # type: ignore[misc]  # click sets it once; we extend it
             raise
 
     def invoke(self, ctx: click.Context) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -119,7 +120,7 @@ class Adapter(Mapping[str, LoraFactors]):
         infos: module name → :class:`ModuleInfo` for lazily loaded modules (required for callables).
     """
 
-    __slots__ = ("_modules", "_infos", "meta")
+    __slots__ = ("_infos", "_modules", "meta")
 
     def __init__(
         self,
@@ -187,7 +188,10 @@ class Adapter(Mapping[str, LoraFactors]):
         """
         if infos is None:
             return Adapter({n: fn(n, self[n]) for n in self}, self.meta)
-        return Adapter({n: (lambda n=n: fn(n, self[n])) for n in self}, self.meta, infos)
+        def mapped(n: str) -> LoraFactors:
+            return fn(n, self[n])
+
+        return Adapter({n: partial(mapped, n) for n in self}, self.meta, infos)
 
     def select(self, names: list[str] | set[str]) -> Adapter:
         """The sub-adapter with only ``names`` (in this adapter's order)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -376,7 +377,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     meta = plan.adapters[0].meta.with_(passthrough={}, notes=(), full_tensors=full)
     if plan.infos is not None:
         infos = {m: replace(i, dtype=dtype or i.dtype) for m, i in plan.infos.items()}
-        adapter = Adapter({m: (lambda m=m: one(m)) for m in plan.modules}, meta, infos)
+        adapter = Adapter({m: partial(one, m) for m in plan.modules}, meta, infos)
     else:
         adapter = Adapter({m: one(m) for m in plan.modules}, meta)
     return MergeRun(plan, adapter, results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -71,6 +72,10 @@ def llama_shapes(layers: int, shapes: Mapping[str, tuple[int, int]] = LLAMA_8B_S
     return {f"model.layers.{i}.{p}": s for i in range(layers) for p, s in shapes.items()}
 
 
+def _module_message(module: str, message: str) -> str:
+    return f"module {module}: {message}"
+
+
 def assert_adapters_close(
     a: Adapter, b: Adapter, *, rtol: float = 1e-5, atol: float = 1e-6, names: Sequence[str] | None = None
 ) -> None:
@@ -78,4 +83,4 @@ def assert_adapters_close(
     assert set(a) == set(b), f"module sets differ: {sorted(set(a) ^ set(b))[:5]}"
     for n in names or list(a):
         da, db = a[n].delta(torch.float64), b[n].delta(torch.float64)
-        torch.testing.assert_close(da, db, rtol=rtol, atol=atol, msg=lambda m, n=n: f"module {n}: {m}")
+        torch.testing.assert_close(da, db, rtol=rtol, atol=atol, msg=partial(_module_message, n))

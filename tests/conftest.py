@@ -17,7 +17,6 @@ torch.set_num_threads(1)
 def cli(tmp_path):
     """Run ``lorakit ARGS...`` through the real entry point; returns (exit_code, stdout, stderr)."""
     from click.testing import CliRunner
-
     from lorakit.cli.main import cli as group
 
     def run(*args: str):

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import allow_pickle_option, device_option, dry_run_option, json_option, output_option, \
-    quiet_option
+from .._options import (
+    allow_pickle_option,
+    device_option,
+    dry_run_option,
+    json_option,
+    output_option,
+    quiet_option,
+)
 
 
 @click.command(epilog="""\b
@@ -28,9 +34,10 @@ def command(base: str, adapter: str, output: str, weight: float, subtract: bool,
             dry_run: bool, device: str, allow_pickle: bool) -> None:
     """Merge an adapter into a base checkpoint (safetensors, sharded or not), streamed tensor by tensor; the
     output keeps the base's dtypes, sharding and companion files (config.json...)."""
-    from lorakit.cli._output import emit
-    from lorakit.verbs.store import resolve
     from lorakit.verbs.apply import apply_file
+    from lorakit.verbs.store import resolve
+
+    from .._output import emit
 
     src = resolve(adapter, allow_pickle=allow_pickle)
     report = apply_file(base, src, output, weight=weight, subtract=subtract, device=device, dry_run=dry_run,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import (
+from .._options import (
     allow_pickle_option,
     json_option,
     keymap_options,
@@ -33,9 +33,10 @@ Examples:
 def command(adapter: str, output: str, to_format: str, as_json: bool, quiet: bool, allow_pickle: bool,
             arch: str | None, base: str | None, max_rank: int | None) -> None:
     """Convert an adapter between formats (exact: ΔW and every module's scale are preserved)."""
-    from lorakit.cli._output import emit
-    from lorakit.verbs.store import resolve
     from lorakit.ops.convert import convert
+    from lorakit.verbs.store import resolve
+
+    from .._output import emit
 
     src = resolve(adapter, allow_pickle=allow_pickle)
     report = convert(src, output, to_format, allow_pickle=allow_pickle, arch=arch, base=base, max_rank=max_rank)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from lorakit.cli._options import dtype_option, json_option, output_option, quiet_option, torch_dtype
+
+from .._options import dtype_option, json_option, output_option, quiet_option, torch_dtype
 
 
 @click.command(
@@ -27,10 +28,10 @@ Examples:
 @quiet_option
 def command(adapter: str, output: str, to_format: str | None, dtype: str, as_json: bool, quiet: bool) -> None:
     """Dequantize a quantized adapter into an ordinary LoRA file (the factors in canonical SVD form)."""
-    from lorakit.cli._output import emit
-
-    from lorakit.verbs.store import resolve
     from lorakit.verbs.quantize import dequantize_file
+    from lorakit.verbs.store import resolve
+
+    from .._output import emit
 
     src = resolve(adapter)
     emit(

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import device_option, dry_run_option, dtype_option, json_option, output_option, \
-    quiet_option
+from .._options import (
+    device_option,
+    dry_run_option,
+    dtype_option,
+    json_option,
+    output_option,
+    quiet_option,
+)
 
 
 @click.command(epilog="""\b
@@ -39,11 +45,12 @@ def command(base: str, finetuned: str, output: str, rank: int | None, energy: fl
             to_format: str, dtype: str, as_json: bool, quiet: bool, dry_run: bool, device: str) -> None:
     """Extract a LoRA from FINETUNED − BASE, streamed tensor by tensor, with a randomized SVD; reports each
     module's relative error."""
-    from lorakit.cli._options import torch_dtype
-    from lorakit.cli._output import emit
     from lorakit.errors import OperatorParameterError
-    from lorakit.verbs.extract import extract_file
     from lorakit.ops.rank_rules import rank_rule
+    from lorakit.verbs.extract import extract_file
+
+    from .._options import torch_dtype
+    from .._output import emit
 
     rule = rank_rule(rank=rank, energy=energy, error=error)
     if rule is None:

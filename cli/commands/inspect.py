@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import allow_pickle_option, device_option, json_option, keymap_options
+from .._options import allow_pickle_option, device_option, json_option, keymap_options
 
 
 @click.command(epilog="""\b
@@ -26,9 +26,10 @@ def command(adapter: str, norms: bool, spectrum: bool, show_all: bool, as_json: 
             arch: str | None, base: str | None, device: str) -> None:
     """Show what is inside an adapter, reading only the header unless --norms or --spectrum is given."""
     import lorakit
-    from lorakit.cli._output import emit
     from lorakit.describe import describe
     from lorakit.device import resolve_device
+
+    from .._output import emit
 
     dev = resolve_device(device)  # checked first: --device cuda without a GPU fails before any reading
     a = lorakit.load(adapter, allow_pickle=allow_pickle, arch=arch, base=base)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from lorakit.cli._options import device_option, dry_run_option, json_option, output_option, quiet_option
+
+from .._options import device_option, dry_run_option, json_option, output_option, quiet_option
 
 
 @click.command(
@@ -64,10 +65,10 @@ def command(
     device: str,
 ) -> None:
     """Decompose base weights into a quantized residual plus a rank-r LoRA initialisation (LQ-LoRA)."""
-    from lorakit.cli._output import emit, progress
-
     from lorakit.device import resolve_device
     from lorakit.verbs.lq_decompose import lq_decompose_file
+
+    from .._output import emit, progress
 
     if bits is None and budget is None:
         bits = 4

@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import click
 
-from lorakit.cli._options import (
-    allow_pickle_option, device_option, dry_run_option, dtype_option, json_option, quiet_option, to_option,
+from .._options import (
+    allow_pickle_option,
+    device_option,
+    dry_run_option,
+    dtype_option,
+    json_option,
+    quiet_option,
+    to_option,
 )
 
 
@@ -62,11 +70,11 @@ Examples:
 @allow_pickle_option
 def command(inputs: tuple[str, ...], output: str | None, method: str, weights: str | None, rank: int | None,
             energy: float | None, error: float | None, density: float | None, lam: float | None, seed: int | None,
-            extra: tuple[str, ...], module_set: str | None, list_methods: bool, to_format: str | None, dtype: str,
+            extra: tuple[str, ...], module_set: Literal["union", "intersection"] | None, list_methods: bool, to_format: str | None, dtype: str,
             device: str, dry_run: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> None:
     """Merge adapters into one, exactly where the math allows, reporting every loss per module."""
-    from lorakit.cli._options import torch_dtype
-    from lorakit.cli._output import emit
+    from .._options import torch_dtype
+    from .._output import emit
 
     if list_methods:
         from lorakit.ops.registry import available

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from lorakit.cli._options import allow_pickle_option, dry_run_option, json_option, quiet_option
+
+from .._options import allow_pickle_option, dry_run_option, json_option, quiet_option
 
 
 @click.command(epilog="""\b
@@ -28,10 +29,10 @@ Environment: HF_TOKEN, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_ENDPOINT (LORAKIT_HUB_EN
 def command(repo: str, output: str | None, offline: bool | None, allow_pickle: bool, as_json: bool, quiet: bool,
             dry_run: bool) -> None:
     """Download an adapter from the Hugging Face Hub and print where it is."""
-    from lorakit.cli._output import emit
-
     from lorakit.hub import pull
     from lorakit.hub._client import show_progress
+
+    from .._output import emit
 
     show_progress(not (quiet or as_json))
     result = pull(repo, output=output, offline=offline or None, allow_pickle=allow_pickle, dry_run=dry_run)

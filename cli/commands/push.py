@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from lorakit.cli._options import dry_run_option, json_option, quiet_option
+
+from .._options import dry_run_option, json_option, quiet_option
 
 
 @click.command(epilog="""\b
@@ -28,9 +29,9 @@ from their metadata, and a README.md card with base_model, library_name, tags an
 def command(adapter: str, repo: str, private: bool, revision: str | None, base_model: str | None,
             message: str | None, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Publish an adapter file or folder to a Hugging Face Hub repo."""
-    from lorakit.cli._output import emit
-
     from lorakit.hub import push
+
+    from .._output import emit
 
     result = push(adapter, repo, private=private, revision=revision, base_model=base_model,
                   commit_message=message, dry_run=dry_run)

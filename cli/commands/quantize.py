@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from lorakit.cli._options import (
+
+from .._options import (
     allow_pickle_option,
     device_option,
     dry_run_option,
@@ -72,13 +73,13 @@ def command(
     allow_pickle: bool,
 ) -> None:
     """Quantize an adapter's factors block-wise (NF4 and friends) in canonical SVD form, reporting the loss."""
-    from lorakit.cli._output import emit, progress
-
     import lorakit
     from lorakit.device import resolve_device
     from lorakit.errors import OperatorParameterError
-    from lorakit.verbs.store import resolve
     from lorakit.verbs.quantize import quantize_adapter
+    from lorakit.verbs.store import resolve
+
+    from .._output import emit, progress
 
     if mixed and bits is not None:
         raise OperatorParameterError("--bits and --mixed exclude each other")

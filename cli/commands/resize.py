@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import allow_pickle_option, common_output, device_option
+from .._options import allow_pickle_option, common_output, device_option
 
 SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
@@ -50,11 +50,12 @@ def command(adapter: str, rank: int | None, energy: float | None, sv_ratio: floa
             allow_pickle: bool) -> None:
     """Resize an adapter: exact SVD of each module from its factors (no dense ΔW), optimal truncation,
     per-module report of rank in/out, energy kept and relative error."""
-    from lorakit.cli._options import torch_dtype
-    from lorakit.cli._output import emit
-    from lorakit.verbs.store import resolve
     from lorakit.ops.rank_rules import rank_rule
     from lorakit.verbs.resize import resize_file
+    from lorakit.verbs.store import resolve
+
+    from .._options import torch_dtype
+    from .._output import emit
 
     rule = rank_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, error=error)
     src = resolve(adapter, allow_pickle=allow_pickle)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import click
-from lorakit.cli._options import json_option
+
+from .._options import json_option
 
 
 @click.command(epilog="""\b
@@ -18,9 +19,9 @@ Examples:
 @json_option
 def command(base_model: str | None, query: str | None, tags: tuple[str, ...], limit: int, as_json: bool) -> None:
     """Find adapters on the Hugging Face Hub: repo, downloads, likes, last update, format."""
-    from lorakit.cli._output import emit
-
     from lorakit.hub import search, search_report
+
+    from .._output import emit
 
     hits = search(base_model=base_model, query=query, tags=tags, limit=limit)
     emit(search_report(hits, base_model=base_model, query=query), as_json=as_json)

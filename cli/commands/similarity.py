@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli._options import allow_pickle_option, device_option, json_option, quiet_option
+from .._options import allow_pickle_option, device_option, json_option, quiet_option
 
 
 @click.command(epilog="""\b
@@ -21,8 +21,9 @@ Examples:
 def command(inputs: tuple[str, ...], per_module: bool, as_json: bool, quiet: bool, allow_pickle: bool,
             device: str) -> None:
     """Cosine similarity ⟨ΔW_i, ΔW_j⟩/(‖ΔW_i‖‖ΔW_j‖) over the common modules, computed from the factors."""
-    from lorakit.cli._output import emit
     from lorakit.verbs.similarity import similarity_report
+
+    from .._output import emit
 
     emit(similarity_report(list(inputs), per_module=per_module, allow_pickle=allow_pickle,
                            device=device), as_json=as_json,

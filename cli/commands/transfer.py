@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from lorakit.cli._options import device_option, dry_run_option, json_option, quiet_option
+
+from .._options import device_option, dry_run_option, json_option, quiet_option
 
 
 @click.group(epilog="""\b
@@ -23,8 +24,9 @@ def command() -> None:
 
 def _bars(quiet: bool) -> Any:
     """A ``progress(stage, done, total)`` callback drawing one rich bar per stage on stderr."""
-    from lorakit.cli._output import stderr
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .._output import stderr
 
     if quiet or not stderr.is_terminal:
         return None, lambda stage, done, total: None
@@ -71,11 +73,11 @@ def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | No
             negatives: int, epochs: int, recall: float, seed: int, output: str, device: str, as_json: bool,
             quiet: bool, dry_run: bool) -> None:
     """Build a transfer kit (seeds, task descriptor, discriminator LoRA) while the task data still exists."""
-    from lorakit.cli._output import emit
-
     from lorakit.report import Report
     from lorakit.transfer import pipeline
     from lorakit.transfer.kit import read_examples
+
+    from .._output import emit
 
     if dry_run:
         n = len(read_examples(data))
@@ -120,11 +122,11 @@ def run(kit: str, source_base: str, target_base: str, samples: int, generator: t
         token_kl: bool, target_modules: tuple[str, ...], rank: int, epochs: int, lr: float, max_rounds: int,
         seed: int, output: str, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Generate, filter, teach and distil: a new LoRA for the target base. Re-run the same command to resume."""
-    from lorakit.cli._output import emit
-
     from lorakit.report import Report
     from lorakit.transfer import pipeline
     from lorakit.transfer.kit import Kit
+
+    from .._output import emit
 
     k = Kit.load(kit)
     if dry_run:
@@ -162,10 +164,10 @@ Examples:
 def project(adapter: str, source_base: str, target_base: str, q: str, no_null_space: bool, min_similarity: float,
             output: str | None, device: str, as_json: bool, quiet: bool, dry_run: bool) -> None:
     """Training-free transfer between same-shape bases by subspace projection, with a per-module report."""
-    from lorakit.cli._output import emit
-
     from lorakit.errors import LorakitError
     from lorakit.transfer import pipeline
+
+    from .._output import emit
 
     try:
         qv: int | float = int(q) if q.isdigit() else float(q)

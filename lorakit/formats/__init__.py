@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from lorakit.errors import UnknownFormatError
-from lorakit.formats.base import Format, Source
+from lorakit.formats.base import Format, ReadableFormat, Source
 from lorakit.formats.diffusers import DiffusersFormat
 from lorakit.formats.kohya import KohyaFormat
 from lorakit.formats.lycoris import LycorisFormat
@@ -16,10 +16,10 @@ from lorakit.formats.quantized import QuantizedFormat
 
 # The quantized format first (its metadata marks it); LyCORIS before PEFT (PEFT LOHA/LOKR configs) and kohya
 # (LoHa/LoKr files may also hold LoCon modules).
-FORMATS: list[Format] = [QuantizedFormat(), LycorisFormat(), PeftFormat(), KohyaFormat(), DiffusersFormat()]
+FORMATS: list[ReadableFormat] = [QuantizedFormat(), LycorisFormat(), PeftFormat(), KohyaFormat(), DiffusersFormat()]
 
 
-def get_format(name: str) -> Format:
+def get_format(name: str) -> ReadableFormat:
     """The format registered as ``name``."""
     for f in FORMATS:
         if f.name == name:
@@ -29,7 +29,7 @@ def get_format(name: str) -> Format:
     )
 
 
-def detect(source: Source) -> Format:
+def detect(source: Source) -> ReadableFormat:
     """The first format whose sniffer accepts the content; :class:`UnknownFormatError` lists what was tried."""
     for f in FORMATS:
         if f.sniff(source):
@@ -41,4 +41,4 @@ def detect(source: Source) -> Format:
     )
 
 
-__all__ = ["FORMATS", "Format", "Source", "detect", "get_format"]
+__all__ = ["FORMATS", "Format", "ReadableFormat", "Source", "detect", "get_format"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -84,7 +86,7 @@ def is_per_output(magnitude: torch.Tensor, out_features: int) -> bool:
     return magnitude.ndim >= 1 and magnitude.numel() == out_features and magnitude.shape[0] == out_features
 
 
-def peft_magnitude(f: LoraFactors, file: object = None, module: str | None = None) -> torch.Tensor:
+def peft_magnitude(f: LoraFactors, file: str | Path | None = None, module: str | None = None) -> torch.Tensor:
     """The magnitude in PEFT's stored layout: ``(out,)``, or ``(1, out, 1, 1)`` for conv layers.
 
     Raises:
@@ -200,8 +202,7 @@ def build_adapter(
             rank = source.store.shape(roles["A"])[0]
             info = module_info(source, name, roles, scale_of(stem, roles, rank), kind_of(stem, roles))
         infos[name] = info
-        loaders[name] = labelled(
-            lambda info=info, roles=roles: load_factors(source, info, roles, flat_magnitude=flat_magnitude), name, key)
+        loaders[name] = labelled(partial(load_factors, source, info, roles, flat_magnitude=flat_magnitude), name, key)
     return Adapter(loaders, meta, infos)
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -175,8 +175,8 @@ class Source:
         return cls(p, store, config, config_path)
 
 
-class Format(Protocol):
-    """A file format: content sniffing, reading, and (where sensible) writing."""
+class ReadableFormat(Protocol):
+    """A file format lorakit reads: content sniffing and reading (LyCORIS is read only)."""
 
     name: str
     description: str
@@ -189,6 +189,12 @@ class Format(Protocol):
     def read(self, source: Source) -> Adapter:
         """A lazy :class:`Adapter`; raises :class:`FormatError` subclasses naming the file and key."""
         ...
+
+
+
+@runtime_checkable
+class Format(ReadableFormat, Protocol):
+    """A format lorakit also writes."""
 
     def write(self, adapter: Adapter, path: Path, metadata: Mapping[str, str]) -> Path:
         """Write ``adapter`` to ``path`` (atomically); returns the path written."""

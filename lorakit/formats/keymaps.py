@@ -129,7 +129,9 @@ def stem_of(prefix: str, name: str) -> str:
 
 # ---- U-Net (diffusers UNet2DConditionModel) -------------------------------------------------------------
 def _per_level(value: int | Sequence[int], n: int) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [int(value)] * n
+    if isinstance(value, Sequence):
+        return [int(v) for v in value]
+    return [int(value)] * n
 
 
 def _resnet(prefix: str, shortcut: bool) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
@@ -64,6 +65,11 @@ COMPONENT_TO_KOHYA = {
     "text_encoder_2.": "lora_te2_",
     "text_encoder_3.": "lora_te3_",
 }
+
+
+def _given(f: LoraFactors) -> LoraFactors:
+    """A loader for factors already in hand (a fused module assembled while writing)."""
+    return f
 
 
 def kohya_stem(module: str) -> str:
@@ -276,17 +282,17 @@ class KohyaFormat:
                 continue
             f = fuse_factors({n: adapter[n] for n in names}, split)
             if f is not None:
-                items.append((stem, lambda f=f: f, None))
+                items.append((stem, partial(_given, f), None))
                 fused_names.update(names)
         for name in adapter:
             if name not in fused_names:
-                items.append((preferred.get(name) or kohya_stem(name), lambda name=name: adapter[name], name))
+                items.append((preferred.get(name) or kohya_stem(name), partial(adapter.__getitem__, name), name))
         seen: dict[str, str] = {}
-        for stem, _, name in items:
+        for stem, _, module in items:
             if stem in seen:
-                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=name or seen[stem],
+                raise KeyMappingError(f"two modules map to the kohya stem {stem!r}", module=module or seen[stem],
                                       key=stem)
-            seen[stem] = name or stem
+            seen[stem] = module or stem
         infos = {n: adapter.info(n) for n in adapter if n not in fused_names}
         ranks = {i.rank for i in infos.values()}
         alphas = {i.scale * i.rank for i in infos.values()}

@@ -335,7 +335,7 @@ class LycorisFormat:
             or source.metadata.get("modelspec.architecture"),
             source_format=self.name,
             source_path=str(source.path),
-            format_config=dict(config) if peft else {k: v for k, v in source.metadata.items()
+            format_config=dict(config or {}) if peft else {k: v for k, v in source.metadata.items()
                                                      if k != kohya.NAMES_KEY},
             metadata=source.metadata,
             passthrough=passthrough,

@@ -71,6 +71,7 @@ def _sanitize_value(key: str, value: str) -> str | None:
 def sanitize_config(config: dict[str, Any], base_model: str | None, changed: list[str]) -> dict[str, Any]:
     out = dict(config)
     old = out.get("base_model_name_or_path")
+    new: str | None
     if base_model:
         new = base_model
     else:

@@ -53,7 +53,7 @@ def parse_spec(spec: str) -> HubSpec:
     The revision may itself contain ``/`` (``refs/pr/1``) only in the bare form without a file path; with a
     file path, the revision ends at the first ``/``.
     """
-    body = spec[len(HUB_SCHEME):] if spec.startswith(HUB_SCHEME) else spec
+    body = spec.removeprefix(HUB_SCHEME)
     parts = body.split("/", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise HubError(f"{spec!r} does not name a Hub repo", hint="write hf://ORG/NAME[@REVISION][/FILE]")

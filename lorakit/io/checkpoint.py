@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import torch
 
@@ -154,7 +156,7 @@ class Checkpoint:
         if info.nbytes:
             with open(f.path, "rb") as fh:
                 fh.seek(f.data_start + info.begin)
-                got = fh.readinto(memoryview(buf.numpy()))
+                got = fh.readinto(memoryview(buf.numpy()))  # type: ignore[arg-type]  # numpy arrays are buffers
             if got != info.nbytes:
                 raise CorruptFileError(f"truncated while reading tensor {name!r}", file=f.path)
         return buf.view(dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=dtype)
@@ -200,7 +202,7 @@ class CheckpointWriter:
         self._total = 0
         self._written: set[str] = set()
 
-    def __enter__(self) -> CheckpointWriter:
+    def __enter__(self) -> Self:
         if not self.single_file:
             self._root = self._stack.enter_context(atomic_output(self.path, directory=True))
         return self
@@ -232,7 +234,7 @@ class CheckpointWriter:
         missing = names - self._written
         if missing:
             w.abort()
-            raise FormatError(f"shard {shard} is missing {len(missing)} tensor(s), e.g. {sorted(missing)[0]!r}",
+            raise FormatError(f"shard {shard} is missing {len(missing)} tensor(s), e.g. {min(missing)!r}",
                               file=self.path)
         w.close()
 
@@ -254,7 +256,8 @@ class CheckpointWriter:
             self._current[2].abort()
             self._current = None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             try:
                 self._finalize()

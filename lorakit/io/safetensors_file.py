@@ -8,12 +8,13 @@ read. Tensors are then read one at a time with ``pread`` into memory they own (s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -232,12 +233,12 @@ class SafetensorsFile:
             self._handle = None
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        # __init__ may have failed before the handle existed; at shutdown the descriptor may be gone already
+        if getattr(self, "_handle", None) is not None:
+            with contextlib.suppress(OSError):
+                self.close()
 
-    def __enter__(self) -> SafetensorsFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

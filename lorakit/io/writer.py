@@ -14,6 +14,7 @@ import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -122,7 +123,7 @@ class SafetensorsWriter:
             self._data_path.unlink(missing_ok=True)
             self._closed = True
 
-    def __enter__(self) -> SafetensorsWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -139,4 +140,4 @@ def cat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> 
         return cat_factors([a[n] for a in adapters], weights, module=n)
 
     meta = adapters[0].meta.with_(passthrough={}, full_tensors=full)
-    return Adapter({n: (lambda n=n: one(n)) for n in names}, meta, infos)
+    return Adapter({n: partial(one, n) for n in names}, meta, infos)

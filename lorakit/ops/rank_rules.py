@@ -69,8 +69,8 @@ def rank_rule(
     Raises:
         OperatorParameterError: more than one rule, or a value out of range.
     """
-    given = {k: v for k, v in dict(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative,
-                                   error=error).items() if v is not None}
+    given = {k: v for k, v in {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_cumulative": sv_cumulative,
+                                   "error": error}.items() if v is not None}
     if len(given) > 1:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise OperatorParameterError(f"give one rank rule, not {flags}", parameter="rank")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -97,8 +98,10 @@ def truncated_factors(svd: SVD, k: int, like: LoraFactors, *, expand_to: int | N
         pad = expand_to - A.shape[0]
         A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
         B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-    home = {"device": like.A.device, "dtype": like.dtype}  # the input's: results come back from the device
-    return LoraFactors(A.to(**home).contiguous(), B.to(**home).contiguous(), 1.0, like.kernel, like.kind,
+    # the input's device and dtype: results come back from the device
+    home_A = A.to(device=like.A.device, dtype=like.dtype)
+    home_B = B.to(device=like.A.device, dtype=like.dtype)
+    return LoraFactors(home_A.contiguous(), home_B.contiguous(), 1.0, like.kernel, like.kind,
                        like.magnitude, like.extras)
 
 
@@ -168,7 +171,7 @@ def resize_stream(
         return ready.pop(name)
 
     out_infos = {n: replace(i, rank=max(ranks[n], pad or 0), scale=1.0) for n, i in infos.items()}
-    return Adapter({n: (lambda n=n: one(n)) for n in order}, adapter.meta, out_infos), rows
+    return Adapter({n: partial(one, n) for n in order}, adapter.meta, out_infos), rows
 
 
 def resize(

@@ -83,7 +83,7 @@ def extract_file(
         name = k.removesuffix(".weight")
         modules[name] = LoraFactors(f.A.cpu().contiguous(), f.B.cpu().contiguous(), 1.0, kernel, kind)  # type: ignore[arg-type]
         rows.append(ExtractedModule(name, (int(shape4[0]), int(math.prod(shape4[1:]))), svd.rank, err))
-    changed_1d = [k for k in t.keys() if k in b and len(t.shape(k)) == 1 and not torch.equal(t.get(k), b.get(k))]  # noqa: SIM118 (a file's keys, not a dict)
+    changed_1d = [k for k in t.keys() if k in b and len(t.shape(k)) == 1 and not torch.equal(t.get(k), b.get(k))]
     if not modules:
         raise KeyMappingError("the two checkpoints are identical in every selected tensor: nothing to extract",
                               file=finetuned)

@@ -130,7 +130,7 @@ def lq_decompose_file(
     with atomic_output(out, directory=True) as tmp:
         with SafetensorsWriter(tmp / "residual.safetensors", {"format": "pt", **prov}) as w:
             todo = set(names)
-            for k in src.keys():  # noqa: SIM118 (a file's keys, not a dict)
+            for k in src.keys():
                 if k not in todo:
                     w.add(k, src.get(k))
             for n in it:
@@ -191,7 +191,7 @@ def load_residual(path: str | Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"residual version {schema.get('version')} is not supported", file=path)
     out: dict[str, torch.Tensor] = {}
     owned = {f"{n}.{r}" for n in matrices for r in ("codes", "absmax", "qabsmax", "scale2", "offset")}
-    for k in f.keys():  # noqa: SIM118 (a file's keys, not a dict)
+    for k in f.keys():
         if k not in owned:
             out[k] = f.get(k)
     for n, spec in matrices.items():

@@ -15,7 +15,7 @@ from typing import Any
 from lorakit.adapter import Adapter
 from lorakit.errors import FormatError, naming_file
 from lorakit.formats import detect, get_format
-from lorakit.formats.base import Source
+from lorakit.formats.base import Format, Source
 from lorakit.io.atomic import check_output_path
 from lorakit.io.resolve import resolve_input
 from lorakit.provenance import provenance_metadata
@@ -133,7 +133,7 @@ def save(
     protected = (*inputs, adapter.meta.source_path) if adapter.meta.source_path else tuple(inputs)
     out = check_output_path(path, protected)
     fmt = get_format(format or default_output_format(adapter))
-    if not fmt.writable:
+    if not fmt.writable or not isinstance(fmt, Format):
         raise FormatError(f"lorakit cannot write the {fmt.name} format", file=out)
     check_carried(adapter, fmt.name, out)
     meta = {**(metadata or {}), **provenance_metadata(provenance or adapter.meta.provenance)}

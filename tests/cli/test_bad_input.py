@@ -263,7 +263,7 @@ def test_lying_config_rank_tensors_win_and_a_note_says_so(cli, tmp_path):
     write_safetensors(d / "adapter_model.safetensors", {
         "base_model.model.x.lora_A.weight": torch.randn(4, 6, generator=g),
         "base_model.model.x.lora_B.weight": torch.randn(5, 4, generator=g)})
-    code, out, err = cli("inspect", d, "--json")
+    code, out, _err = cli("inspect", d, "--json")
     report = json.loads(out)
     assert code == 0 and report["ranks"] == {"4": 1}
     # alpha/r with the tensors' rank: 32 / 4.

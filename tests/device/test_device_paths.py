@@ -126,7 +126,7 @@ def test_group_by_shape_keys_modules_across_inputs():
 # ---- resize -----------------------------------------------------------------------------------------------------
 def test_resize_on_device_matches_float64_truncation(device):
     a = random_adapter(SHAPES, 8, scale=2.0, decay=0.7, seed=5)
-    out, rows = resize(a, rank_rule(rank=3), device=device)
+    out, _rows = resize(a, rank_rule(rank=3), device=device)
     for n in a:
         U, S, Vh = torch.linalg.svd(dense64(a[n]), full_matrices=False)
         best = (U[:, :3] * S[:3]) @ Vh[:3]

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import lorakit
 from lorakit.errors import KeyMappingError, UnsafeFileError
-from lorakit.formats.keymaps import KeyMap, Split, arch_keymap, split_factors
 from lorakit.factors import LoraFactors
+from lorakit.formats.keymaps import KeyMap, Split, arch_keymap, split_factors
 
 D = torch.float64
 
@@ -210,7 +210,7 @@ def test_flux_with_base_config_roundtrip(tmp_path, cli):
     assert {"transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp",
             "transformer.single_transformer_blocks.0.proj_out"} <= set(a)
     out = tmp_path / "diff.safetensors"
-    code, stdout, err = cli("convert", path, "--base", base, "--to", "diffusers", "-o", out)
+    code, _stdout, err = cli("convert", path, "--base", base, "--to", "diffusers", "-o", out)
     assert code == 0, err
     back = tmp_path / "back.safetensors"
     assert cli("convert", out, "--to", "kohya", "-o", back)[0] == 0
@@ -259,7 +259,7 @@ def test_unmapped_stem_with_arch_is_an_error(tmp_path, cli):
     with pytest.raises(KeyMappingError) as e:
         lorakit.load(path, arch="sd1")
     assert "lora_unet_input_blocks_4_1_proj_in" in str(e.value)
-    code, out, err = cli("inspect", path, "--arch", "sd1")
+    code, _out, err = cli("inspect", path, "--arch", "sd1")
     assert code == 1
     assert "lora_unet_input_blocks_4_1_proj_in" in err and "hint:" in err and "--arch" in err
     # Without --arch, an unmappable mix keeps the stems and says so.
@@ -289,7 +289,7 @@ def test_kohya_pickle_refused_unless_allowed(tmp_path, cli):
     torch.save(t, path)
     with pytest.raises(UnsafeFileError):
         lorakit.load(path)
-    code, _, err = cli("convert", path, "--to", "peft", "-o", tmp_path / "o")
+    code, _, _err = cli("convert", path, "--to", "peft", "-o", tmp_path / "o")
     assert code == 1 and not (tmp_path / "o").exists()
     a = lorakit.load(path, allow_pickle=True)
     assert_refs(a, {SD1[0][1]: ref})

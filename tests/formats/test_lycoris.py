@@ -212,7 +212,7 @@ def test_pickle_refused_unless_allowed(tmp_path, cli):
     torch.save(t, path)
     with pytest.raises(UnsafeFileError):
         lorakit.load(path)
-    code, out, err = cli("inspect", path)
+    code, _out, err = cli("inspect", path)
     assert code == 1 and "pickle" in err and "--allow-pickle" in err
     a = lorakit.load(path, allow_pickle=True)
     torch.testing.assert_close(a["lycoris_m"].delta(D), ref, rtol=1e-10, atol=1e-10)
@@ -270,7 +270,7 @@ def test_face_splitting_times_khatri_rao_is_the_hadamard_product(out, inn, r1, r
        seed=st.integers(0, 2**16))
 def test_kron_svd_from_factor_svds(a, c, b, d, k, seed):
     W1, W2 = rand(a, c, seed=seed), rand(b, d, seed=seed + 1)
-    svd = lambda W: SVD(*torch.linalg.svd(W, full_matrices=False))  # noqa: E731
+    svd = lambda W: SVD(*torch.linalg.svd(W, full_matrices=False))
     B, A, err = lokr_svd(svd(W1), svd(W2), k)
     ref = torch.kron(W1, W2)
     S = torch.linalg.svdvals(ref)

@@ -63,16 +63,16 @@ def logits(model, seed: int = 3) -> torch.Tensor:
 
 
 CONFIGS = {
-    "plain": dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS),
-    "patterns": dict(
-        r=8, lora_alpha=16, target_modules=LLAMA_TARGETS,
-        rank_pattern={"q_proj": 4, "model.layers.1.mlp.down_proj": 2},
-        alpha_pattern={"v_proj": 3, "model.layers.0.self_attn.o_proj": 5.5},
-    ),
-    "rslora": dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, use_rslora=True,
-                   rank_pattern={"k_proj": 2}),
-    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
-    "embedding": dict(r=4, lora_alpha=12, target_modules=["embed_tokens", "q_proj", "v_proj"]),
+    "plain": {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS},
+    "patterns": {
+        "r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS,
+        "rank_pattern": {"q_proj": 4, "model.layers.1.mlp.down_proj": 2},
+        "alpha_pattern": {"v_proj": 3, "model.layers.0.self_attn.o_proj": 5.5},
+    },
+    "rslora": {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS, "use_rslora": True,
+                   "rank_pattern": {"k_proj": 2}},
+    "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True},
+    "embedding": {"r": 4, "lora_alpha": 12, "target_modules": ["embed_tokens", "q_proj", "v_proj"]},
 }
 
 
@@ -106,7 +106,7 @@ def test_lorakit_reads_peft_exactly(peft_dir):
 
 
 def test_peft_loads_lorakit_output_with_same_logits(peft_dir, tmp_path):
-    kind, model, path = peft_dir
+    _kind, model, path = peft_dir
     out = tmp_path / "rewritten"
     lorakit.save(lorakit.load(path), out, format="peft")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("huggingface_hub")
 
-from tests.hub.fake_hub import FakeHub  # noqa: E402
+from tests.hub.fake_hub import FakeHub
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
 
@@ -35,7 +35,7 @@ def fake_hub():
 @pytest.fixture
 def hub_env(fake_hub, tmp_path, monkeypatch):
     """Point lorakit (and huggingface_hub) at ``fake_hub`` with a fresh cache; returns the cache dir."""
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("LORAKIT_HUB_ENDPOINT", fake_hub.url)
@@ -91,7 +91,7 @@ def kohya_repo_files(seed: int = 1, name: str = "style.safetensors") -> dict[str
 
 def go_offline(monkeypatch) -> None:
     """Offline mode as a user sets it: ``HF_HUB_OFFLINE=1`` (lorakit reads it per call; the client per import)."""
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -26,7 +26,7 @@ def test_repo_not_found(fake_hub, hub_env, cli):
 
 def test_revision_not_found(fake_hub, hub_env, cli):
     fake_hub.add_repo("org/a", peft_repo_files())
-    msg, hint = _fails(cli, "pull", "org/a@nope")
+    msg, _hint = _fails(cli, "pull", "org/a@nope")
     assert "revision 'nope' not found in org/a" in msg
 
 
@@ -70,10 +70,10 @@ def test_file_missing_on_the_server_is_mapped(fake_hub, hub_env):
     from lorakit.hub._client import hub_errors, settings
 
     s = settings()
-    with pytest.raises(HubError, match="file 'gone.json' is not in org/a"):
-        with hub_errors(s, "org/a", "main", "gone.json"):
-            huggingface_hub.hf_hub_download("org/a", "gone.json", cache_dir=s.cache_dir, endpoint=s.endpoint,
-                                            token=s.token)
+    with (pytest.raises(HubError, match="file 'gone.json' is not in org/a"),
+          hub_errors(s, "org/a", "main", "gone.json")):
+        huggingface_hub.hf_hub_download("org/a", "gone.json", cache_dir=s.cache_dir, endpoint=s.endpoint,
+                                        token=s.token)
 
 
 def test_disk_full(fake_hub, hub_env, cli, monkeypatch):

@@ -104,14 +104,14 @@ def test_offline_reuses_the_cache_without_any_request(fake_hub, hub_env, monkeyp
 def test_offline_without_cache_says_so(fake_hub, hub_env, monkeypatch, cli):
     fake_hub.add_repo("org/a", peft_repo_files())
     go_offline(monkeypatch)
-    code, out, err = cli("pull", "org/a")
+    code, _out, err = cli("pull", "org/a")
     assert code == 1
     assert "not in the local cache" in err and "hint:" in err
     assert fake_hub.requests == []
 
 
 def test_resume_after_the_connection_drops_mid_file(fake_hub, hub_env, monkeypatch):
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     # The client hands bytes to the file in DOWNLOAD_CHUNK_SIZE pieces (10 MB); with small chunks the bytes
     # received before the drop are kept, as they are for a real multi-megabyte adapter.
@@ -136,7 +136,7 @@ def test_sha256_mismatch_is_detected_and_the_file_not_kept(fake_hub, hub_env, cl
     bad = bytearray(good)
     bad[-1] ^= 0xFF  # same size, so the client's own size check passes
     fake_hub.corrupt[("org/a", "adapter_model.safetensors")] = bytes(bad)
-    code, out, err = cli("pull", "org/a")
+    code, _out, err = cli("pull", "org/a")
     assert code == 1
     assert "does not match the Hub's sha256" in err and "deleted" in err
     assert all(p.read_bytes() != bytes(bad) for p in blobs(hub_env))

@@ -102,7 +102,7 @@ def test_flux_kohya_loads_in_diffusers_converter(produced, tmp_path):
     from safetensors import safe_open
 
     with safe_open(k, "pt") as f:
-        assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for key in f.keys())  # noqa: SIM118
+        assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for key in f.keys())
     D.assert_close_outputs(load_in_diffusers(produced, k), load_in_diffusers(produced, ref))
 
 

@@ -17,8 +17,8 @@ from lorakit.quant.knapsack import choose_one_per_item
 from lorakit.quant.mixed import allocate, candidate_configs, direction_table
 from lorakit.quant.module import factored_error, runs, to_canonical
 from lorakit.quant.quantize import quantize_module
-from lorakit.verbs.quantize import quantize_adapter
 from lorakit.testing import random_adapter, random_factors
+from lorakit.verbs.quantize import quantize_adapter
 
 SHAPES = {"layers.0.q_proj": (128, 64), "layers.0.v_proj": (64, 192), "layers.1.q_proj": (128, 64)}
 

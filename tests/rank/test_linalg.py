@@ -10,8 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit.factors import LoraFactors
-from lorakit.linalg import adapter_spectra, adapter_svds, canonical, core_svd, effective_rank, factored_svd, group_by_shape, \
-    randomized_svd, svd_of
+from lorakit.linalg import (
+    adapter_spectra,
+    adapter_svds,
+    canonical,
+    core_svd,
+    effective_rank,
+    factored_svd,
+    group_by_shape,
+    randomized_svd,
+    svd_of,
+)
 from lorakit.testing import random_adapter, random_factors
 
 CASES = [  # (out, in, r, decay, deficient rank or None)

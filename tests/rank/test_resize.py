@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 import lorakit
 from lorakit.errors import OperatorParameterError, RankError
@@ -44,7 +44,7 @@ def test_resize_rank_is_the_dense_truncation():
 @pytest.mark.parametrize("kind,value", [("energy", 0.9), ("error", 0.2), ("sv_ratio", 4.0), ("sv_cumulative", 0.8)])
 def test_rules_pick_the_rank_the_dense_spectrum_implies(kind, value):
     a = random_adapter(SHAPES, rank={"m.q": 8, "m.k": 4, "m.v": 6, "m.up": 8}, decay=0.6, seed=4)
-    out, rows = resize(a, rank_rule(**{kind: value}))
+    out, _rows = resize(a, rank_rule(**{kind: value}))
     for n in a:
         d = a[n].delta(torch.float64)
         s = torch.linalg.svdvals(d)[: a[n].rank]
@@ -147,7 +147,7 @@ def test_bad_input_clear_error_nothing_written(tmp_path, cli, args, message):
     lorakit.save(a, src, format="peft")
     before = src.read_bytes()
     out = tmp_path / "out.safetensors"
-    code, stdout, err = cli("resize", src, *args, "-o", out)
+    code, _stdout, err = cli("resize", src, *args, "-o", out)
     assert code == 1
     assert message in err and "Traceback" not in err
     assert not out.exists() and src.read_bytes() == before
@@ -257,8 +257,8 @@ def test_rank_error_names_the_file_and_the_module(tmp_path, cli):
     assert code == 1 and first.startswith(f"error: {src}: module ") and "rank 17 is outside" in first
 
 
-@pytest.mark.parametrize("how", [dict(rule=rank_rule(rank=3)), dict(rule=rank_rule(energy=0.9)),
-                                 dict(rule=rank_rule(rank=12), expand=True), dict(budget=2000)])
+@pytest.mark.parametrize("how", [{"rule": rank_rule(rank=3)}, {"rule": rank_rule(energy=0.9)},
+                                 {"rule": rank_rule(rank=12), "expand": True}, {"budget": 2000}])
 def test_stream_announces_the_ranks_it_writes_and_reads_each_module_once_for_rank(how):
     from lorakit.adapter import Adapter
     from lorakit.ops.resize import resize_stream

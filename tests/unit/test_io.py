@@ -11,8 +11,14 @@ import torch
 from safetensors import safe_open
 
 from lorakit.errors import CorruptFileError, OutputError
-from lorakit.io import SafetensorsFile, SafetensorsWriter, atomic_output, check_output_path, read_header
-from lorakit.io import write_safetensors
+from lorakit.io import (
+    SafetensorsFile,
+    SafetensorsWriter,
+    atomic_output,
+    check_output_path,
+    read_header,
+    write_safetensors,
+)
 
 TENSORS = {
     "b.f16": torch.arange(6, dtype=torch.float16).reshape(2, 3),
@@ -65,8 +71,8 @@ def test_reader_accepts_whitespace_before_the_header_object(tmp_path):
     ('{"x":{"dtype":"F32","shape":[1]}}', b"", None, "corrupt header entry"),
     ('{"__metadata__":{"n":1}}', b"", None, "strings"),
     ('[1, 2]', b"", None, "not a JSON object"),
-    ('{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-     '"y":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4, None, "offsets"),
+    (('{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+     '"y":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'), b"\0" * 4, None, "offsets"),
     ("{}", b"", 200_000_000, "100 MB"),
     ("{}", b"", 64, "truncated"),
 ])
