@@ -33,7 +33,7 @@ Examples:
 def command(adapter: str, output: str, to_format: str, as_json: bool, quiet: bool, allow_pickle: bool,
             arch: str | None, base: str | None, max_rank: int | None) -> None:
     """Convert an adapter between formats (exact: ΔW and every module's scale are preserved)."""
-    from lorakit.ops.convert import convert
+    from lorakit.verbs.convert import convert
     from lorakit.verbs.store import resolve
 
     from .._output import emit

@@ -188,6 +188,6 @@ def flux_pipeline(transformer: Any = None, text_encoder: Any = None) -> Any:
 
 def convert(src: Path, out: Path, to: str, **options: Any) -> Any:
     """lorakit's ``convert`` (the same function as ``lorakit convert``); returns the report."""
-    from lorakit.ops.convert import convert as lk_convert
+    from lorakit.verbs.convert import convert as lk_convert
 
     return lk_convert(src, out, to, **options)

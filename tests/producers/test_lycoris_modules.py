@@ -15,7 +15,7 @@ pytest.importorskip("lycoris")
 pytest.importorskip("peft")
 
 import lorakit
-from lorakit.ops.convert import convert
+from lorakit.verbs.convert import convert
 from lorakit.verbs.apply import apply_file
 from tests.producers import _diffusion as D
 

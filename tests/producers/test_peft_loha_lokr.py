@@ -101,7 +101,7 @@ def _load_lora(path):
 
 def test_lora_conversion_loads_in_peft(produced, tmp_path):
     """With ``base=`` the base checkpoint, every conv keeps its kernel (also when PEFT stored it flattened)."""
-    from lorakit.ops.convert import convert
+    from lorakit.verbs.convert import convert
 
     out = tmp_path / "lora"
     convert(produced["dir"], out, "peft", base=produced["base"])
@@ -112,7 +112,7 @@ def test_lora_conversion_without_base(produced, tmp_path):
     """Without a base, kernels the file stores (Tucker / full w2 / 4-D factors) are kept and PEFT loads the
     LoRA; a flattened 3×3 kernel cannot be known, and PEFT refuses that file (size mismatch), never loads it
     wrong."""
-    from lorakit.ops.convert import convert
+    from lorakit.verbs.convert import convert
 
     out = tmp_path / "lora"
     convert(produced["dir"], out, "peft")

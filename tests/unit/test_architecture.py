@@ -36,8 +36,6 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
     # Adapter's `a + b` / `w * a` operators delegate to the adapter algebra (lazily); adapter.py is outside this
     # change. Fix: move the factored sum/scale that adapter needs below it, or drop the dunder delegation.
     ("lorakit.adapter", "lorakit.ops.algebra"): "Adapter operators delegate to ops.algebra",
-    # ops/convert.py is being rewritten on another branch: its file work moves to lorakit/verbs/convert.py.
-    ("lorakit.ops.convert", "lorakit.api"): "convert's load/save still in ops/convert.py",
 }
 
 

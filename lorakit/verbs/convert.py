@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.api import load, save
 from lorakit.io.atomic import check_output_path
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
+from lorakit.verbs.store import load, save
 
 
 def convert(
