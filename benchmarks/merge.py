@@ -126,6 +126,8 @@ def peft_merge(paths, combination, subset, density):
             parent = getattr(parent, part)
         parent.add_module(leaf, torch.nn.utils.skip_init(nn.Linear, info.in_features, info.out_features,
                                                          bias=False, dtype=torch.bfloat16))
+    # PEFT's scaling is 1 (alpha = r); each module's own scale is folded into lora_B below, so PEFT's ΔW is the
+    # files' s·B@A whatever alpha they were written with.
     cfg = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=names)
     model = get_peft_model(root, cfg, adapter_name="a0")
     for i in range(1, len(adapters)):
@@ -136,7 +138,7 @@ def peft_merge(paths, combination, subset, density):
             for i, a in enumerate(adapters):
                 f = a[m]
                 layer.lora_A[f"a{i}"].weight.copy_(f.A.float())
-                layer.lora_B[f"a{i}"].weight.copy_(f.B.float())
+                layer.lora_B[f"a{i}"].weight.copy_(f.B.float() * f.scale)
     n = len(adapters)
     weights = [1.0 / n] * n if combination == "svd" else [1.0] * n
     t0 = time.perf_counter()

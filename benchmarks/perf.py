@@ -432,9 +432,9 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
             "columns are the mean over layer 0's modules of ‖result − target‖/‖target‖ at rank 16, each against",
             "its own tool's dense method (PEFT: its dense TIES; lorakit: its exact TIES/DARE matrix): PEFT takes a",
             "full SVD, the best possible at that rank, so lorakit's randomized SVD matches it when the two agree.",
-            "Caveat: the PEFT driver (`benchmarks/merge.py`) builds its LoRA config with scaling 1 while the",
-            "targets use the files' α/r = 2, so its `ties_svd` error is sqrt(0.25 + 0.75·e²) for a true error e",
-            "(0.653 ↔ e = 0.486); its `dare_ties_svd` error is measured against PEFT's dense TIES, not DARE.",
+            "The PEFT driver folds each file's scale into lora_B (PEFT scaling 1), so both tools merge the same",
+            "ΔW; PEFT's `dare_ties_svd` error is measured against its dense TIES (DARE's random mask has no",
+            "shared target).",
             "",
             ("| shape | rank | method | PEFT layer 0 s | lorakit layer 0 s | PEFT / lorakit (layer 0) "
             "| PEFT error | lorakit error "
