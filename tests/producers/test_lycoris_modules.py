@@ -15,8 +15,8 @@ pytest.importorskip("lycoris")
 pytest.importorskip("peft")
 
 import lorakit
-from lorakit.verbs.convert import convert
 from lorakit.verbs.apply import apply_file
+from lorakit.verbs.convert import convert
 from tests.producers import _diffusion as D
 
 TARGETS = {
