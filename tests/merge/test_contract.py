@@ -249,3 +249,39 @@ def test_float64_dense_reference_agrees(spec):
     t, B, A = _weighted(fs, ws)
     want = ref(t, B, A, params, res.info, rule)
     torch.testing.assert_close(res.factors.delta(F64), want, rtol=1e-8, atol=1e-9 * float(want.abs().max()))
+
+
+PLUGIN = '''
+"""A toy operator: the exact weighted sum with the inputs' order reversed (same ΔW as cat)."""
+from lorakit.ops.algebra import cat_factors
+from lorakit.ops.registry import MergeResult, register
+
+
+@register("reversed_cat", description="cat with the inputs reversed", exact=True, space="factors", rank="sum",
+          linear=True, homogeneous=True, lossless={})
+def reversed_cat(inputs, weights, *, gain: float = 1.0):
+    return MergeResult(cat_factors(inputs[::-1], [gain * w for w in weights[::-1]]))
+'''
+
+
+def test_adding_an_operator_is_one_file_and_its_registration(tmp_path, monkeypatch):
+    """A new module listed in BUILTIN_MODULES is found, planned (declared rank before any data) and run by the
+    engine with no other change; the contract tests above parametrize over it like any built-in."""
+    from lorakit.ops import registry
+
+    (tmp_path / "lorakit_toy_op.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "BUILTIN_MODULES", [*registry.BUILTIN_MODULES, "lorakit_toy_op"])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registration is undone after
+    spec = registry.resolve("reversed_cat")
+    assert spec.factored and spec.linear and spec.params.keys() == {"gain"}
+    a, b = random_adapter(SHAPES, 3, seed=1, dtype=F64), random_adapter(SHAPES, 5, seed=2, dtype=F64)
+    plan = plan_merge([a, b], [0.5, 2.0], "reversed_cat", params={"gain": "2"})
+    assert plan.infos is not None and plan.infos["narrow"].rank == 8
+    from lorakit.pipeline import run_merge
+
+    merged = run_merge(plan).adapter.materialize()
+    for m in SHAPES:
+        torch.testing.assert_close(merged[m].delta(F64), a[m].delta(F64) + 4 * b[m].delta(F64), rtol=1e-12, atol=1e-12)
+    with pytest.raises(OperatorParameterError):
+        plan_merge([a, b], method="reversed_cat", params={"gain": "x"})
