@@ -113,10 +113,10 @@ def _shown_params(params: Mapping[str, Any], rule: RankRule | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
 
 
-def _names(operators: Sequence[OperatorSpec], last: str = "or") -> str:
+def _names(operators: Sequence[OperatorSpec]) -> str:
     """``a, b or c``: registered operators named in a message, in registration order."""
     names = [s.name for s in operators]
-    return ", ".join(names[:-1]) + f" {last} " + names[-1] if len(names) > 1 else "".join(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def _linear_operators() -> list[OperatorSpec]:
@@ -397,7 +397,7 @@ def merge_adapters(
 ) -> tuple[Adapter, dict[str, MergeResult]]:
     """Merge in memory (Python API): the merged adapter (fully computed) and the per-module results.
 
-    >>> merged, results = merge_adapters([a, b], [0.5, 0.5], "ties", density=0.3, rank=16)   # doctest: +SKIP
+    >>> merged, results = merge_adapters([a, b], [0.5, 0.5], method, density=0.3, rank=16)   # doctest: +SKIP
     """
     plan = plan_merge(adapters, weights, method, params=params, rank=rank, energy=energy, error=error,
                       module_set=module_set)
