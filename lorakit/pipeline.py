@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
-from lorakit.device import HostMemoryTrimmer, factors_to, resolve_device, to_device
+from lorakit.device import HostMemoryTrimmer, factors_to, resolve_device
 from lorakit.errors import (
     IncompatibleAdaptersError,
     NumericalError,
@@ -34,26 +34,16 @@ from lorakit.errors import (
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
 from lorakit.io.prefetch import Prefetcher
-from lorakit.linalg import (
-    SVD,
-    compute_dtype,
-    core_svd,
-    default_window_bytes,
-    group_by_shape,
-    next_window,
-    widest_dtype,
-)
-from lorakit.ops import _kernels, merge_exact
+from lorakit.linalg import default_window_bytes, group_by_shape, next_window, widest_dtype
+from lorakit.ops import _kernels
 from lorakit.ops.algebra import bias_sum, merge_full_tensors
-from lorakit.ops.merge_delta import check_params
 from lorakit.ops.rank_rules import RankRule, rank_rule
-from lorakit.ops.registry import MergeResult, OperatorSpec, resolve
+from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
 from lorakit.verbs.store import default_output_format, load, save
 
 ModuleSet = Literal["exact", "union", "intersection"]
-FACTOR_RANK_EXACT = ("cat", "task_arithmetic")  # rank Σr_i when no rank rule is given
 
 
 @dataclass
@@ -102,7 +92,7 @@ class MergePlan:
             i0 = self.adapters[self.present[m][0]].info(m)
             out, inn = i0.shape
             R = sum(self.adapters[i].info(m).rank for i in self.present[m])
-            if self.spec.space == "delta":
+            if not self.spec.factored:
                 K = int(self.rule.value) if self.rule and self.rule.kind == "rank" else R
                 # two passes form the task tiles (one counts for the thresholds, one merges), then four
                 # products of the merged matrix with K + 10 columns (the first fused into the merge pass)
@@ -117,20 +107,26 @@ class MergePlan:
 
 
 def _shown_params(params: Mapping[str, Any], rule: RankRule | None) -> str:
-    shown = {k: v for k, v in params.items() if k not in ("module", "rank_rule")}
+    shown = {k: v for k, v in params.items() if k not in ENGINE_KEYWORDS}
     if rule is not None:
         shown["rank rule"] = str(rule)
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "-"
 
 
-def _accepts(spec: OperatorSpec, name: str) -> bool:
-    return name in spec.params
+def _names(operators: Sequence[OperatorSpec]) -> str:
+    """``a, b or c``: registered operators named in a message, in registration order."""
+    names = [s.name for s in operators]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
+def _linear_operators() -> list[OperatorSpec]:
+    return [s for s in available("merge", sort=False) if s.linear]
 
 
 def plan_merge(
     inputs: Sequence[str | Path | Adapter],
     weights: Sequence[float] | None = None,
-    method: str = "cat",
+    method: str = DEFAULT_MERGE,
     *,
     params: Mapping[str, Any] | None = None,
     rank: int | None = None,
@@ -157,11 +153,11 @@ def plan_merge(
     if not all(math.isfinite(w) for w in weights):
         raise OperatorParameterError(f"weights must be finite, got {weights}", parameter="weights")
     params = spec.validate({k: v for k, v in (params or {}).items() if v is not None})
-    check_params(**params)
     rule = rank_rule(rank=rank, energy=energy, error=error)
-    if rule is not None and not _accepts(spec, "rank_rule"):
-        raise OperatorParameterError(f"{spec.name} is exact and keeps rank Σr; use --method svd to choose a rank",
-                                     parameter="rank")
+    if rule is not None and not spec.takes("rank_rule"):
+        rankers = [s for s in _linear_operators() if s.takes("rank_rule") and not s.exact]
+        raise OperatorParameterError(f"{spec.name} is exact and keeps rank Σr; use --method {_names(rankers)} to "
+                                     "choose a rank", parameter="rank")
     labels = [str(x) if not isinstance(x, Adapter) else (x.meta.source_path or f"#{i}")
               for i, x in enumerate(inputs)]
     adapters = [x if isinstance(x, Adapter) else load(x, allow_pickle=allow_pickle) for x in inputs]
@@ -175,20 +171,21 @@ def plan_merge(
             "merging would drop the magnitude", file=dora[0], module=dora[1], parameter="inputs",
             hint="fold it into the base model (lorakit apply) and merge there, or resize it (the magnitude is kept)",
         )
-    linear = linear_weights(spec.name, weights, params)
+    linear = spec.linear_weights(weights, params)
     with_bias = next(((labels[i], m) for m in modules for i in present[m] if adapters[i].info(m).has_bias), None)
     if with_bias is not None and linear is None:
         raise OperatorParameterError(
             f"{spec.name} is not linear in ΔW, so it has no exact meaning for bias updates (PEFT lora_bias)",
             file=with_bias[0], module=with_bias[1], parameter="method",
-            hint="merge adapters with bias updates with cat, task_arithmetic or svd",
+            hint=f"merge adapters with bias updates with {_names(_linear_operators())}",
         )
     if any(a.meta.full_tensors for a in adapters):
         if linear is None:
             raise OperatorParameterError(
                 f"{spec.name} is not linear in ΔW, so it has no exact meaning for whole module tensors "
                 "(modules_to_save)", file=next(lb for lb, a in zip(labels, adapters) if a.meta.full_tensors),
-                parameter="method", hint="merge them with cat, task_arithmetic or svd and weights that sum to 1",
+                parameter="method",
+                hint=f"merge them with {_names(_linear_operators())} and weights that sum to 1",
             )
         merge_full_tensors(adapters, linear, labels)  # refuses, from the headers, what it cannot merge
     bases = {a.meta.base_model for a in adapters if a.meta.base_model}
@@ -198,19 +195,6 @@ def plan_merge(
     plan = MergePlan(adapters, labels, spec, weights, params, rule, modules, present, None, notes)
     plan.infos = _predicted_infos(plan)
     return plan
-
-
-LINEAR_METHODS = ("cat", "task_arithmetic", "svd")  # target Σ w_i·ΔW_i (svd: its best rank-K approximation)
-
-
-def linear_weights(method: str, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
-    """The effective weights of a merge whose target is linear in the inputs (``Σ w_i·ΔW_i``; task arithmetic's
-    ``λ`` included), or ``None`` for methods that are not (TIES, DARE...). Bias updates and whole module tensors
-    merge with these weights, exactly."""
-    if method not in LINEAR_METHODS:
-        return None
-    lam = float(params.get("lam", 1.0)) if method == "task_arithmetic" else 1.0
-    return [lam * float(w) for w in weights]
 
 
 def _module_set(adapters: list[Adapter], labels: list[str], mode: ModuleSet):
@@ -259,22 +243,11 @@ def _check_shapes(adapters: list[Adapter], labels: list[str], modules: list[str]
 def _predicted_infos(plan: MergePlan) -> dict[str, ModuleInfo] | None:
     """Output module infos when the output ranks follow from the headers; ``None`` when they need the data."""
     out: dict[str, ModuleInfo] = {}
-    name = plan.spec.name
     for m in plan.modules:
         infos = [plan.adapters[i].info(m) for i in plan.present[m]]
-        total = sum(i.rank for i in infos)
         shape = infos[0].shape
-        if plan.rule is None and name in FACTOR_RANK_EXACT:
-            r = total
-        elif plan.rule is None and plan.spec.space == "delta":
-            r = min(max(i.rank for i in infos), *shape)
-        elif plan.rule is None and name == "svd":
-            r = min(max(i.rank for i in infos), total, *shape)
-        elif plan.rule is not None and plan.rule.kind == "rank" and plan.spec.space == "delta":
-            r = min(int(plan.rule.value), *shape)
-        elif plan.rule is not None and plan.rule.kind == "rank" and name in ("svd", "task_arithmetic"):
-            r = min(int(plan.rule.value), total, *shape)
-        else:
+        r = plan.spec.output_rank(plan.rule, [i.rank for i in infos], shape)  # the one place the rank is decided
+        if r is None:
             return None
         out[m] = ModuleInfo(m, shape[0], shape[1], r, 1.0, infos[0].dtype, infos[0].kind, infos[0].kernel,
                             has_bias=any(i.has_bias for i in infos))
@@ -303,11 +276,11 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     non-blocking copies on CUDA); results come back to CPU in the output dtype. Inputs are read ahead of the
     compute in a background thread (:class:`~lorakit.io.prefetch.Prefetcher`).
 
-    ``batch_bytes``: for the ``svd`` method, modules are taken in windows of about this many bytes of float32
+    ``batch_bytes``: for an operator with a declared ``batched`` path (the ``svd`` merge), modules are taken in windows of about this many bytes of float32
     factors (default: one module at a time on CPU, where batching saves no measurable time and memory stays at
     a module's working set; 512 MiB on CUDA, where it saves launches; 0 turns batching off), and the same-shaped
-    ones in a window go through one batched :func:`~lorakit.linalg.core_svd` (grouped by
-    :func:`~lorakit.linalg.group_by_shape`), so on CUDA a Llama-3-8B adapter takes a handful of batched QR/SVD
+    ones in a window go through one call of that path (grouped by :func:`~lorakit.linalg.group_by_shape`; for
+    svd one batched :func:`~lorakit.linalg.core_svd`), so on CUDA a Llama-3-8B adapter takes a handful of batched QR/SVD
     calls instead of 224 per-module ones. Peak memory: one window of factors plus its results. On CPU each
     module's numbers equal the per-module operator's (batched LAPACK runs the same routine per matrix).
     """
@@ -319,7 +292,7 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
     trimmer = HostMemoryTrimmer()
-    linear = linear_weights(spec.name, plan.weights, plan.params)
+    linear = spec.linear_weights(plan.weights, plan.params)
     bias_inputs = {m for m in plan.modules if any(plan.adapters[i].info(m).has_bias for i in plan.present[m])}
 
     def read_inputs(m: str) -> list[LoraFactors]:
@@ -338,17 +311,15 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     inputs_of = Prefetcher(read_inputs, plan.modules, stored, ahead).get
 
     def one(m: str) -> LoraFactors:
-        if m not in batched and spec.fn is merge_exact.svd and batch_bytes > 0:
-            batched.update(_svd_window(plan, position[m], batch_bytes, dev, inputs_of, results, dtype))
+        if m not in batched and spec.batched is not None and batch_bytes > 0:
+            batched.update(_batched_window(plan, position[m], batch_bytes, dev, inputs_of, results, dtype))
         trimmer.processed(sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4)
         res = batched.pop(m, None)
         if res is None:
             inputs = [factors_to(f, dev) for f in inputs_of(m)]
             kwargs = dict(plan.params)
-            if _accepts(spec, "rank_rule"):
-                kwargs["rank_rule"] = plan.rule
-            if _accepts(spec, "module"):
-                kwargs["module"] = m
+            engine = {"rank_rule": plan.rule, "module": m}  # ENGINE_KEYWORDS, where the signature has them
+            kwargs.update({k: v for k, v in engine.items() if spec.takes(k)})
             try:
                 res = spec.fn(inputs, [plan.weights[i] for i in plan.present[m]], **kwargs)
             except (ShapeMismatchError, NumericalError) as e:
@@ -383,34 +354,18 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     return MergeRun(plan, adapter, results)
 
 
-def _stack_concatenated(per_module: list[list[LoraFactors]], weights: list[float], dt: torch.dtype, *,
-                        pinned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B (n, out, R)`` and ``A (n, R, in)``: each module's ``[w_i·s_i·B_i]`` and ``[A_i]`` concatenated, the
-    modules stacked, written straight into one buffer each (no per-input stacks to concatenate again).
-    Each slice is ``B_i.to(dt) * (w_i·s_i)``, as the per-module operator computes it."""
-    first = per_module[0]
-    R = sum(f.rank for f in first)
-    B = torch.empty(len(per_module), first[0].out_features, R, dtype=dt, pin_memory=pinned)
-    A = torch.empty(len(per_module), R, first[0].in_features, dtype=dt, pin_memory=pinned)
-    for n, fs in enumerate(per_module):
-        at = 0
-        for f, w in zip(fs, weights):
-            torch.mul(f.B.to(dt), w * f.scale, out=B[n, :, at:at + f.rank])
-            A[n, at:at + f.rank].copy_(f.A)
-            at += f.rank
-    return B, A
+def _batched_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.device, inputs_of,
+                    done: Mapping[str, MergeResult], out_dtype: torch.dtype | None) -> dict[str, MergeResult]:
+    """The operator's declared ``batched`` path over the modules from ``plan.modules[start]`` on, up to
+    ``batch_bytes`` of float32 factors.
 
-
-def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.device, inputs_of,
-                done: Mapping[str, MergeResult], out_dtype: torch.dtype | None) -> dict[str, MergeResult]:
-    """``svd`` merges of the modules from ``plan.modules[start]`` on, up to ``batch_bytes`` of factors, batched.
-
-    Modules whose inputs have equal ``(out, in, rank)`` (and come from the same inputs) are stacked
-    (:func:`_stack_concatenated`: weight·scale folded into B exactly as the per-module operator folds it) and
-    decomposed by one :func:`~lorakit.linalg.core_svd` call on ``device``; the rotations are formed for the
-    largest rank any module of the batch keeps. A batch with a non-finite value is left to the per-module path,
-    which names the module.
+    Modules whose inputs have equal ``(out, in, rank)`` (and come from the same inputs, with one compute dtype)
+    form one batch, merged by one call on ``device``. A batch the path refuses with a
+    :class:`~lorakit.errors.NumericalError` (a non-finite value) is left to the per-module path, which names
+    the module.
     """
+    assert plan.spec.batched is not None
+
     def float32_bytes(m: str) -> int:
         return sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
 
@@ -421,37 +376,28 @@ def _svd_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.dev
         for m in names:  # one compute dtype per batch, as the per-module operator would choose it
             wide = any(i.dtype == torch.float64 for i in keyed[m])
             groups.setdefault((key, tuple(plan.present[m]), wide), []).append(m)
-    rule = plan.rule
     out: dict[str, MergeResult] = {}
     for (_, present, _), names in groups.items():
         per_module = [inputs_of(m) for m in names]
-        dt = compute_dtype(*(t for fs in per_module for f in fs for t in (f.A, f.B)))
-        weights = [plan.weights[i] for i in present]
-        B, A = _stack_concatenated(per_module, weights, dt, pinned=device.type == "cuda")
-        B, A = to_device(B, device), to_device(A, device)
         storage = widest_dtype(plan.output_dtype(m, out_dtype) for m in names)
         try:
-            core = core_svd(B, A, dtype=dt, storage_dtype=storage)
+            merged = plan.spec.batched(per_module, [plan.weights[i] for i in present], rank_rule=plan.rule,
+                                       device=device, storage_dtype=storage)
         except NumericalError:
             continue
-        del B, A
-        ks = [merge_exact.svd_rank(core.S[i], fs, rule) for i, fs in enumerate(per_module)]
-        lead = core.leading(max(ks))  # batched rotations of the directions any module of the batch keeps
-        U, S_lead, Vh, S = lead.U.cpu(), lead.S.cpu(), lead.Vh.cpu(), core.S.cpu()
-        for i, (m, fs, k) in enumerate(zip(names, per_module, ks)):
-            out[m] = merge_exact.svd_result(S[i], SVD(U[i], S_lead[i], Vh[i]), k, fs[0])
+        out.update(zip(names, merged))
     return out
 
 
 def merge_adapters(
-    adapters: Sequence[str | Path | Adapter], weights: Sequence[float] | None = None, method: str = "cat", *,
+    adapters: Sequence[str | Path | Adapter], weights: Sequence[float] | None = None, method: str = DEFAULT_MERGE, *,
     rank: int | None = None, energy: float | None = None, error: float | None = None,
     module_set: ModuleSet = "exact", dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
     **params: Any,
 ) -> tuple[Adapter, dict[str, MergeResult]]:
     """Merge in memory (Python API): the merged adapter (fully computed) and the per-module results.
 
-    >>> merged, results = merge_adapters([a, b], [0.5, 0.5], "ties", density=0.3, rank=16)   # doctest: +SKIP
+    >>> merged, results = merge_adapters([a, b], [0.5, 0.5], method, density=0.3, rank=16)   # doctest: +SKIP
     """
     plan = plan_merge(adapters, weights, method, params=params, rank=rank, energy=energy, error=error,
                       module_set=module_set)
@@ -465,7 +411,7 @@ def merge(
     output: str | Path | None,
     *,
     weights: Sequence[float] | None = None,
-    method: str = "cat",
+    method: str = DEFAULT_MERGE,
     params: Mapping[str, Any] | None = None,
     rank: int | None = None,
     energy: float | None = None,

@@ -62,7 +62,7 @@ def _result(svd: SVD, lam: float, inputs, weights, S_sum, info) -> MergeResult:
 
 
 @register("iso_c", description="Iso-C: SVD of the weighted sum, spectrum flattened to its mean (rank R or K)",
-          exact=False, space="factors", paper="https://arxiv.org/abs/2502.04959")
+          exact=False, space="factors", paper="https://arxiv.org/abs/2502.04959", homogeneous=True, lossless=None)
 def iso_c(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, lam: float = 1.0,
     rank_rule: RankRule | None = None,
@@ -75,7 +75,8 @@ def iso_c(
 
 
 @register("iso_cts", description="Iso-CTS: the sum's top directions plus each task's own, orthonormalised, "
-          "flat spectrum", exact=False, space="factors", paper="https://arxiv.org/abs/2502.04959")
+          "flat spectrum", exact=False, space="factors", paper="https://arxiv.org/abs/2502.04959",
+          homogeneous=True, ranges={"common_fraction": "[0, 1]"}, lossless=None)
 def iso_cts(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, lam: float = 1.0, common_fraction: float = 0.8,
     rank_rule: RankRule | None = None,

@@ -77,7 +77,8 @@ def _weighted(inputs: Sequence[LoraFactors], weights: Sequence[float]):
 
 
 @register("knots", description="KnOTS: align in the SVD basis of [ΔW_1…ΔW_n], merge there (inner method)",
-          exact=False, space="factors", paper="https://github.com/gstoica27/KnOTS")
+          exact=False, space="factors", paper="https://github.com/gstoica27/KnOTS", homogeneous=True,
+          ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
 def knots(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, inner: str = "ties", density: float = 1.0,
     lam: float = 1.0, rank_rule: RankRule | None = None, seed: int = 0, module: str = "",
@@ -101,7 +102,8 @@ def knots(
 
 
 @register("core_space", description="Core Space: merge R×R cores in the shared bases of the B's and A's",
-          exact=False, space="factors", paper="https://github.com/apanariello4/core-space-merging")
+          exact=False, space="factors", paper="https://github.com/apanariello4/core-space-merging", homogeneous=True,
+          ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
 def core_space(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, inner: str = "ties", density: float = 1.0,
     lam: float = 1.0, rank_rule: RankRule | None = None, seed: int = 0, module: str = "",

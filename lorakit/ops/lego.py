@@ -344,6 +344,8 @@ def lego_module(
     exact=False,
     space="factors",
     paper="Zhao et al., Merging LoRAs like Playing LEGO, ICLR 2025 (arXiv 2409.16167)",
+    homogeneous=True,
+    lossless={},
 )
 def lego(
     inputs: Sequence[LoraFactors],

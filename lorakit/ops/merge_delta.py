@@ -232,7 +232,8 @@ def _gens(seed: int, n: int, module: str, row0: int) -> list[torch.Generator]:
 
 
 @register("ties", description="TIES: trim to density, elect sign by mass, disjoint mean; then rank K",
-          exact=False, space="delta", paper="https://arxiv.org/abs/2306.01708")
+          exact=False, space="delta", paper="https://arxiv.org/abs/2306.01708", rank="max_input", rank_requested=True, rank_cap="shape",
+          homogeneous=True, ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
 def ties(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.2, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0,
@@ -241,7 +242,8 @@ def ties(
 
 
 @register("magnitude_prune", description="keep the top-density fraction of |τ_i| per module, weighted sum",
-          exact=False, space="delta")
+          exact=False, space="delta", rank="max_input", rank_requested=True, rank_cap="shape", homogeneous=True,
+          ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
 def magnitude_prune(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.2, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0,
@@ -263,7 +265,8 @@ def _trimmed(
 
 
 @register("dare_linear", description="DARE: random drop (keep density), rescale by 1/density, weighted sum",
-          exact=False, space="delta", paper="https://arxiv.org/abs/2311.03099")
+          exact=False, space="delta", paper="https://arxiv.org/abs/2311.03099", rank="max_input", rank_requested=True, rank_cap="shape",
+          homogeneous=True, ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
 def dare_linear(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.5, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0, module: str = "",
@@ -272,7 +275,8 @@ def dare_linear(
 
 
 @register("dare_ties", description="DARE drop and rescale, then TIES sign election and disjoint mean",
-          exact=False, space="delta", paper="https://arxiv.org/abs/2311.03099")
+          exact=False, space="delta", paper="https://arxiv.org/abs/2311.03099", rank="max_input", rank_requested=True, rank_cap="shape",
+          homogeneous=True, ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
 def dare_ties(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.5, lam: float = 1.0,
     rank_rule: RankRule | None = None, seed: int = 0, module: str = "",
@@ -295,7 +299,9 @@ def _dare(
 
 
 @register("della", description="DELLA: magnitude-ranked random drop (MAGPRUNE, 1/p rescale), TIES election",
-          exact=False, space="delta", paper="https://arxiv.org/abs/2406.11617")
+          exact=False, space="delta", paper="https://arxiv.org/abs/2406.11617", rank="max_input", rank_requested=True, rank_cap="shape",
+          homogeneous=True, ranges={"density": "(0, 1]", "epsilon": "[0, 0.5]"}, check=check_params,
+          lossless={"density": 1.0, "epsilon": 0.0})
 def della(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.5, epsilon: float = 0.15,
     lam: float = 1.0, rank_rule: RankRule | None = None, seed: int = 0, module: str = "",
@@ -311,7 +317,9 @@ def della(
 
 
 @register("breadcrumbs", description="drop the top-gamma outliers and the small tail, keep density; sum",
-          exact=False, space="delta", paper="https://arxiv.org/abs/2312.06795")
+          exact=False, space="delta", paper="https://arxiv.org/abs/2312.06795", rank="max_input", rank_requested=True, rank_cap="shape",
+          homogeneous=True, ranges={"density": "(0, 1]", "gamma": "[0, 1)"}, check=check_params,
+          lossless={"density": 1.0, "gamma": 0.0})
 def breadcrumbs(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, density: float = 0.9, gamma: float = 0.01,
     lam: float = 1.0, rank_rule: RankRule | None = None, seed: int = 0,

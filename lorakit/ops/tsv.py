@@ -85,7 +85,7 @@ def descending(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> SVD:
 
 
 @register("tsv", description="TSV-M: each task's top K/T singular vectors, decorrelated (polar), Σ kept; rank K",
-          exact=False, space="factors", paper="https://arxiv.org/abs/2412.00081")
+          exact=False, space="factors", paper="https://arxiv.org/abs/2412.00081", homogeneous=True, lossless={})
 def tsv(
     inputs: Sequence[LoraFactors], weights: Sequence[float], *, lam: float = 1.0,
     rank_rule: RankRule | None = None,
