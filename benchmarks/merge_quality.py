@@ -67,10 +67,18 @@ def _truncated(M: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
     return ref.svd_truncate(M, int(rule.value)) if rule is not None else M
 
 
+def _lego(p: Mapping[str, Any]) -> torch.Tensor:
+    from benchmarks.lego_reference import reference_lego
+
+    fs = p["factors"]
+    keep = {k: p[k] for k in ("seed", "restarts", "max_iter", "param_reweight", "output_reweight") if k in p}
+    return reference_lego(fs, [p["lam"]] * len(fs), int(p["rank_rule"].value), **keep).delta
+
+
 def reference(name: str) -> Reference | None:
     """The dense float64 reference of a method, as ``fn(taus, Bs, As, params) → ΔW`` (``taus`` the weighted task
     vectors, ``Bs``/``As`` their weighted factors, ``params`` the operator's, plus ``info`` from its result), or
-    ``None`` where the reference is not deterministic (random masks) or not kept here (LEGO: its helper's own)."""
+    ``None`` where the reference is not deterministic (random masks); LEGO takes the raw factors and λ (:func:`_lego`)."""
     def density(p, default):
         return p.get("density", default)
 
@@ -88,6 +96,9 @@ def reference(name: str) -> Reference | None:
         # tails at rounding level, which a float64 count would flatten in too)
         "iso_c": lambda t, B, A, p: ref.iso_c(t, int(p["info"]["rank"])),
         "iso_cts": lambda t, B, A, p: ref.iso_cts(t, 0, p["info"]["common"], p["info"]["per_task"]),
+        # LEGO clusters the units [b; a] of the unweighted factors and their scales at the weights λ: folding λ·s
+        # into B (as ``Bs`` does) would change its clustering, so it gets the raw (B, A, scale) triples
+        "lego": lambda t, B, A, p: _lego(p),
     }
     return table.get(name)
 
@@ -165,7 +176,8 @@ def run_rank(base, tasks, r: int, seed: int, log) -> dict[str, Any]:
                         taus = [lam * f.delta(F64) for f in fs]
                         Bs = [f.B.double() * (lam * f.scale) for f in fs]
                         As = [f.A.double() for f in fs]
-                        ref_deltas[m] = fn(taus, Bs, As, {**taken, "info": infos[m]})
+                        extra_p = {"info": infos[m], "lam": lam, "factors": [(f.B, f.A, f.scale) for f in fs]}
+                        ref_deltas[m] = fn(taus, Bs, As, {**taken, **extra_p})
                         num += float((deltas[m] - ref_deltas[m]).norm() ** 2)
                         den += float(ref_deltas[m].norm() ** 2)
                     rs = score(ref_deltas)
@@ -202,8 +214,8 @@ READING = (
     "Δ = ‖ΔW_lorakit − ΔW_ref‖/‖ΔW_ref‖ over all modules. The delta-space methods (TIES, magnitude prune, "
     "breadcrumbs) return to rank r by lorakit's randomized SVD where the reference truncates by the exact "
     "SVD, so their Δ is the randomized SVD's (~1e-3), not float32 rounding. No reference for the random-mask "
-    "methods (DARE, DELLA: tested against the formula with the same masks in `tests/merge/test_delta.py`) nor "
-    "LEGO (its own float64 reference tests)."
+    "methods (DARE, DELLA: tested against the formula with the same masks in `tests/merge/test_delta.py`); "
+    "LEGO's reference is `benchmarks/lego_reference.py` on the raw (B, A, scale) factors at weights λ."
 )
 FINDINGS = """## What this run shows, and what it does not
 

@@ -65,6 +65,8 @@ SKILLS = True  # the base also learns each task under its own "skill" token (nev
 SEQ = 2 * LENGTH + 2
 ANSWER = LENGTH + 2  # index of the first answer digit
 HIDDEN = 64
+INTERMEDIATE = 3 * HIDDEN
+N_LAYERS = 3
 LR = 2e-3
 WD = 0.0
 LAYERS: list[int] | None = None  # the layers the adapters train (None: all)
@@ -173,7 +175,7 @@ def _config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=N_LAYERS, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=SEQ, tie_word_embeddings=False, pad_token_id=PAD,
         bos_token_id=None, eos_token_id=None,
     )
@@ -209,7 +211,7 @@ def build_base(seed: int = 0, *, steps: int = BASE_STEPS, verbose: bool = True):
     ``bench-out/tiny_tasks/base-s{seed}-v4``. Returns ``(model, Vocab())``."""
     from transformers import LlamaForCausalLM
 
-    path = CACHE / f"base-s{seed}-{VERSION}"
+    path = CACHE / f"base-s{seed}-{VERSION}-h{HIDDEN}-i{INTERMEDIATE}-l{N_LAYERS}-b{steps}"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path)
         model.eval()
@@ -246,7 +248,9 @@ def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int 
     from peft import LoraConfig, get_peft_model
 
     tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
-    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}"
+    where = "all" if LAYERS is None else "-".join(map(str, LAYERS))
+    mods = "".join(m[0] for m in TARGET_MODULES)
+    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}-lr{LR:g}-wd{WD:g}-L{where}-{mods}"
     if not (path / "adapter_config.json").exists():
         torch.manual_seed(seed)
         data = [task, *rehearsal(base, task, seed)]
