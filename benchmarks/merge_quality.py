@@ -252,6 +252,8 @@ residual directions with σ near rounding, whose singular vectors float32 cannot
 the exact SVD); `knots` 1e-3 (not investigated in this session: the aligned rank ρ is cut at a relative
 float32 threshold in lorakit and at 1e-10 in the reference, which changes TIES's trimming of the aligned rows). The
 first session's next step (a wider base, below) was tried in the second.
+LEGO now has its float64 reference too (`benchmarks/lego_reference.py` on the raw factors at λ): Δ ≤ 9e-8
+in every row; it returned the base's scores in every row of this run.
 
 ### Second session: a wider base, fewer modules (none discriminates either)
 
@@ -272,7 +274,7 @@ Machine: the shared 2-core CPU (load ≈ 2: two runs side by side, 1 thread each
 | h64 (the table's base) | last layer (2) only, lr 5e-3, 300 steps | 0.004/0.043/0.457/0.004 | 0.48–1.00 | 1.38, 3.56 | 0.26, 0.79 | 0.001 (0.000) | 0.005 (0.543) |
 | h64 | q/v of every layer, lr 5e-3, 600 steps | 0.445/1.000/1.000/0.859 | 0.996–1.000 | 1.07, 3.33 | 0.12, 0.52 | 0.005 (0.000) | 0.037 (0.914) |
 | h64 | q/v of every layer, lr 5e-3, 1000 steps | 0.973/1.000/1.000/0.992 | 1.000 | 1.23, 4.15 | 0.11, 0.51 | 0.006 (0.008); λ=0.75: **0.074** (0.301) | 0.023 (1.000) |
-ROWG
+| h64 | same, AdamW weight decay 0.5 | 0.887/1.000/1.000/0.984 | 0.996–1.000 | 0.71, 2.69 | 0.08, 0.38 | 0.000 (0.031); λ=0.75: 0.027 (0.543) | 0.012 (0.992) |
 
 What these show. (1) Width makes adapters learn more slowly (at hidden 256, 300–400 steps learn neither
 reverse nor sort), but at 600 steps (lr 3e-3) it gives the cleanest adapters yet: each solves its task alone
