@@ -3,7 +3,8 @@ beside a float64 dense reference of the same method, scored by exact match on he
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.merge_quality`` (CPU; about 5 minutes the first time,
 which trains the base and 8 adapters into ``bench-out/tiny_tasks/``; a few minutes after that). Writes
-``docs/benchmarks/merge_quality.md`` and ``bench-out/merge_quality.json``.
+``docs/benchmarks/merge_quality.md`` and ``bench-out/merge_quality.json``. ``--sweep JSON`` probes one set-up
+(the exact sum only, a minute or two) instead: see :func:`sweep`.
 
 The set-up (``benchmarks/tiny_tasks.py``) is built so that merges can be told apart: a base that knows the answer
 format and none of the tasks, adapters trained with rehearsal (they change their own task and leave the rest as
@@ -257,7 +258,7 @@ in every row; it returned the base's scores in every row of this run.
 
 ### Second session: a wider base, fewer modules (none discriminates either)
 
-Measured with `bench-out/sweep.py`-style runs (not committed; each sets `tiny_tasks`'s knobs `HIDDEN`,
+Measured with `python -m benchmarks.merge_quality --sweep JSON` (:func:`sweep`; each sets `tiny_tasks`'s knobs `HIDDEN`,
 `INTERMEDIATE`, `N_LAYERS`, `LAYERS`, `TARGET_MODULES`, `LR`, `ADAPTER_STEPS`, trains the base and four rank-8
 adapters, and scores on 256 held-out examples per task): own-task accuracy of each adapter alone, `copy` with
 each adapter alone, ‖ΔW‖_F/‖W‖_F per module (mean, max) and the absolute cosine between adapters' ΔW per module (mean, max),
@@ -346,14 +347,52 @@ def render(results: list[dict[str, Any]], tasks, meta: Mapping[str, Any]) -> str
     return "\n".join(md)
 
 
+def sweep(cfg: Mapping[str, Any], n: int = 256, r: int = 8) -> None:
+    """A quick probe of one set-up (the findings' second table): ``cfg`` overrides ``tiny_tasks``'s knobs
+    (``HIDDEN``, ``INTERMEDIATE``, ``N_LAYERS``, ``LAYERS``, ``TARGET_MODULES``, ``LR``, ``WD``,
+    ``ADAPTER_STEPS``); prints each adapter alone, ‖ΔW‖/‖W‖ and the adapters' cosines per module, and the exact
+    sum at λ = 1, 0.75, 0.5 on ``n`` held-out examples per task."""
+    for k, v in cfg.items():
+        if not hasattr(tt, k):
+            raise SystemExit(f"--sweep: tiny_tasks has no knob {k}")
+        setattr(tt, k, v)
+    base, _ = tt.build_base(0, steps=tt.BASE_STEPS, verbose=False)
+    tasks, cp = tt.make_tasks(0), tt.copy_task(0)
+    print("base", [round(tt.accuracy(base, t, n), 3) for t in tasks], "copy", tt.accuracy(base, cp, n))
+    ads = [tt.train_adapter(base, t, r, 0, steps=tt.ADAPTER_STEPS, verbose=False) for t in tasks]
+    for t, a in zip(tasks, ads):
+        m = tt.apply(base, a)
+        print(f"  {t.name} alone: own {tt.accuracy(m, t, n):.3f} others",
+              [round(tt.accuracy(m, o, n), 3) for o in tasks if o is not t], f"copy {tt.accuracy(m, cp, n):.3f}")
+    ratios, cos = [], []
+    for name in ads[0]:
+        ds = [a[name].delta(F64) for a in ads]
+        w = base.get_submodule(name).weight.detach().double()
+        ratios += [float(d.norm() / w.norm()) for d in ds]
+        cos += [abs(float((ds[i] * ds[j]).sum() / ds[i].norm() / ds[j].norm()))
+                for i in range(len(ds)) for j in range(i + 1, len(ds))]
+    print(f"  dW/W mean {sum(ratios) / len(ratios):.3f} max {max(ratios):.3f}; "
+          f"abs cos mean {sum(cos) / len(cos):.3f} max {max(cos):.3f}")
+    for lam in (1.0, 0.75, 0.5):
+        model = apply_dense(base, {m: lam * sum(a[m].delta(F64) for a in ads) for m in ads[0]})
+        accs = [tt.accuracy(model, t, n) for t in tasks]
+        print(f"  sum λ={lam:g}", [round(x, 3) for x in accs], f"mean {sum(accs) / len(accs):.3f} "
+              f"copy {tt.accuracy(model, cp, n):.3f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--sweep", metavar="JSON", help="probe one set-up instead (see sweep()), e.g. "
+                   '\'{"TARGET_MODULES": ["q_proj", "v_proj"], "LR": 0.005, "ADAPTER_STEPS": 1000}\'')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        sweep(json.loads(args.sweep))
+        return
     t_start = time.perf_counter()
     base, _ = tt.build_base(args.seed)
     tasks = tt.make_tasks(args.seed)
