@@ -41,7 +41,7 @@ from lorakit.ops.rank_rules import rank_rule
 OUT = Path("docs/benchmarks/merge_quality.md")
 JSON = Path("bench-out/merge_quality.json")
 RANKS = (8, 16)
-LAMBDAS = (0.25, 0.5, 1.0)
+LAMBDAS = (0.25, 0.5, 0.75, 1.0)
 F64 = torch.float64
 
 Reference = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], Mapping[str, Any]], torch.Tensor]
@@ -195,8 +195,8 @@ SETUP = (
     "Set-up (`benchmarks/tiny_tasks.py`): a 3-layer, hidden-64 Llama built from `LlamaConfig`, pre-trained "
     f"({tt.BASE_STEPS} steps) on `copy` under every task prefix and on each of the four skills under a separate "
     "skill token: it knows the answer format and the skills, and under a task's own prefix it copies, so it "
-    "solves none of the four tasks as asked. One PEFT LoRA per task and rank (α = 2r, q/k/v/o/gate/up/down of "
-    f"every layer, {tt.ADAPTER_STEPS} AdamW steps at lr {tt.LR:g}): half the batches on its task, half rehearsal: "
+    "solves none of the four tasks as asked. One PEFT LoRA per task and rank (α = 2r, "
+    f"{'/'.join(m.split('_')[0] for m in tt.TARGET_MODULES)} of every layer, {tt.ADAPTER_STEPS} AdamW steps at lr {tt.LR:g}): half the batches on its task, half rehearsal: "
     "`copy` under its own prefix, and the other prompts (the other tasks' prefixes and the skill tokens) "
     "labelled by the base model's own greedy answers, so that each adapter changes its own task and as little "
     f"else as possible. Tasks on {tt.LENGTH}-digit sequences over {tt.DIGITS} symbols: reverse, sort, shift "
@@ -220,13 +220,20 @@ READING = (
 )
 FINDINGS = """## What this run shows, and what it does not
 
-**The benchmark does not yet discriminate.** Every single adapter solves its own task (own-task mean ≥ 0.99)
-and leaves the other tasks and `copy` as the base has them, yet the exact sum of the four (`cat`, λ = 1)
-scores ≈ 0 on every task and destroys `copy`; at λ = 0.5 it keeps `copy` and solves nothing. No method reaches
-a retention above a few percent, so the table cannot rank methods, and the issue's two acceptance criteria
-(exact sum ≥ 20 points above the base; best method ≥ 60 % retention at rank 16) are **not met**.
+**Status: the benchmark starts to discriminate, the issue's thresholds are not met.** With adapters on the
+attention inputs only (q/k/v of every layer, lr 5e-3, 1000 steps: the default since the second session),
+every adapter solves its task alone (own-task mean 1.000 at both ranks) and leaves the rest as the base has
+it. The exact sum (`cat`) gains 18 points at λ = 0.75 at rank 8 (mean 0.188, `copy` 0.984) and 19 at rank 16
+(0.202), but only 7 / 3 points at λ = 1 (0.080 / 0.034, `copy` 0.69 / 0.27): the issue's first criterion
+(≥ 20 points at λ = 1) is not met. Methods now differ: at rank 8 TSV at λ = 0.75 keeps 34 % of the gain (mean
+0.343, `copy` 0.910), nearly twice the exact sum's 18 %, `svd` ties the sum, magnitude prune at λ = 1 keeps 14 %,
+TIES, Iso-C/CTS, KnOTS, core space, DARE and LEGO keep ≤ 10 % (see the tables); at rank 16 no method beats the
+exact sum (20 %). The best retention at rank 16 is 20 %, not the 60 % the issue asks. Every factored method
+still matches its float64 reference (Δ ≤ 1e-6 apart from the SVD-truncated delta-space methods).
 
-Set-ups tried in this session (rank 8, four adapters, exact sum at λ = 1 / 0.75 / 0.5, mean exact match; each
+First session (adapters on every projection; the earlier table):
+
+Set-ups tried in the first session (rank 8, four adapters, exact sum at λ = 1 / 0.75 / 0.5, mean exact match; each
 adapter alone ≥ 0.95 on its task in every case except where noted):
 
 | base | adapters | sum λ=1 | λ=0.75 | λ=0.5 | copy at λ=1 |
@@ -276,6 +283,7 @@ Machine: the shared 2-core CPU (load ≈ 2: two runs side by side, 1 thread each
 | h64 | q/v of every layer, lr 5e-3, 600 steps | 0.445/1.000/1.000/0.859 | 0.996–1.000 | 1.07, 3.33 | 0.12, 0.52 | 0.005 (0.000) | 0.037 (0.914) |
 | h64 | q/v of every layer, lr 5e-3, 1000 steps | 0.973/1.000/1.000/0.992 | 1.000 | 1.23, 4.15 | 0.11, 0.51 | 0.006 (0.008); λ=0.75: **0.074** (0.301) | 0.023 (1.000) |
 | h64 | same, AdamW weight decay 0.5 | 0.887/1.000/1.000/0.984 | 0.996–1.000 | 0.71, 2.69 | 0.08, 0.38 | 0.000 (0.031); λ=0.75: 0.027 (0.543) | 0.012 (0.992) |
+| h64 | **q/k/v of every layer, lr 5e-3, 1000 steps (now the default)** | 1.000/1.000/1.000/1.000 | 1.000 | 0.61, 1.43 | 0.09, 0.39 | 0.082 (0.699); λ=0.75: **0.202** (0.980) | 0.010 (1.000) |
 
 What these show. (1) Width makes adapters learn more slowly (at hidden 256, 300–400 steps learn neither
 reverse nor sort), but at 600 steps (lr 3e-3) it gives the cleanest adapters yet: each solves its task alone
