@@ -315,8 +315,10 @@ def _f(x: float | None, fmt: str = ".3f") -> str:
 
 def render(results: list[dict[str, Any]], tasks, meta: Mapping[str, Any]) -> str:
     names = [t.name for t in tasks]
-    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.merge_quality --seed {meta['seed']}"
-    machine = (f"Machine: shared 2-core CPU (load average {meta['load']}), {meta['threads']} torch thread; Python "
+    t = meta["threads"]
+    command = f"OMP_NUM_THREADS={t} .venv/bin/python -m benchmarks.merge_quality --seed {meta['seed']}" + (
+        f" --threads {t}" if t != 1 else "")
+    machine = (f"Machine: shared 2-core CPU (load average {meta['load']}), {meta['threads']} torch thread(s); Python "
                f"{platform.python_version()}, torch {torch.__version__}, lorakit {lorakit.__version__}. Total "
                f"{meta['total']:.0f} s ({meta['train']:.0f} s training or loading the cached base and adapters).")
     md = ["# Merge quality on tiny synthetic tasks", "", f"Command: `{command}`. {machine}", "", SETUP, "",
