@@ -384,7 +384,7 @@ def sweep(cfg: Mapping[str, Any], n: int = 256, r: int = 8) -> None:
     print(f"  dW/W mean {sum(ratios) / len(ratios):.3f} max {max(ratios):.3f}; "
           f"abs cos mean {sum(cos) / len(cos):.3f} max {max(cos):.3f}")
     for lam in (1.0, 0.75, 0.5):
-        model = apply_dense(base, {m: lam * sum(a[m].delta(F64) for a in ads) for m in ads[0]})
+        model = apply_dense(base, {m: lam * torch.stack([a[m].delta(F64) for a in ads]).sum(0) for m in ads[0]})
         accs = [tt.accuracy(model, t, n) for t in tasks]
         print(f"  sum λ={lam:g}", [round(x, 3) for x in accs], f"mean {sum(accs) / len(accs):.3f} "
               f"copy {tt.accuracy(model, cp, n):.3f}", flush=True)
