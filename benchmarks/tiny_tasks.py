@@ -65,13 +65,16 @@ SKILLS = True  # the base also learns each task under its own "skill" token (nev
 SEQ = 2 * LENGTH + 2
 ANSWER = LENGTH + 2  # index of the first answer digit
 HIDDEN = 64
-LR = 2e-3
+INTERMEDIATE = 3 * HIDDEN
+N_LAYERS = 3
+LR = 5e-3
 WD = 0.0
 LAYERS: list[int] | None = None  # the layers the adapters train (None: all)
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# attention inputs only: the set-up whose adapters add best (findings in docs/benchmarks/merge_quality.md)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj"]
 HELD_OUT = 512
 BASE_STEPS = 1500
-ADAPTER_STEPS = 600
+ADAPTER_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ def _config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=3 * HIDDEN, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=N_LAYERS, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=SEQ, tie_word_embeddings=False, pad_token_id=PAD,
         bos_token_id=None, eos_token_id=None,
     )
@@ -209,7 +212,7 @@ def build_base(seed: int = 0, *, steps: int = BASE_STEPS, verbose: bool = True):
     ``bench-out/tiny_tasks/base-s{seed}-v4``. Returns ``(model, Vocab())``."""
     from transformers import LlamaForCausalLM
 
-    path = CACHE / f"base-s{seed}-{VERSION}"
+    path = CACHE / f"base-s{seed}-{VERSION}-h{HIDDEN}-i{INTERMEDIATE}-l{N_LAYERS}-b{steps}"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path)
         model.eval()
@@ -240,13 +243,15 @@ def rehearsal(base, task: Task, seed: int = 0) -> list:
 
 def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = ADAPTER_STEPS,
                   verbose: bool = True) -> Adapter:
-    """A PEFT LoRA (rank ``rank``, α = 2·rank, all attention and MLP projections) trained on CPU on ``task``
+    """A PEFT LoRA (rank ``rank``, α = 2·rank, on ``TARGET_MODULES`` of every layer) trained on CPU on ``task``
     (half the batches) and :func:`rehearsal` (the other half), saved in PEFT format under
     ``bench-out/tiny_tasks/adapters/`` and read back with :func:`lorakit.load`."""
     from peft import LoraConfig, get_peft_model
 
     tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
-    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}"
+    where = "all" if LAYERS is None else "-".join(map(str, LAYERS))
+    mods = "".join(m[0] for m in TARGET_MODULES)
+    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}-lr{LR:g}-wd{WD:g}-L{where}-{mods}"
     if not (path / "adapter_config.json").exists():
         torch.manual_seed(seed)
         data = [task, *rehearsal(base, task, seed)]
