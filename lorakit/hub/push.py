@@ -21,6 +21,7 @@ from typing import Any
 from lorakit.errors import FormatError, HubError
 from lorakit.hub._client import api, hf, hub_errors, settings
 from lorakit.hub.spec import check_repo_id
+from lorakit.io.files import loads_json, read_bytes
 from lorakit.provenance import file_sha256, read_provenance
 from lorakit.report import Report
 
@@ -90,7 +91,7 @@ def _sanitize_metadata(meta: dict[str, str], base_model: str | None, changed: li
             changed.append(key)
     if "lorakit.peft_config" in out:
         try:
-            cfg = json.loads(out["lorakit.peft_config"])
+            cfg = loads_json(out["lorakit.peft_config"])
         except ValueError:
             cfg = None
         if isinstance(cfg, dict):
@@ -109,7 +110,7 @@ def copy_sanitized_safetensors(src: Path, dst: Path, base_model: str | None = No
     """
     with open(src, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+        header = loads_json(fh.read(n))
         changed: list[str] = []
         meta = header.get("__metadata__") or {}
         new_meta = _sanitize_metadata(meta, base_model, changed)
@@ -163,7 +164,7 @@ def push(
     """
     from lorakit.card import build_card
     from lorakit.formats import detect
-    from lorakit.formats.base import Source
+    from lorakit.formats.base import MAX_CONFIG_BYTES, Source
 
     check_repo_id(repo_id)
     src = Path(path)
@@ -184,7 +185,8 @@ def push(
         for f in _adapter_files(src):
             if f.name == CONFIG_NAME:
                 before = len(sanitized)
-                cfg = sanitize_config(json.loads(f.read_text()), base_model, sanitized)
+                raw = loads_json(read_bytes(f, limit=MAX_CONFIG_BYTES, what="JSON config"))
+                cfg = sanitize_config(raw, base_model, sanitized)
                 if len(sanitized) == before:
                     shutil.copyfile(f, stage / f.name)  # unchanged: publish the exact bytes
                 else:
