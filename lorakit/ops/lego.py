@@ -50,7 +50,7 @@ from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.device import factors_to, resolve_device
 from lorakit.errors import IncompatibleAdaptersError, OperatorParameterError, RankError, ShapeMismatchError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import compute_dtype, svd_of, tail_error
+from lorakit.linalg import compute_dtype, next_window, svd_of, tail_error
 from lorakit.ops.kmeans import kmeans_gram
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.rank_rules import rank_rule as make_rank_rule
@@ -445,21 +445,26 @@ def lego_merge(
     dev = resolve_device(device) if device is not None else None
     modules: dict[str, LoraFactors] = {}
     assignments: dict[str, LegoAssignment] = {}
+    def unit_bytes(n: str) -> int:  # the pooled units of module n, in the compute dtype, from the headers
+        infos = [a.info(n) for a in adapters]
+        size = 8 if infos[0].dtype == torch.float64 else 4  # units are float32, or float64 for float64 inputs
+        return sum(i.rank for i in infos) * (infos[0].out_features + infos[0].in_features) * size
+
     # Modules are pooled a window at a time (about ``window_bytes`` of units held), and the modules of a window
     # with the same number of units and κ are clustered by one batched k-means.
-    todo = list(names)
-    while todo:
+    done: set[str] = set()
+    for start, first in enumerate(names):
+        if first in done:
+            continue
         window: dict[str, tuple[list[LoraFactors], _Prepared]] = {}
-        held = 0
-        while todo and (not window or held < window_bytes):
-            n = todo.pop(0)
+        for n in next_window(names, start, unit_bytes, window_bytes, done):
+            done.add(n)
             inputs = [a[n] for a in adapters]
             _check(inputs, weights, gauge, n)
             kn = k[n] if isinstance(k, Mapping) else k
             rule = make_rank_rule(rank=kn) if kn is not None else rank_rule
             p = _prepare(inputs, weights, rule, gauge, dev if dev is not None else inputs[0].A.device, n)
             window[n] = (inputs, p)
-            held += (p.units.A.numel() + p.units.B.numel()) * p.units.A.element_size()
         groups: dict[tuple, list[str]] = {}
         for n, (_, p) in window.items():
             groups.setdefault((p.units.count, p.k, p.G.device), []).append(n)
