@@ -11,18 +11,22 @@ Vocabulary: ``PAD``, ``SEP``, one prefix token per task and ``DIGITS`` symbols. 
 A benchmark that can tell a good merge from a bad one needs (the earlier set-up had none of these, and no merge
 beat its base):
 
-1. **A base that knows the format and the skills, but not the tasks as asked.** The base is pre-trained on
-   ``copy`` under every task prefix (so it answers every prompt in the right format, and under a task's prefix
-   it copies: exact match ≈ 0 on all four tasks, the chance that the answer equals the input) and on each skill
-   under a separate *skill* token it never sees with the task prefix. This is the regime of fine-tuning a
-   pre-trained model: the adapter teaches the model to apply, on a new instruction, an ability it has, and its
-   update is small next to the weights. (Adapters that had to build a skill from a copy-only base moved the
-   weights by as much as their own norm; their exact sum scored 0 on every task and broke ``copy``: weight-space
-   merging cannot work there, whatever the method.)
+1. **A base that knows the format and holds each task as a latent mode, below its greedy choice.** The base is
+   pre-trained on ``copy`` under its prefix and, under each task's prefix, on that task's answer for a share
+   ``BASE_MIX`` (0.3) of the examples and on the copied input for the rest: it answers every prompt in the
+   right format, and under a task's prefix its greedy answer is the copy (exact match ≈ 0 on all four tasks),
+   with the task's answer a near tie behind it. This is the regime of fine-tuning a pre-trained model: the
+   adapter elicits what the model can already do, and its update is small. (Design v5, ``BASE_MIX = None``
+   and ``SKILLS = True``: a base that copies under every prefix and knows the skills under separate tokens;
+   its adapters had to build a routing switch through shared circuits, and their exact sum never beat the
+   base by more than 7 points.)
 2. **Adapters that change their own task and nothing else.** Each adapter is trained on its task mixed with
-   rehearsal: the base's own data (``copy`` under its prefix) and the other prompts (the other tasks' prefixes,
-   the skill tokens) labelled by the base model itself (its greedy answers), so the adapter learns "under my
-   prefix do X, elsewhere do what the base does".
+   rehearsal: the base's own data (``copy`` under its prefix) and the other tasks' prompts with answers
+   sampled from the base and the base's next-token distributions as targets (``REHEARSAL = "kl"``:
+   KL(base ‖ adapted) at every answer position), so the adapter learns "under my prefix do X, elsewhere
+   keep the base's whole distribution", near ties included. (``"greedy"``, the v5 rehearsal, trains on the
+   base's greedy answers instead, which pushes the other prompts' near ties towards ``copy``, against the
+   other adapters.)
 3. **A fixed, large held-out set** (512 per task, its own seed) and fixed training seeds.
 
 Accuracy is exact match of the whole answer. It is computed teacher-forced in one forward pass: every answer
@@ -52,7 +56,7 @@ import lorakit
 from lorakit.adapter import Adapter
 
 CACHE = Path("bench-out/tiny_tasks")
-VERSION = "v5"  # of the set-up: base on copy under every prefix and the skills, adapters with rehearsal
+VERSION = "v6"  # of the set-up: base with each task latent under its prefix, adapters with KL rehearsal
 LENGTH = 5
 DIGITS = 10
 PAD, SEP = 0, 1
@@ -61,7 +65,11 @@ TASK_TOKEN = {name: 2 + i for i, name in enumerate(TASK_NAMES)}
 FIRST_DIGIT = 2 + len(TASK_NAMES)
 SKILL_TOKEN = {name: FIRST_DIGIT + DIGITS + i for i, name in enumerate(TASK_NAMES[1:])}
 VOCAB = FIRST_DIGIT + DIGITS + len(SKILL_TOKEN)
-SKILLS = True  # the base also learns each task under its own "skill" token (never under the task's prefix)
+SKILLS = False  # the base also learns each task under its own "skill" token (never under the task's prefix)
+# Under each task's prefix the base is pre-trained to answer that task with this probability and to copy
+# otherwise (None: copy only, the v5 design): the task is latent in the base, below its greedy choice.
+BASE_MIX: float | None = 0.3
+REHEARSAL = "kl"  # "kl": match the base's distribution on sampled answers; "greedy": its greedy answers
 SEQ = 2 * LENGTH + 2
 ANSWER = LENGTH + 2  # index of the first answer digit
 HIDDEN = 64
@@ -108,6 +116,7 @@ class Task:
     answer: Callable[[torch.Tensor], torch.Tensor]
     seed: int
     prefixes: tuple[int, ...] = ()  # when given, each example's prefix is drawn from these instead of ``token``
+    mix: float = 1.0  # the fraction of examples answered by ``answer``; the others copy their input
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` examples: token ids ``(n, 2L+2)`` and labels (−100 outside the answer, as HF expects)."""
@@ -117,7 +126,10 @@ class Task:
             prefix = torch.tensor(self.prefixes)[pick]
         else:
             prefix = torch.full((n,), self.token)
-        return _layout(prefix, x, self.answer(x))
+        y = self.answer(x)
+        if self.mix < 1.0:
+            y = torch.where((torch.rand(n, 1, generator=generator) < self.mix), y, x)
+        return _layout(prefix, x, y)
 
     def held_out(self, n: int = HELD_OUT) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed evaluation set (its own seed, disjoint in practice from the training stream)."""
@@ -138,6 +150,38 @@ class BaseLabelled:
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         pick = torch.randint(self.ids.shape[0], (n,), generator=generator)
         return self.ids[pick], self.labels[pick]
+
+
+class BaseDistribution:
+    """Rehearsal data that keeps the base's whole answer distribution, not just its greedy answer: prompts under
+    the given prefixes, answers *sampled* from ``model`` (so every mode the base gives weight to is rehearsed),
+    and as targets the base's next-token distributions at every answer position. Training on it minimises
+    KL(base ‖ model) there (see :func:`_loss`). A fixed pool of ``pool`` examples is made once."""
+
+    def __init__(self, model, prefixes: tuple[int, ...], seed: int, pool: int = 4096) -> None:
+        g = torch.Generator().manual_seed(30_000 + seed)
+        x = torch.randint(DIGITS, (pool, LENGTH), generator=g)
+        prefix = torch.tensor(prefixes)[torch.randint(len(prefixes), (pool,), generator=g)]
+        ids = torch.cat([prefix.reshape(pool, 1), x + FIRST_DIGIT, torch.full((pool, 1), SEP)], dim=1)
+        with torch.no_grad():
+            for _ in range(LENGTH):
+                probs = model(input_ids=ids).logits[:, -1, FIRST_DIGIT:FIRST_DIGIT + DIGITS].softmax(-1)
+                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g) + FIRST_DIGIT], dim=1)
+            self.targets = model(input_ids=ids).logits[:, ANSWER - 1 : -1].log_softmax(-1)
+        self.ids = ids
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = torch.randint(self.ids.shape[0], (n,), generator=generator)
+        return self.ids[pick], self.targets[pick]
+
+
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on integer ``labels``; on float labels (log-probabilities ``(n, L, V)`` of the answer
+    positions, from :class:`BaseDistribution`) KL(target ‖ model) summed over the vocabulary, averaged."""
+    if labels.dtype != torch.float32:
+        return model(input_ids=ids, labels=labels).loss
+    logp = model(input_ids=ids).logits[:, ANSWER - 1 : -1].log_softmax(-1)
+    return (labels.exp() * (labels - logp)).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -195,7 +239,7 @@ def _train(model, params, tasks: list, steps: int, lr: float, seed: int, batch: 
     for step in range(steps):
         task = tasks[step % len(tasks)]
         ids, labels = task.batch(batch, g)
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = _loss(model, ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -207,12 +251,13 @@ def _train(model, params, tasks: list, steps: int, lr: float, seed: int, batch: 
 
 
 def build_base(seed: int = 0, *, steps: int = BASE_STEPS, verbose: bool = True):
-    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained on ``copy`` under
-    every prefix token (it knows the answer format and solves none of the tasks), cached in
-    ``bench-out/tiny_tasks/base-s{seed}-v4``. Returns ``(model, Vocab())``."""
+    """The base model: a 3-layer, hidden-64 Llama built from ``LlamaConfig`` and pre-trained as the module
+    docstring says (item 1: it knows the answer format and solves none of the tasks as asked), cached under
+    ``bench-out/tiny_tasks/`` by seed, design and size. Returns ``(model, Vocab())``."""
     from transformers import LlamaForCausalLM
 
-    path = CACHE / f"base-s{seed}-{VERSION}-h{HIDDEN}-i{INTERMEDIATE}-l{N_LAYERS}-b{steps}"
+    design = ("" if BASE_MIX is None else f"-mix{BASE_MIX:g}") + ("-skills" if SKILLS else "")
+    path = CACHE / f"base-s{seed}-{VERSION}-h{HIDDEN}-i{INTERMEDIATE}-l{N_LAYERS}-b{steps}{design}"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path)
         model.eval()
@@ -220,13 +265,18 @@ def build_base(seed: int = 0, *, steps: int = BASE_STEPS, verbose: bool = True):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_config())
     t = time.perf_counter()
-    data = [copy_task(seed, prefixes=tuple(TASK_TOKEN.values()))]
+    if BASE_MIX is None:
+        data = [copy_task(seed, prefixes=tuple(TASK_TOKEN.values()))]
+    else:
+        answers = _answers()
+        data = [copy_task(seed)] + [Task(t.name, t.token, answers[t.name], seed * 100 + 70 + i, mix=BASE_MIX)
+                                    for i, t in enumerate(make_tasks(seed))]
     if SKILLS:
         answers = _answers()
         data += [Task(n, tok, answers[n], seed * 100 + 50 + i) for i, (n, tok) in enumerate(SKILL_TOKEN.items())]
     loss = _train(model, model.parameters(), data, steps, 3e-3, seed, log=verbose)
     if verbose:
-        print(f"base (seed {seed}): pre-trained on copy for {steps} steps in {time.perf_counter() - t:.0f} s, "
+        print(f"base (seed {seed}): pre-trained for {steps} steps in {time.perf_counter() - t:.0f} s, "
               f"final loss {loss:.3f}")
     model.save_pretrained(path)
     return build_base(seed, steps=steps, verbose=verbose)  # reloaded: the adapter cache is keyed by its path
@@ -238,6 +288,8 @@ def rehearsal(base, task: Task, seed: int = 0) -> list:
     others = tuple(tok for tok in TASK_TOKEN.values() if tok not in (task.token, TASK_TOKEN["copy"]))
     if SKILLS:
         others += tuple(SKILL_TOKEN.values())
+    if REHEARSAL == "kl":
+        return [copy_task(seed), BaseDistribution(base, others, seed + task.seed)]
     return [copy_task(seed), BaseLabelled(base, others, seed + task.seed)]
 
 
@@ -251,7 +303,8 @@ def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int 
     tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
     where = "all" if LAYERS is None else "-".join(map(str, LAYERS))
     mods = "".join(m[0] for m in TARGET_MODULES)
-    path = CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}-lr{LR:g}-wd{WD:g}-L{where}-{mods}"
+    path = (CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}-lr{LR:g}-wd{WD:g}-L{where}-{mods}"
+            f"-{REHEARSAL}")
     if not (path / "adapter_config.json").exists():
         torch.manual_seed(seed)
         data = [task, *rehearsal(base, task, seed)]

@@ -43,3 +43,34 @@ def test_applied_delta_matches_peft_forward(tmp_path):
         plain = base(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain, want, atol=1e-3)
+
+
+def test_latent_task_mix_answers_the_task_for_its_share_and_copies_otherwise():
+    task = tt.Task("reverse", tt.TASK_TOKEN["reverse"], lambda x: x.flip(1), seed=0, mix=0.3)
+    ids, _ = task.batch(4000, torch.Generator().manual_seed(1))
+    x, y = ids[:, 1:6], ids[:, 7:]
+    is_task, is_copy = (y == x.flip(1)).all(1), (y == x).all(1)
+    assert bool((is_task | is_copy).all())
+    share = float((is_task & ~is_copy).float().mean() / (~(x == x.flip(1)).all(1)).float().mean())
+    assert abs(share - 0.3) < 0.03
+
+
+def test_kl_rehearsal_targets_are_the_base_distribution_and_its_loss_vanishes_on_the_base():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tt._config()).eval()
+    other = LlamaForCausalLM(tt._config()).eval()
+    data = tt.BaseDistribution(base, (tt.TASK_TOKEN["sort"],), seed=0, pool=64)
+    ids, targets = data.batch(32, torch.Generator().manual_seed(0))
+    assert targets.shape == (32, tt.LENGTH, tt.VOCAB) and targets.dtype == torch.float32
+    torch.testing.assert_close(targets.logsumexp(-1), torch.zeros(32, tt.LENGTH), atol=1e-5, rtol=0)
+    answers = ids[:, tt.ANSWER:]
+    assert bool(((answers >= tt.FIRST_DIGIT) & (answers < tt.FIRST_DIGIT + tt.DIGITS)).all())
+    with torch.no_grad():
+        assert float(tt._loss(base, ids, targets)) < 1e-6
+        assert float(tt._loss(other, ids, targets)) > 1e-3
+    labels = torch.full_like(ids, -100)
+    labels[:, tt.ANSWER:] = answers  # integer labels still take the cross-entropy path
+    with torch.no_grad():
+        torch.testing.assert_close(tt._loss(base, ids, labels), base(input_ids=ids, labels=labels).loss)
