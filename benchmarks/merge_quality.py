@@ -263,7 +263,10 @@ plain sum at its best weight.
 units instead of adding them: with 64 nearly orthogonal units from four tasks in 16 clusters, each centroid
 mixes units of unrelated tasks and keeps a fraction of each. Rescaling its output per module to the norm of
 the exact sum (the norm-preserving reading of the paper's output reweighting) lifts it to 0.763 at λ = 1,
-still below. The issue's LEGO criterion (match the exact sum at rank 16) is not met, and on this evidence
+still below. The `canonical` gauge (each input's SVD units, sign-fixed: not the paper's form, the default
+before the second session) does much better here, 0.822 at λ = 1 and 0.832 at λ = 0.75
+(`docs/benchmarks/lego_quality.md`), reversing the second session's finding on the v5 design (which could
+not discriminate), yet it too stays below the sum and `svd`. The issue's LEGO criterion (match the exact sum at rank 16) is not met, and on this evidence
 LEGO's compression by clustering is the wrong tool when the adapters' units do not repeat across tasks.
 
 ## Earlier set-ups (v5 and before: the sum never beat the base by more than 7 points)
