@@ -340,10 +340,14 @@ class SignedMerge:
         torch.sign(s, out=sig)
         self.sign_sum += float(sig.sum())
         # Ties (s = 0 with some entry nonzero) are where s = 0 but not T = 0, as {T = 0} ⊆ {s = 0}.
-        mask = ws.mask[:rows]
-        n_tie = int(torch.count_nonzero(torch.eq(s, 0, out=mask))) - int(torch.count_nonzero(torch.eq(T, 0, out=mask)))
-        if n_tie:
+        # Every term of Σ T·(|σ| − 1) is ≤ 0 and it is < 0 exactly at a tie (T > 0, σ = 0), so the sum is < 0
+        # iff the tile has one: two cheap float passes and a dot instead of two boolean counts (~4× the cost).
+        w = torch.abs(sig, out=f[0]).sub_(1)
+        n_tie = 0
+        if float(torch.dot(T.reshape(-1), w.reshape(-1))) < 0:
             tie = (s == 0) & (T > 0)
+            n_tie = int(tie.sum())
+        if n_tie:
             where = tie.nonzero()
             p_cnt, q_cnt = (T[tie] + D[tie]) / 2, (T[tie] - D[tie]) / 2
             pos = P[tie] / p_cnt
