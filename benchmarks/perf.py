@@ -206,6 +206,58 @@ def peers(shape: str, rank: int, inputs: list[Path]) -> dict[str, object]:
     return out
 
 
+DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "refactor", "probe")
+
+
+def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("mlp.gate_proj", "self_attn.q_proj"),
+                        methods: tuple[str, ...] = ("ties", "dare_ties", "magnitude_prune", "della")
+                        ) -> list[dict[str, object]]:
+    """CPU ns per ΔW entry of a pair, by stage, of each delta method on one module of each given kind (two r=16
+    bf16 inputs made as :func:`make_adapters` makes them, density 0.5, rank 16), in this process.
+
+    Stages are the sample and counting pass of the exact thresholds, the merge pass, the probe and the
+    refactor (``lorakit.ops.merge_delta``'s functions, timed with ``time.process_time`` by wrapping them)."""
+    from lorakit.ops import _kernels as K
+    from lorakit.ops import merge_delta as D
+    from lorakit.ops.rank_rules import RankRule
+    from lorakit.testing import random_factors
+
+    spent: dict[str, float] = {}
+    originals = {name: getattr(K if hasattr(K, name) else D, name) for name in DELTA_STAGES}
+
+    def timed(name: str, f):  # type: ignore[no-untyped-def]
+        def g(*a, **kw):  # type: ignore[no-untyped-def]
+            t0 = time.process_time()
+            try:
+                return f(*a, **kw)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - t0
+        return g
+
+    rows: list[dict[str, object]] = []
+    try:
+        for name, f in originals.items():
+            setattr(K if hasattr(K, name) else D, name, timed(name, f))
+        for m in modules:
+            o, i = module_shapes(shape, 1)[f"model.layers.0.{m}"]
+            fs = [random_factors(o, i, 16, scale=2.0, decay=0.85, dtype=torch.bfloat16,
+                                 generator=torch.Generator().manual_seed(zlib.crc32(f"model.layers.0.{m}/{k}".encode())))
+                  for k in range(2)]
+            for method in methods:
+                spent.clear()
+                t0 = time.process_time()
+                res = getattr(D, method)(fs, [1.0, 1.0], density=0.5, rank_rule=RankRule("rank", 16))
+                total = time.process_time() - t0
+                per = {k: round(v / (o * i) * 1e9, 2) for k, v in spent.items()}
+                rows.append({"module": m, "method": method, "total_ns": round(total / (o * i) * 1e9, 2),
+                             "stages_ns": per, "error": round(res.error, 6)})
+                print(rows[-1], flush=True)
+    finally:
+        for name, f in originals.items():
+            setattr(K if hasattr(K, name) else D, name, f)
+    return rows
+
+
 def run_case(shape: str, rank: int, n: int, with_peers: bool = True, with_delta: bool = True) -> dict[str, object]:
     inputs = make_adapters(shape, rank, n)
     out = OUT / "perf" / f"merged-{shape}-r{rank}-n{n}.safetensors"
@@ -540,8 +592,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only the cost table and add it to the existing docs/benchmarks/perf.json and perf.md")
     ap.add_argument("--from-json", action="store_true",
                     help="only rewrite docs/benchmarks/perf.md from the numbers in docs/benchmarks/perf.json")
+    ap.add_argument("--delta-stages", action="store_true",
+                    help="only print the delta methods' CPU ns per entry by stage on one 8B gate_proj and q_proj")
     args = ap.parse_args(argv)
     PEER_SHAPES[:] = args.peers_on.split(",")
+    if args.delta_stages:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(delta_stage_profile(), indent=1))
+        return
     if args.from_json:
         rec = json.loads((DOCS / "perf.json").read_text())
         SETTINGS.update(threads=str(rec["threads"]))

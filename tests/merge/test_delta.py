@@ -190,3 +190,22 @@ def test_float32_module_matches_float64_reference_and_batching_of_rows(method, t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     else:  # DELLA draws its uniforms in the compute dtype: a different stream, the same law
         assert a.shape == b.shape and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_task_thresholds_equal_kthvalue_on_the_dense_bf16_module(monkeypatch, zero):
+    """The sampled-bracket threshold of 16-bit factors (float32 tiles) is the k-th largest |τ| of the dense
+    float32 matrix, to the bit; an all-zero module gives 0 (every entry kept)."""
+    monkeypatch.setattr(K, "TILE_ELEMENTS", 700)
+    g = torch.Generator().manual_seed(9)
+    fs = [random_factors(90, 40, 4, generator=g, dtype=torch.bfloat16) for _ in range(2)]
+    if zero:
+        fs = [f.with_(B=torch.zeros_like(f.B)) for f in fs]
+    tiles = D.TaskTiles(fs, [1.0, -0.5])
+    counts = [1, 7, D.keep_count(0.5, tiles.numel), tiles.numel - 1]
+    got = tiles.thresholds(counts, seed=3)
+    assert got.dtype == torch.float32
+    for i, (B, A) in enumerate(zip(tiles.Bs, tiles.As)):
+        dense = torch.cat([B[r0:r0 + tiles.rows] @ A for r0 in range(0, 90, tiles.rows)]).abs().flatten()
+        for j, k in enumerate(counts):
+            assert float(got[i, j]) == float(torch.kthvalue(dense, dense.numel() - k + 1).values)
