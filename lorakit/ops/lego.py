@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 
 from lorakit.adapter import Adapter, AdapterMeta
-from lorakit.device import factors_to, resolve_device
+from lorakit.device import factors_to
 from lorakit.errors import IncompatibleAdaptersError, OperatorParameterError, RankError, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import compute_dtype, next_window, svd_of, tail_error
@@ -138,7 +138,7 @@ def extract_units(
 ) -> Units:
     """The pooled units of ``Σ w_i ΔW_i`` in ``gauge`` (input order, then unit order) on ``device`` (default:
     the inputs' device), in ``dtype`` (default: float32, float64 if an input is float64)."""
-    dev = resolve_device(device) if device is not None else inputs[0].A.device
+    dev = torch.device(device) if device is not None else inputs[0].A.device
     dt = dtype or compute_dtype(*(t for f in inputs for t in (f.A, f.B)))
     moved = [factors_to(f, dev) for f in inputs]
     if gauge == "canonical":
@@ -331,7 +331,7 @@ def lego_module(
         OperatorParameterError: an unknown gauge, no inputs, weights that do not match the inputs.
     """
     _check(inputs, weights, gauge, module)
-    dev = resolve_device(device) if device is not None else inputs[0].A.device
+    dev = torch.device(device) if device is not None else inputs[0].A.device
     p = _prepare(inputs, weights, rank_rule, gauge, dev, module)
     km = kmeans_gram(p.G, p.k, seed=seed, restarts=restarts, max_iter=max_iter)
     return _finish(p, inputs, km.labels[0], km.mix[0], float(km.inertia[0]), param_reweight=param_reweight,
@@ -442,7 +442,7 @@ def lego_merge(
     for kv in (k.values() if isinstance(k, Mapping) else [k]):
         if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
             raise RankError(f"k must be a positive integer, got {kv!r}")
-    dev = resolve_device(device) if device is not None else None
+    dev = torch.device(device) if device is not None else None
     modules: dict[str, LoraFactors] = {}
     assignments: dict[str, LegoAssignment] = {}
     def unit_bytes(n: str) -> int:  # the pooled units of module n, in the compute dtype, from the headers
