@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from lorakit.adapter import Adapter, ModuleInfo
+from lorakit.adapter import Adapter, ModuleInfo, merge_full_tensors
+from lorakit.algebra import bias_sum
 from lorakit.device import HostMemoryTrimmer, factors_to
 from lorakit.errors import (
     IncompatibleAdaptersError,
@@ -36,7 +37,6 @@ from lorakit.io.atomic import check_output_path
 from lorakit.io.prefetch import Prefetcher
 from lorakit.linalg import group_by_shape, next_window, widest_dtype
 from lorakit.ops import _kernels
-from lorakit.ops.algebra import bias_sum, merge_full_tensors
 from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
 from lorakit.provenance import make_provenance
