@@ -2,7 +2,7 @@
 no module imports a higher layer or takes part in an import cycle between packages/modules.
 
 Every ``import`` counts, at module top level and inside functions (a lazy import is still a dependency).
-Run alone: ``python -m pytest tests/unit/test_architecture.py -q``. See docs/architecture.md.
+Run alone: ``python -m pytest tests/test_architecture.py -q``. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import its own layer or any layer below. The longest matching prefix decides.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
