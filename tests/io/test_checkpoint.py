@@ -9,7 +9,6 @@ import torch
 
 from lorakit.errors import CorruptFileError, FormatError
 from lorakit.io.checkpoint import Checkpoint, CheckpointWriter
-
 from tests.io._checkpoints import write_checkpoint
 
 

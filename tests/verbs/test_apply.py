@@ -11,7 +11,6 @@ import lorakit
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.factors import LoraFactors
 from lorakit.io.checkpoint import Checkpoint, weight_key
-
 from tests.io._checkpoints import write_checkpoint
 
 

@@ -10,7 +10,6 @@ import torch
 import lorakit
 from lorakit.ops.extract import low_rank_fit
 from lorakit.ops.rank_rules import rank_rule
-
 from tests.io._checkpoints import write_checkpoint
 
 
