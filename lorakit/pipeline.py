@@ -39,10 +39,10 @@ from lorakit.linalg import group_by_shape, next_window, widest_dtype
 from lorakit.ops import _kernels
 from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.store import default_output_format, load, save
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import default_output_format, load
 
 ModuleSet = Literal["exact", "union", "intersection"]
 
@@ -438,10 +438,9 @@ def merge(
     merged = run_merge(plan, run)
     # Where each input was read from (a Hub input's local snapshot), so provenance can hash it and name its repo.
     local = [a.meta.source_path or str(i) for a, i in zip(plan.adapters, inputs)]
-    prov = make_provenance("merge", {"method": plan.spec.name, "weights": plan.weights,
-                                     "parameters": _shown_params(plan.params, plan.rule)}, local)
+    recorded = {"method": plan.spec.name, "weights": plan.weights, "parameters": _shown_params(plan.params, plan.rule)}
     fmt = to_format or default_output_format(plan.adapters[0])
-    save(merged.adapter, output, format=fmt, provenance=prov, inputs=tuple(local))
+    write_adapter(merged.adapter, Output(output, "merge", recorded, tuple(local), fmt))
     return merge_report(merged, output, fmt)
 
 

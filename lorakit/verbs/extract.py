@@ -15,10 +15,9 @@ from lorakit.io.atomic import check_output_path
 from lorakit.io.checkpoint import Checkpoint
 from lorakit.ops.extract import DEFAULT_EXCLUDE, ExtractedModule, low_rank_fit, select_weights
 from lorakit.ops.rank_rules import RankRule
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.store import save
+from lorakit.verbs.engine import Output, write_adapter
 
 
 def extract_file(
@@ -92,7 +91,7 @@ def extract_file(
     adapter = Adapter(modules, AdapterMeta(base_model=str(base), source_format="peft"))
     params = {"rule": str(rule), "oversample": oversample, "n_iter": n_iter, "seed": seed,
               "base": Path(base).name, "finetuned": Path(finetuned).name}
-    save(adapter, output, format=to_format, provenance=make_provenance("extract", params), inputs=(base, finetuned))
+    write_adapter(adapter, Output(output, "extract", params, (base, finetuned), to_format, hash_inputs=False))
     report = Report(title=title, columns=["module", "out x in", "rank", "rel error"])
     for r in rows:
         report.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.rank, r.rel_error)

@@ -20,7 +20,8 @@ from lorakit.quant.module import QuantizedModule
 from lorakit.quant.quantize import Progress, _check_options, bits_summary, dequantize_adapter, quantize_module
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.store import default_output_format, load, save
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import default_output_format, load
 
 
 def quantize_adapter(
@@ -165,8 +166,7 @@ def dequantize_file(
             lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
         )
     fmt = to_format or default_output_format(plain)
-    prov = make_provenance("dequantize", {"to": fmt}, (path,))
-    out = save(plain, output, format=fmt, provenance=prov, inputs=(path,))
+    out = write_adapter(plain, Output(output, "dequantize", {"to": fmt}, (path,), fmt))
     report = Report(f"dequantize to {fmt}", ["module", "shape", "rank"])
     for n, i in plain.infos().items():
         report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)

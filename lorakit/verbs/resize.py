@@ -9,10 +9,10 @@ from lorakit.errors import naming_file
 from lorakit.io.atomic import check_output_path
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.resize import _check_rule, resize_report, resize_stream
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.store import load, save
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import load
 
 
 def resize_file(
@@ -50,7 +50,7 @@ def resize_file(
         resized = resized.map(lambda _n, f: f.with_(A=f.A.to(dtype), B=f.B.to(dtype)),
                               {n: replace(i, dtype=dtype) for n, i in resized.infos().items()})
     params = {"rule": what, "budget": budget, "expand": expand}
-    save(resized, output, format=to_format, provenance=make_provenance("resize", params, [source]), inputs=(source,))
+    write_adapter(resized, Output(output, "resize", params, (source,), to_format))
     report = resize_report([rows[n] for n in adapter], f"resized {source} by {what} → {output}")
     report.notes.extend(adapter.meta.notes)
     return report
