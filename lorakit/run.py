@@ -26,7 +26,8 @@ class RunOptions:
             verb's documented default (0). A merge method's ``--seed`` is an operator parameter, not this.
         window_bytes: float32 bytes of factors a streaming loop batches at once (``default_window_bytes``:
             1, one module at a time, on CPU; 512 MiB on CUDA); 0 turns batching off.
-        threads: torch intra-op threads for the run; ``None`` leaves torch's setting alone.
+        threads: torch intra-op threads for the run, set by :meth:`resolve` (the process's torch setting, as
+            ``OMP_NUM_THREADS`` would set it); ``None`` leaves torch's setting alone.
     """
 
     device: torch.device
@@ -39,7 +40,8 @@ class RunOptions:
     def resolve(cls, device: str | torch.device | None = "auto", *, dtype: torch.dtype | None = None,
                 seed: int | None = None, window_bytes: int | None = None,
                 threads: int | None = None) -> RunOptions:
-        """The one place a device name is resolved (``auto`` → CUDA if available, else CPU).
+        """The one place a device name is resolved (``auto`` → CUDA if available, else CPU); ``threads``, when
+        given, is applied here (``torch.set_num_threads``), once.
 
         Raises:
             LorakitError: ``cuda`` asked for without a CUDA device; ``threads`` or ``window_bytes`` negative.
@@ -51,6 +53,8 @@ class RunOptions:
             raise LorakitError(f"threads must be at least 1, got {threads}")
         if window_bytes is not None and window_bytes < 0:
             raise LorakitError(f"window bytes must be ≥ 0, got {window_bytes}")
+        if threads is not None:
+            torch.set_num_threads(threads)
         return cls(dev, dtype, seed, default_window_bytes(dev) if window_bytes is None else window_bytes, threads)
 
     def with_(self, **changes: object) -> RunOptions:
@@ -63,10 +67,6 @@ class RunOptions:
         """The seed, or the verb's default when none was given."""
         return default if self.seed is None else self.seed
 
-    def apply_threads(self) -> None:
-        """Set torch's intra-op thread count when the run asks for one (the engine calls this once)."""
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
 
 
 def run_options(run: RunOptions | None) -> RunOptions:
