@@ -39,9 +39,10 @@ from lorakit.adapter import Adapter
 from lorakit.linalg import factored_svd
 from lorakit.ops import registry
 from lorakit.ops.kmeans import kmeans_gram
-from lorakit.ops.lego import _prepare, lego_merge
+from lorakit.ops.lego import _prepare
 from lorakit.ops.rank_rules import rank_rule
 from lorakit.testing import llama_shapes, random_factors
+from lorakit.verbs.lego import lego_merge
 
 OUT = Path("docs/benchmarks/lego.md")
 

@@ -18,10 +18,9 @@ import torch
 import lorakit
 from benchmarks import tiny_tasks as tt
 from benchmarks.lego_reference import reference_lego
-from lorakit.adapter import Adapter
+from lorakit.adapter import Adapter, cat
 from lorakit.factors import LoraFactors
-from lorakit.ops.algebra import cat
-from lorakit.ops.lego import lego_merge
+from lorakit.verbs.lego import lego_merge
 
 OUT = Path("docs/benchmarks/lego_quality.md")
 LAMBDAS = (0.25, 0.5, 0.75, 1.0)

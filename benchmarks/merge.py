@@ -88,6 +88,7 @@ def lorakit_merge(paths, method, subset, params):
     import torch
 
     from lorakit.pipeline import plan_merge, run_merge
+    from lorakit.run import RunOptions
 
     plan = plan_merge(paths, [1.0 / len(paths)] * len(paths) if method == "svd" else None, method,
                       params=params, rank=RANK)
@@ -96,7 +97,7 @@ def lorakit_merge(paths, method, subset, params):
         plan.infos = {m: plan.infos[m] for m in plan.modules} if plan.infos else None
     # Timed from here: reading the factors and merging (PEFT's time likewise starts with adapters loaded).
     t0 = time.perf_counter()
-    run = run_merge(plan, dtype=torch.float32)  # compare in float32, as PEFT computes
+    run = run_merge(plan, RunOptions.resolve("cpu", dtype=torch.float32))  # compare in float32, as PEFT computes
     merged = {m: run.adapter[m] for m in plan.modules}
     seconds = time.perf_counter() - t0
     return seconds, {m: run.results[m].error for m in merged}, {m: (merged[m].A.float().numpy(),

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import lorakit
-from lorakit.device import resolve_device
+from lorakit.run import RunOptions
 from lorakit.transfer import pipeline
 from lorakit.transfer.models import apply_adapter, greedy, load_causal_lm, render
 from lorakit.transfer.tiny import (
@@ -142,10 +142,10 @@ def one_seed(task: str, seed: int, bases: dict[str, str], device: torch.device, 
         shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.perf_counter()
         prep = pipeline.prepare(work / f"lora-{src}", bases[src], data, kit, seeds=N_SEEDS, negatives=N_NEGATIVES,
-                                disc_config=TrainConfig(**DISC, seed=seed), device=str(device), seed=seed)
+                                disc_config=TrainConfig(**DISC, seed=seed), run=RunOptions.resolve(device), seed=seed)
         t1 = time.perf_counter()
         rep = pipeline.run(kit, bases[src], bases[tgt], run_dir, samples=samples, student_config=cfg,
-                           max_new_tokens=16, device=str(device), seed=seed)
+                           max_new_tokens=16, run=RunOptions.resolve(device), seed=seed)
         t2 = time.perf_counter()
         rows = [json.loads(line) for line in (run_dir / "teacher.jsonl").read_text().splitlines()]
         res[f"{src}->{tgt}"] = {
@@ -165,7 +165,7 @@ def one_seed(task: str, seed: int, bases: dict[str, str], device: torch.device, 
         alone_dir = work / f"run-{src}-{tgt}-target-only"
         shutil.rmtree(alone_dir, ignore_errors=True)
         rep = pipeline.run(kit, bases[src], bases[tgt], alone_dir, samples=samples, generator="target",
-                           student_config=cfg, max_new_tokens=16, device=str(device), seed=seed)
+                           student_config=cfg, max_new_tokens=16, run=RunOptions.resolve(device), seed=seed)
         rows = [json.loads(line) for line in (alone_dir / "teacher.jsonl").read_text().splitlines()]
         res[f"{src}->{tgt}"]["target_only"] = {
             "transferred": accuracy(bases[tgt], lorakit.load(alone_dir / "adapter"), test, device),
@@ -207,7 +207,7 @@ def ablations(task: str, seed: int, bases: dict[str, str], device: torch.device,
             shutil.rmtree(out, ignore_errors=True)
             try:
                 rep = pipeline.run(kit_dir, bases[src], bases[tgt], out, samples=samples, use_filter=use_filter,
-                                   student_config=cfg, max_new_tokens=16, max_rounds=40, device=str(device),
+                                   student_config=cfg, max_new_tokens=16, max_rounds=40, run=RunOptions.resolve(device),
                                    seed=seed)
                 row[label] = {"transferred": accuracy(bases[tgt], lorakit.load(out / "adapter"), test, device),
                               "acceptance_rate": rep.summary["acceptance_rate"]}
@@ -339,7 +339,7 @@ def main() -> None:
         return
     # One thread: on a loaded 2-core machine two OpenMP threads run these tiny kernels many times slower.
     torch.set_num_threads(1)
-    dev = resolve_device(args.device)
+    dev = RunOptions.resolve(args.device).device
     t_start = time.perf_counter()
     bases, pre_secs = {}, {}
     for b in BASES:

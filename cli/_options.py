@@ -63,3 +63,11 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return None if name == "auto" else getattr(torch, name)
+
+
+def run_options(device: str = "auto", dtype: str = "auto", seed: int | None = None) -> Any:
+    """The command's :class:`~lorakit.run.RunOptions`, resolved once here (``--device cuda`` without a GPU
+    fails before any file is read) and passed down to the verb."""
+    from lorakit.run import RunOptions
+
+    return RunOptions.resolve(device, dtype=torch_dtype(dtype), seed=seed)

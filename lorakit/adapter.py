@@ -14,13 +14,15 @@ Python algebra is exact and stays in factor space::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import torch
 
+from lorakit.algebra import cat_factors
+from lorakit.errors import IncompatibleAdaptersError
 from lorakit.factors import LayerKind, LoraFactors
 
 
@@ -232,11 +234,98 @@ class Adapter(Mapping[str, LoraFactors]):
     def __add__(self, other: object) -> Adapter:
         if not isinstance(other, Adapter):
             return NotImplemented
-        from lorakit.ops.algebra import cat
-
         return cat([self, other])
 
     def __sub__(self, other: object) -> Adapter:
         if not isinstance(other, Adapter):
             return NotImplemented
         return self + (-other)
+
+
+# ---- exact adapter algebra (rank concatenation; the factor-level parts are lorakit.algebra) ----
+def merge_full_tensors(adapters: Sequence[Adapter], weights: Sequence[float],
+                       labels: Sequence[str] | None = None) -> dict[str, FullTensor]:
+    """The whole module tensors (PEFT ``modules_to_save``) of a weighted sum of adapters.
+
+    Each saved tensor ``T_i`` updates the base tensor ``W`` by ``T_i − W``, so the weighted sum is
+    ``W + Σ w_i·(T_i − W)``, which does not depend on ``W`` exactly when ``Σ w_i = 1``: then it is ``Σ w_i·T_i``
+    (``T`` itself when every input saved the same tensor). Any other case would need the base weights, and is
+    refused rather than guessed. Lazy: tensors are read when the writer asks.
+
+    Raises:
+        IncompatibleAdaptersError: some inputs save a tensor that others do not, shapes differ, or the weights
+            do not sum to 1.
+    """
+    labels = list(labels) if labels is not None else [a.meta.source_path or f"#{i}" for i, a in enumerate(adapters)]
+    names = list(dict.fromkeys(n for a in adapters for n in a.meta.full_tensors))
+    if not names:
+        return {}
+    for label, a in zip(labels, adapters):
+        missing = [n for n in names if n not in a.meta.full_tensors]
+        if missing:
+            raise IncompatibleAdaptersError(
+                f"saves no whole tensor for {missing[0]} (modules_to_save) while another input does: merging "
+                "them would need the base model's weights", file=label,
+                hint="merge adapters that save the same modules, or apply each to the base model in turn",
+            )
+    total = math.fsum(weights)
+    if abs(total - 1.0) > 1e-9:
+        raise IncompatibleAdaptersError(
+            f"the inputs save whole module tensors (modules_to_save, e.g. {names[0]}) and the weights sum to "
+            f"{total:g}: W + Σ w_i·(T_i − W) needs the base weights unless the weights sum to 1", file=labels[0],
+            hint="give weights that sum to 1 (e.g. --weights 0.5 0.5), or apply each adapter to the base model",
+        )
+    out: dict[str, FullTensor] = {}
+    for n in names:
+        parts = [a.meta.full_tensors[n] for a in adapters]
+        for label, t in zip(labels, parts):
+            if t.shape != parts[0].shape:
+                raise IncompatibleAdaptersError(
+                    f"saved tensor {n} has shape {list(t.shape)} here but {list(parts[0].shape)} in {labels[0]}",
+                    file=label)
+
+        def load(parts: list[FullTensor] = parts) -> torch.Tensor:
+            tensors = [t.load() for t in parts]
+            if all(torch.equal(t, tensors[0]) for t in tensors[1:]):
+                return tensors[0]
+            dt = torch.promote_types(torch.float32, tensors[0].dtype)
+            acc = torch.zeros(tensors[0].shape, dtype=dt)
+            for t, w in zip(tensors, weights):
+                acc += float(w) * t.to(dt)
+            return acc.to(tensors[0].dtype)
+
+        out[n] = FullTensor(parts[0].shape, parts[0].dtype, load, parts[0].key)
+    return out
+
+
+def cat(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
+    """Exact weighted sum of adapters over the same module set, lazily, by rank concatenation."""
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    names = list(adapters[0])
+    for a in adapters[1:]:
+        if set(a) != set(names):
+            missing = sorted(set(names) - set(a))[:3]
+            extra = sorted(set(a) - set(names))[:3]
+            raise IncompatibleAdaptersError(
+                f"module sets differ (missing {missing}, unexpected {extra})", missing=missing, unexpected=extra
+            )
+    dora = next(((a, n) for a in adapters for n in names if a.info(n).has_magnitude), None)
+    if dora is not None and len(adapters) > 1:
+        raise IncompatibleAdaptersError(
+            "DoRA modules have no exact sum without the base weights: adding would drop the magnitude",
+            file=dora[0].meta.source_path, module=dora[1], hint="fold DoRA adapters into the base (lorakit apply)",
+        )
+    full = merge_full_tensors(adapters, weights)
+    infos = {}
+    for n in names:
+        i0 = adapters[0].info(n)
+        infos[n] = ModuleInfo(
+            n, i0.out_features, i0.in_features, sum(a.info(n).rank for a in adapters), 1.0,
+            torch.float32, i0.kind, i0.kernel, has_bias=any(a.info(n).has_bias for a in adapters),
+        )
+
+    def one(n: str) -> LoraFactors:
+        return cat_factors([a[n] for a in adapters], weights, module=n)
+
+    meta = adapters[0].meta.with_(passthrough={}, full_tensors=full)
+    return Adapter({n: partial(one, n) for n in names}, meta, infos)

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import torch
 
-from lorakit.adapter import Adapter, ModuleInfo
-from lorakit.device import HostMemoryTrimmer, factors_to, resolve_device
+from lorakit.adapter import Adapter, ModuleInfo, merge_full_tensors
+from lorakit.algebra import bias_sum
+from lorakit.device import HostMemoryTrimmer, factors_to
 from lorakit.errors import (
     IncompatibleAdaptersError,
     NumericalError,
@@ -34,14 +35,14 @@ from lorakit.errors import (
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
 from lorakit.io.prefetch import Prefetcher
-from lorakit.linalg import default_window_bytes, group_by_shape, next_window, widest_dtype
+from lorakit.linalg import group_by_shape, next_window, widest_dtype
 from lorakit.ops import _kernels
-from lorakit.ops.algebra import bias_sum, merge_full_tensors
 from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
-from lorakit.verbs.store import default_output_format, load, save
+from lorakit.run import RunOptions, run_options
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import default_output_format, load
 
 ModuleSet = Literal["exact", "union", "intersection"]
 
@@ -268,15 +269,14 @@ class MergeRun:
     results: dict[str, MergeResult]
 
 
-def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-              batch_bytes: int | None = None) -> MergeRun:
+def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     """The merged adapter, lazy where the output ranks are known (see the module docstring).
 
-    ``device``: where the arithmetic runs (inputs are moved by :func:`lorakit.device.to_device`: pinned,
+    ``run.dtype``: the output dtype (``None``: each module's first input's). ``run.device``: where the arithmetic runs (inputs are moved by :func:`lorakit.device.to_device`: pinned,
     non-blocking copies on CUDA); results come back to CPU in the output dtype. Inputs are read ahead of the
     compute in a background thread (:class:`~lorakit.io.prefetch.Prefetcher`).
 
-    ``batch_bytes``: for an operator with a declared ``batched`` path (the ``svd`` merge), modules are taken in windows of about this many bytes of float32
+    ``run.window_bytes``: for an operator with a declared ``batched`` path (the ``svd`` merge), modules are taken in windows of about this many bytes of float32
     factors (default: one module at a time on CPU, where batching saves no measurable time and memory stays at
     a module's working set; 512 MiB on CUDA, where it saves launches; 0 turns batching off), and the same-shaped
     ones in a window go through one call of that path (grouped by :func:`~lorakit.linalg.group_by_shape`; for
@@ -286,9 +286,8 @@ def run_merge(plan: MergePlan, *, dtype: torch.dtype | None = None, device: str 
     """
     results: dict[str, MergeResult] = {}
     spec = plan.spec
-    dev = torch.device(device)
-    if batch_bytes is None:
-        batch_bytes = default_window_bytes(dev)
+    run = run_options(run)
+    dev, dtype, batch_bytes = run.device, run.dtype, run.window_bytes
     batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
     position = {m: i for i, m in enumerate(plan.modules)}
     trimmer = HostMemoryTrimmer()
@@ -392,18 +391,20 @@ def _batched_window(plan: MergePlan, start: int, batch_bytes: int, device: torch
 def merge_adapters(
     adapters: Sequence[str | Path | Adapter], weights: Sequence[float] | None = None, method: str = DEFAULT_MERGE, *,
     rank: int | None = None, energy: float | None = None, error: float | None = None,
-    module_set: ModuleSet = "exact", dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    module_set: ModuleSet = "exact", dtype: torch.dtype | None = None, device: str | torch.device = "auto",
     **params: Any,
 ) -> tuple[Adapter, dict[str, MergeResult]]:
     """Merge in memory (Python API): the merged adapter (fully computed) and the per-module results.
 
     >>> merged, results = merge_adapters([a, b], [0.5, 0.5], method, density=0.3, rank=16)   # doctest: +SKIP
+
+    An entry of the Python API: ``device`` and ``dtype`` are resolved here, once (:meth:`RunOptions.resolve`).
     """
+    run = RunOptions.resolve(device, dtype=dtype)  # first: --device cuda without a GPU fails before reading
     plan = plan_merge(adapters, weights, method, params=params, rank=rank, energy=energy, error=error,
                       module_set=module_set)
-    run = run_merge(plan, dtype=dtype, device=resolve_device(device))
-    merged = run.adapter.materialize()
-    return merged, run.results
+    merged_run = run_merge(plan, run)
+    return merged_run.adapter.materialize(), merged_run.results
 
 
 def merge(
@@ -418,13 +419,14 @@ def merge(
     error: float | None = None,
     module_set: ModuleSet = "exact",
     to_format: str | None = None,
-    dtype: torch.dtype | None = None,
-    device: str = "cpu",
+    run: RunOptions | None = None,
     dry_run: bool = False,
     allow_pickle: bool = False,
 ) -> Report:
-    """``lorakit merge``: plan, then (unless ``dry_run``) stream the merge into ``output``; returns the report."""
-    dev = resolve_device(device)  # before any reading: --device cuda without a GPU fails at once
+    """``lorakit merge``: plan, then (unless ``dry_run``) stream the merge into ``output``; returns the report.
+
+    ``run``: device, output dtype, window (``None``: the defaults of :meth:`RunOptions.resolve`)."""
+    run = run_options(run)
     if output is not None:
         check_output_path(output, list(inputs))
     plan = plan_merge(inputs, weights, method, params=params, rank=rank, energy=energy, error=error,
@@ -433,14 +435,13 @@ def merge(
         return plan.compatibility()
     if output is None:
         raise OperatorParameterError("give an output path with -o")
-    run = run_merge(plan, dtype=dtype, device=dev)
+    merged = run_merge(plan, run)
     # Where each input was read from (a Hub input's local snapshot), so provenance can hash it and name its repo.
     local = [a.meta.source_path or str(i) for a, i in zip(plan.adapters, inputs)]
-    prov = make_provenance("merge", {"method": plan.spec.name, "weights": plan.weights,
-                                     "parameters": _shown_params(plan.params, plan.rule)}, local)
+    recorded = {"method": plan.spec.name, "weights": plan.weights, "parameters": _shown_params(plan.params, plan.rule)}
     fmt = to_format or default_output_format(plan.adapters[0])
-    save(run.adapter, output, format=fmt, provenance=prov, inputs=tuple(local))
-    return merge_report(run, output, fmt)
+    write_adapter(merged.adapter, Output(output, "merge", recorded, tuple(local), fmt))
+    return merge_report(merged, output, fmt)
 
 
 def merge_report(run: MergeRun, output: str | Path, fmt: str) -> Report:

@@ -37,9 +37,10 @@ def command(base: str, adapter: str, output: str, weight: float, subtract: bool,
     from lorakit.verbs.apply import apply_file
     from lorakit.verbs.store import resolve
 
+    from .._options import run_options
     from .._output import emit
 
     src = resolve(adapter, allow_pickle=allow_pickle)
-    report = apply_file(base, src, output, weight=weight, subtract=subtract, device=device, dry_run=dry_run,
+    report = apply_file(base, src, output, weight=weight, subtract=subtract, run=run_options(device), dry_run=dry_run,
                         allow_pickle=allow_pickle)
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

@@ -49,13 +49,13 @@ def command(base: str, finetuned: str, output: str, rank: int | None, energy: fl
     from lorakit.ops.rank_rules import rank_rule
     from lorakit.verbs.extract import extract_file
 
-    from .._options import torch_dtype
+    from .._options import run_options
     from .._output import emit
 
     rule = rank_rule(rank=rank, energy=energy, error=error)
     if rule is None:
         raise OperatorParameterError("give --rank, --energy or --error", parameter="rank")
     report = extract_file(base, finetuned, output, rule, include=include, exclude=exclude or None,
-                          oversample=oversample, n_iter=n_iter, seed=seed, max_rank=max_rank, to_format=to_format,
-                          dtype=torch_dtype(dtype), device=device, dry_run=dry_run)
+                          oversample=oversample, n_iter=n_iter, max_rank=max_rank, to_format=to_format,
+                          run=run_options(device, dtype, seed), dry_run=dry_run)
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

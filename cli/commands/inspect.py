@@ -27,11 +27,11 @@ def command(adapter: str, norms: bool, spectrum: bool, show_all: bool, as_json: 
     """Show what is inside an adapter, reading only the header unless --norms or --spectrum is given."""
     import lorakit
     from lorakit.describe import describe
-    from lorakit.device import resolve_device
 
+    from .._options import run_options
     from .._output import emit
 
-    dev = resolve_device(device)  # checked first: --device cuda without a GPU fails before any reading
+    dev = run_options(device).device  # checked first: --device cuda without a GPU fails before any reading
     a = lorakit.load(adapter, allow_pickle=allow_pickle, arch=arch, base=base)
     if spectrum:
         from lorakit.ops.spectrum import spectrum_report

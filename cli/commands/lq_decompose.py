@@ -65,9 +65,9 @@ def command(
     device: str,
 ) -> None:
     """Decompose base weights into a quantized residual plus a rank-r LoRA initialisation (LQ-LoRA)."""
-    from lorakit.device import resolve_device
     from lorakit.verbs.lq_decompose import lq_decompose_file
 
+    from .._options import run_options
     from .._output import emit, progress
 
     if bits is None and budget is None:
@@ -84,9 +84,8 @@ def command(
         include=include,
         exclude=exclude or None,
         pad=pad,
-        seed=seed,
         dry_run=dry_run,
-        device=resolve_device(device),
+        run=run_options(device, seed=seed),
         progress=lambda items, total, desc: progress(items, total, desc, quiet=quiet or as_json),
     )
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

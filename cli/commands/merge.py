@@ -73,7 +73,7 @@ def command(inputs: tuple[str, ...], output: str | None, method: str, weights: s
             extra: tuple[str, ...], module_set: Literal["union", "intersection"] | None, list_methods: bool, to_format: str | None, dtype: str,
             device: str, dry_run: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> None:
     """Merge adapters into one, exactly where the math allows, reporting every loss per module."""
-    from .._options import torch_dtype
+    from .._options import run_options
     from .._output import emit
 
     if list_methods:
@@ -97,5 +97,5 @@ def command(inputs: tuple[str, ...], output: str | None, method: str, weights: s
     params = {"density": density, "lam": lam, "seed": seed, **_params(extra)}
     report = merge(list(inputs), output, weights=_weights(weights), method=method, params=params, rank=rank,
                    energy=energy, error=error, module_set=module_set or "exact", to_format=to_format,
-                   dtype=torch_dtype(dtype), device=device, dry_run=dry_run, allow_pickle=allow_pickle)
+                   run=run_options(device, dtype), dry_run=dry_run, allow_pickle=allow_pickle)
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

@@ -74,11 +74,11 @@ def command(
 ) -> None:
     """Quantize an adapter's factors block-wise (NF4 and friends) in canonical SVD form, reporting the loss."""
     import lorakit
-    from lorakit.device import resolve_device
     from lorakit.errors import OperatorParameterError
     from lorakit.verbs.quantize import quantize_adapter
     from lorakit.verbs.store import resolve
 
+    from .._options import run_options
     from .._output import emit, progress
 
     if mixed and bits is not None:
@@ -99,7 +99,7 @@ def command(
         pad=pad,
         inputs=(src,),
         dry_run=dry_run,
-        device=resolve_device(device),
+        run=run_options(device),
         progress=lambda items, total, desc: progress(items, total, desc, quiet=quiet or as_json),
     )
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

@@ -54,11 +54,11 @@ def command(adapter: str, rank: int | None, energy: float | None, sv_ratio: floa
     from lorakit.verbs.resize import resize_file
     from lorakit.verbs.store import resolve
 
-    from .._options import torch_dtype
+    from .._options import run_options
     from .._output import emit
 
     rule = rank_rule(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_cumulative=sv_cumulative, error=error)
     src = resolve(adapter, allow_pickle=allow_pickle)
     report = resize_file(src, output, rule, budget=parse_count(budget), expand=expand, to_format=to_format,
-                         dtype=torch_dtype(dtype), device=device, dry_run=dry_run, allow_pickle=allow_pickle)
+                         run=run_options(device, dtype), dry_run=dry_run, allow_pickle=allow_pickle)
     emit(report, as_json=as_json, quiet=quiet, max_rows=40)

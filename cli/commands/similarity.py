@@ -23,8 +23,9 @@ def command(inputs: tuple[str, ...], per_module: bool, as_json: bool, quiet: boo
     """Cosine similarity ⟨ΔW_i, ΔW_j⟩/(‖ΔW_i‖‖ΔW_j‖) over the common modules, computed from the factors."""
     from lorakit.verbs.similarity import similarity_report
 
+    from .._options import run_options
     from .._output import emit
 
     emit(similarity_report(list(inputs), per_module=per_module, allow_pickle=allow_pickle,
-                           device=device), as_json=as_json,
+                           run=run_options(device)), as_json=as_json,
          quiet=quiet, max_rows=None if per_module else 40)

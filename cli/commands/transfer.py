@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .._options import device_option, dry_run_option, json_option, quiet_option
+from .._options import device_option, dry_run_option, json_option, quiet_option, run_options
 
 
 @click.group(epilog="""\b
@@ -88,7 +88,7 @@ def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | No
     cfg = _train_config(epochs, 8, 2e-3, seed, ())
     with bar or nullcontext():
         rep = pipeline.prepare(adapter, base, data, output, seeds=seeds, seeds_file=seeds_file, task=task,
-                               negatives=negatives, disc_config=cfg, device=device, seed=seed, recall=recall,
+                               negatives=negatives, disc_config=cfg, run=run_options(device), seed=seed, recall=recall,
                                progress=update)
     emit(rep, as_json=as_json, quiet=quiet)
 
@@ -140,7 +140,7 @@ def run(kit: str, source_base: str, target_base: str, samples: int, generator: t
         rep = pipeline.run(kit, source_base, target_base, output, samples=samples, generator=generator or None,
                            use_filter=not no_filter, token_kl=token_kl,
                            student_config=_train_config(epochs, rank, lr, seed, target_modules),
-                           max_rounds=max_rounds, device=device, seed=seed, progress=update)
+                           max_rounds=max_rounds, run=run_options(device), seed=seed, progress=update)
     emit(rep, as_json=as_json, quiet=quiet)
 
 
@@ -178,5 +178,5 @@ def project(adapter: str, source_base: str, target_base: str, q: str, no_null_sp
     if output is None and not dry_run:
         raise LorakitError("no output given", hint="pass -o OUTPUT, or --dry-run for the report only")
     rep = pipeline.project(adapter, source_base, target_base, None if dry_run else output, q=qv,
-                           null_space=not no_null_space, min_similarity=min_similarity, device=device)
+                           null_space=not no_null_space, min_similarity=min_similarity, run=run_options(device))
     emit(rep, as_json=as_json, quiet=quiet)

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
+from lorakit.algebra import cat_factors
 from lorakit.factors import LoraFactors, frobenius_inner
 from lorakit.linalg import SVD, compute_dtype, core_svd, svd_of
-from lorakit.ops.algebra import cat_factors
 from lorakit.ops.merge_exact import check_same_shape
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from lorakit import __version__
-from lorakit.device import resolve_device
 from lorakit.errors import FormatError, IncompatibleAdaptersError, LorakitError, OutputError
 from lorakit.io.atomic import atomic_output, check_output_path
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
+from lorakit.run import RunOptions, run_options
 from lorakit.transfer.discriminator import Discriminator, accept, calibrate_threshold, train_discriminator
 from lorakit.transfer.generator import Generator
 from lorakit.transfer.kit import Kit, RunState, read_examples, read_jsonl, write_json, write_jsonl
@@ -73,7 +73,7 @@ def prepare(
     negatives: int = 128,
     generation_round: int = 64,
     disc_config: TrainConfig | None = None,
-    device: str = "auto",
+    run: RunOptions | None = None,
     seed: int = 0,
     recall: float = 0.9,
     progress: Progress = _noop,
@@ -86,7 +86,7 @@ def prepare(
     of the real inputs pass (τ = 0, the paper's p(yes) > p(no), when they already do; ``recall=0`` keeps it);
     write the kit (layout in :mod:`lorakit.transfer.kit`) atomically.
     """
-    dev = resolve_device(device)
+    dev = run_options(run).device
     out = check_output_path(output, [adapter, data])
     if seeds < 1:
         raise LorakitError(f"--seeds must be at least 1 (got {seeds})")
@@ -174,7 +174,7 @@ def run(
     generation_round: int = 64,
     max_rounds: int = 200,
     max_new_tokens: int = 48,
-    device: str = "auto",
+    run: RunOptions | None = None,
     seed: int = 0,
     progress: Progress = _noop,
 ) -> Report:
@@ -191,7 +191,7 @@ def run(
         token_kl: distil with token-level KL instead of sequence-level cross-entropy (same tokenizer only).
         max_rounds: give up when this many generation rounds have not produced N accepted inputs.
     """
-    dev = resolve_device(device)
+    dev = run_options(run).device
     kit = Kit.load(kit_path)
     out = Path(output)
     check_output_path(out, [kit_path])
@@ -312,13 +312,13 @@ def project(
     q: float = 0.5,
     null_space: bool = True,
     min_similarity: float = 0.0,
-    device: str = "auto",
+    run: RunOptions | None = None,
 ) -> Report:
     """Training-free transfer between same-shape bases (:mod:`lorakit.transfer.projection`); ``output=None``
     computes the report only."""
     from lorakit.transfer.projection import model_weights, project_adapter
 
-    dev = resolve_device(device)
+    dev = run_options(run).device
     if output is not None:
         check_output_path(output, [adapter])
     lora = store.load(adapter)

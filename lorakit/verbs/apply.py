@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lorakit.device import resolve_device
 from lorakit.errors import LorakitError
 from lorakit.io.atomic import check_output_path
 from lorakit.io.checkpoint import Checkpoint, CheckpointWriter, companion_files
 from lorakit.ops.apply import _folded, plan_apply
 from lorakit.provenance import make_provenance, provenance_metadata
 from lorakit.report import Report
+from lorakit.run import RunOptions, run_options
 from lorakit.verbs.store import load
 
 
@@ -23,7 +23,7 @@ def apply_file(
     *,
     weight: float = 1.0,
     subtract: bool = False,
-    device: str = "auto",
+    run: RunOptions | None = None,
     dry_run: bool = False,
     allow_pickle: bool = False,
 ) -> Report:
@@ -48,7 +48,7 @@ def apply_file(
             report.add_row(p.module, key, list(p.shape), None, None)
         report.summary = summary
         return report
-    dev = resolve_device(device)
+    dev = run_options(run).device
     layout = ckpt.layout()
     out = Path(output)
     params = {"base": Path(base).name, "scale": weight, "subtract": subtract}

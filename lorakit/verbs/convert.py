@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.io.atomic import check_output_path
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
-from lorakit.verbs.store import load, save
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import load
 
 
 def convert(
@@ -23,8 +23,7 @@ def convert(
     adapter = load(source, allow_pickle=allow_pickle, **load_options)
     params = {"to": to_format, **{k: str(v) if isinstance(v, Path) else v for k, v in load_options.items()
                                   if v is not None and k != "keymap"}}
-    prov = make_provenance("convert", params, [source])
-    save(adapter, output, format=to_format, provenance=prov, inputs=(source,))
+    write_adapter(adapter, Output(output, "convert", params, (source,), to_format))
     report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
     report.summary = {"module_count": len(adapter), "parameters": adapter.num_params, "output": str(output)}
     if adapter.meta.passthrough and adapter.meta.source_format != to_format:

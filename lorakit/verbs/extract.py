@@ -9,16 +9,15 @@ from pathlib import Path
 import torch
 
 from lorakit.adapter import Adapter, AdapterMeta
-from lorakit.device import resolve_device
 from lorakit.errors import KeyMappingError, OperatorParameterError, RankError
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
 from lorakit.io.checkpoint import Checkpoint
 from lorakit.ops.extract import DEFAULT_EXCLUDE, ExtractedModule, low_rank_fit, select_weights
 from lorakit.ops.rank_rules import RankRule
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
-from lorakit.verbs.store import save
+from lorakit.run import RunOptions, run_options
+from lorakit.verbs.engine import Output, write_adapter
 
 
 def extract_file(
@@ -31,14 +30,16 @@ def extract_file(
     exclude: str | None = DEFAULT_EXCLUDE,
     oversample: int = 10,
     n_iter: int = 4,
-    seed: int = 0,
     max_rank: int | None = None,
     to_format: str = "peft",
-    dtype: torch.dtype | None = None,
-    device: str = "auto",
+    run: RunOptions | None = None,
     dry_run: bool = False,
 ) -> Report:
-    """``lorakit extract``: a LoRA approximating ``finetuned − base``; the report gives each module's error."""
+    """``lorakit extract``: a LoRA approximating ``finetuned − base``; the report gives each module's error.
+
+    ``run``: device, output dtype and the seed of the random probes (default 0)."""
+    run = run_options(run)
+    dtype, seed = run.dtype, run.seed_or(0)
     if rule.kind not in ("rank", "energy", "error"):
         raise OperatorParameterError(f"extract chooses ranks by --rank, --energy or --error, not {rule}",
                                      parameter=rule.kind, hint="the full spectrum of a dense difference is not known")
@@ -61,7 +62,7 @@ def extract_file(
             report.add_row(k, list(b.shape(k)))
         report.summary = {"tensor_count": len(names)}
         return report
-    dev = resolve_device(device)
+    dev = run.device
     modules: dict[str, LoraFactors] = {}
     rows: list[ExtractedModule] = []
     unchanged: list[str] = []
@@ -90,7 +91,7 @@ def extract_file(
     adapter = Adapter(modules, AdapterMeta(base_model=str(base), source_format="peft"))
     params = {"rule": str(rule), "oversample": oversample, "n_iter": n_iter, "seed": seed,
               "base": Path(base).name, "finetuned": Path(finetuned).name}
-    save(adapter, output, format=to_format, provenance=make_provenance("extract", params), inputs=(base, finetuned))
+    write_adapter(adapter, Output(output, "extract", params, (base, finetuned), to_format, hash_inputs=False))
     report = Report(title=title, columns=["module", "out x in", "rank", "rel error"])
     for r in rows:
         report.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", r.rank, r.rel_error)

@@ -33,6 +33,7 @@ from lorakit.quant.lq_lora import (
 )
 from lorakit.quant.mixed import default_code
 from lorakit.report import Report
+from lorakit.run import RunOptions, run_options
 from lorakit.verbs.store import save
 
 
@@ -49,15 +50,17 @@ def lq_decompose_file(
     include: str | None = None,
     exclude: str | None = DEFAULT_EXCLUDE,
     pad: bool = False,
-    seed: int = 0,
     dry_run: bool = False,
-    device: torch.device | str | None = None,
+    run: RunOptions | None = None,
     progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
 ) -> Report:
     """Decompose the matrices of a safetensors base checkpoint; write ``OUTPUT/residual.safetensors`` (quantized
     Q, other tensors as they were) and ``OUTPUT/adapter/`` (PEFT LoRA initialisation, ``lora_B = L₁``,
-    ``lora_A = L₂``, scale 1). Exactly one of ``bits`` and ``budget``.
+    ``lora_A = L₂``, scale 1). Exactly one of ``bits`` and ``budget``. ``run``: device and the seed of the
+    randomized SVDs (default 0).
     """
+    run = run_options(run)
+    device, seed = run.device, run.seed_or(0)
     if (bits is None) == (budget is None):
         raise OperatorParameterError("give exactly one of --bits and --budget")
     if budget is not None and not (budget > 0 and math.isfinite(budget)):

@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorakit.adapter import Adapter
 from lorakit.errors import FormatError
 from lorakit.formats.quantized import write_quantized
@@ -21,7 +19,9 @@ from lorakit.quant.mixed import default_code
 from lorakit.quant.module import QuantizedModule
 from lorakit.quant.quantize import Progress, _check_options, bits_summary, dequantize_adapter, quantize_module
 from lorakit.report import Report
-from lorakit.verbs.store import default_output_format, load, save
+from lorakit.run import RunOptions, run_options
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import default_output_format, load
 
 
 def quantize_adapter(
@@ -38,7 +38,7 @@ def quantize_adapter(
     inputs: tuple[str | Path, ...] = (),
     progress: Progress | None = None,
     dry_run: bool = False,
-    device: torch.device | str | None = None,
+    run: RunOptions | None = None,
 ) -> Report:
     """Quantize every module of ``adapter`` and write the quantized file to ``output`` (nothing with
     ``dry_run``). See :func:`quantize_module` for the parameters.
@@ -91,6 +91,7 @@ def quantize_adapter(
         report.summary.update(n_modules=len(adapter), params=adapter.num_params, dry_run=True)
         return report
     out = check_output_path(output, inputs) if output is not None else None
+    device = run_options(run).device
     totals = {"bits": 0, "params": 0, "err2": 0.0, "norm2": 0.0}
 
     def produce() -> Iterator[QuantizedModule]:
@@ -165,8 +166,7 @@ def dequantize_file(
             lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
         )
     fmt = to_format or default_output_format(plain)
-    prov = make_provenance("dequantize", {"to": fmt}, (path,))
-    out = save(plain, output, format=fmt, provenance=prov, inputs=(path,))
+    out = write_adapter(plain, Output(output, "dequantize", {"to": fmt}, (path,), fmt))
     report = Report(f"dequantize to {fmt}", ["module", "shape", "rank"])
     for n, i in plain.infos().items():
         report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)

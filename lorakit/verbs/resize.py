@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from lorakit.device import resolve_device
 from lorakit.errors import naming_file
 from lorakit.io.atomic import check_output_path
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.resize import _check_rule, resize_report, resize_stream
-from lorakit.provenance import make_provenance
 from lorakit.report import Report
-from lorakit.verbs.store import load, save
+from lorakit.run import RunOptions, run_options
+from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.store import load
 
 
 def resize_file(
@@ -25,12 +23,15 @@ def resize_file(
     budget: int | None = None,
     expand: bool = False,
     to_format: str | None = None,
-    dtype: torch.dtype | None = None,
-    device: str = "auto",
+    run: RunOptions | None = None,
     dry_run: bool = False,
     allow_pickle: bool = False,
 ) -> Report:
-    """``lorakit resize``: load, validate from the header, resize, write atomically; returns the report."""
+    """``lorakit resize``: load, validate from the header, resize, write atomically; returns the report.
+
+    ``run``: device and output dtype (``None``: the defaults, :meth:`RunOptions.resolve`)."""
+    run = run_options(run)
+    dtype = run.dtype
     check_output_path(output, [source])
     adapter = load(source, allow_pickle=allow_pickle)
     infos = adapter.infos()
@@ -44,12 +45,12 @@ def resize_file(
             report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
         report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
         return report
-    resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=resolve_device(device))
+    resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=run.device)
     if dtype is not None:
         resized = resized.map(lambda _n, f: f.with_(A=f.A.to(dtype), B=f.B.to(dtype)),
                               {n: replace(i, dtype=dtype) for n, i in resized.infos().items()})
     params = {"rule": what, "budget": budget, "expand": expand}
-    save(resized, output, format=to_format, provenance=make_provenance("resize", params, [source]), inputs=(source,))
+    write_adapter(resized, Output(output, "resize", params, (source,), to_format))
     report = resize_report([rows[n] for n in adapter], f"resized {source} by {what} → {output}")
     report.notes.extend(adapter.meta.notes)
     return report

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorakit.device import resolve_device
 from lorakit.errors import IncompatibleAdaptersError
 from lorakit.ops.similarity import similarity
 from lorakit.report import Report
+from lorakit.run import RunOptions, run_options
 from lorakit.verbs.store import load
 
 
 def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_pickle: bool = False,
-                      device: str = "cpu"):
+                      run: RunOptions | None = None) -> Report:
     """The ``lorakit similarity`` report: the cosine matrix, norms and norm ratios (and per module on request)."""
     if len(paths) < 2:
         raise IncompatibleAdaptersError("give at least two adapters to compare")
     sim = similarity([load(p, allow_pickle=allow_pickle) for p in paths], [str(p) for p in paths],
-                     device=resolve_device(device))
+                     device=run_options(run).device)
     labels = [f"#{i}" for i in range(len(paths))]
     cos, norms = sim.cosine(), sim.norms()
     report = Report(f"cosine similarity over {len(sim.modules)} common modules",

@@ -28,6 +28,7 @@ from lorakit.ops.registry import resolve
 from lorakit.ops.resize import resize
 from lorakit.pipeline import merge_adapters, plan_merge, run_merge
 from lorakit.quant.quantize import quantize_module
+from lorakit.run import RunOptions
 from lorakit.testing import random_adapter, random_factors
 
 
@@ -164,7 +165,7 @@ def test_resize_windows_equal_one_module_at_a_time(device, how):
 def test_svd_merge_batched_equals_per_module_operator_on_cpu(batch_bytes):
     a, b = pair(6)
     plan = plan_merge([a, b], [0.6, -0.4], "svd", rank=5)
-    batched = run_merge(plan, batch_bytes=batch_bytes)
+    batched = run_merge(plan, RunOptions.resolve("cpu", window_bytes=batch_bytes))
     merged = batched.adapter.materialize()
     op = resolve("svd").fn
     for n in a:
@@ -176,8 +177,8 @@ def test_svd_merge_batched_equals_per_module_operator_on_cpu(batch_bytes):
 def test_svd_merge_energy_rule_batched_equals_unbatched():
     a, b = pair(7)
     plan = plan_merge([a, b], [1.0, 1.0], "svd", energy=0.9)
-    x = run_merge(plan).adapter.materialize()
-    y = run_merge(plan, batch_bytes=0).adapter.materialize()
+    x = run_merge(plan, RunOptions.resolve("cpu")).adapter.materialize()
+    y = run_merge(plan, RunOptions.resolve("cpu", window_bytes=0)).adapter.materialize()
     for n in a:
         assert x[n].rank == y[n].rank and torch.equal(x[n].A, y[n].A) and torch.equal(x[n].B, y[n].B)
 
@@ -187,7 +188,7 @@ def test_svd_merge_batches_keep_each_modules_compute_dtype():
     names = list(a)
     mixed = Adapter({n: a[n].to(dtype=torch.float64) if i % 2 else a[n] for i, n in enumerate(names)})
     plan = plan_merge([mixed, b], [1.0, 1.0], "svd", rank=3)
-    merged = run_merge(plan).adapter.materialize()
+    merged = run_merge(plan, RunOptions.resolve("cpu")).adapter.materialize()
     op = resolve("svd").fn
     for i, n in enumerate(names):
         one = op([mixed[n], b[n]], [1.0, 1.0], rank_rule=rank_rule(rank=3))
@@ -200,7 +201,7 @@ def test_svd_merge_union_groups_by_present_inputs():
     a, b = pair(8)
     b = b.select([n for n in b if ".layers.0." in n])
     plan = plan_merge([a, b], [1.0, 1.0], "svd", rank=4, module_set="union")
-    merged = run_merge(plan).adapter.materialize()
+    merged = run_merge(plan, RunOptions.resolve("cpu")).adapter.materialize()
     for n in a:
         parts = [a[n], b[n]] if n in b else [a[n]]
         target = sum(dense64(f) for f in parts)
@@ -328,7 +329,7 @@ def test_cli_device_cpu_runs_the_merge(cli, tmp_path):
 
 def test_streamed_merge_keeps_no_factors_in_its_results():
     a, b = pair(18)
-    run = run_merge(plan_merge([a, b], [1.0, 1.0], "svd", rank=3))
+    run = run_merge(plan_merge([a, b], [1.0, 1.0], "svd", rank=3), RunOptions.resolve("cpu"))
     merged = run.adapter.materialize()
     for n in a:
         kept = run.results[n].factors

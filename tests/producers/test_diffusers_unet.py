@@ -11,6 +11,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 import lorakit
+from lorakit.run import RunOptions
 from tests.producers import _diffusion as D
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
@@ -108,7 +109,7 @@ def test_apply_equals_peft_merge(produced, tmp_path):
     a = lorakit.load(produced["file"])
     lorakit.save(a.select([n for n in a if n.startswith("unet.")]), only_unet, format="diffusers")
     out = tmp_path / "merged.safetensors"
-    apply_file(ckpt, only_unet, out, device="cpu")
+    apply_file(ckpt, only_unet, out, run=RunOptions.resolve("cpu"))
     got = load_file(out)
     for n, d in produced["unet_delta"].items():
         w = base[n + ".weight"]

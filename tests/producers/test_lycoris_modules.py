@@ -15,6 +15,7 @@ pytest.importorskip("lycoris")
 pytest.importorskip("peft")
 
 import lorakit
+from lorakit.run import RunOptions
 from lorakit.verbs.apply import apply_file
 from lorakit.verbs.convert import convert
 from tests.producers import _diffusion as D
@@ -111,7 +112,7 @@ def test_apply_equals_lycoris(produced, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "merged.safetensors"
-    apply_file(produced["base"], produced["file"], out, device="cpu")
+    apply_file(produced["base"], produced["file"], out, run=RunOptions.resolve("cpu"))
     got = load_file(out)
     for n, d in produced["delta"].items():
         w = produced["base_sd"][n + ".weight"]

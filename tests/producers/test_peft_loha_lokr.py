@@ -12,6 +12,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lorakit
+from lorakit.run import RunOptions
 from lorakit.verbs.apply import apply_file
 from tests.producers._diffusion import REL, rel_err
 
@@ -129,7 +130,7 @@ def test_apply_equals_merge_and_unload(produced, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "merged.safetensors"
-    apply_file(produced["base"], produced["dir"], out, device="cpu")
+    apply_file(produced["base"], produced["dir"], out, run=RunOptions.resolve("cpu"))
     got = load_file(out)
     for k, v in produced["merged"].items():
         assert rel_err(got[k], v) <= REL, k

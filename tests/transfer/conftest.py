@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import lorakit
+from lorakit.run import RunOptions
 from lorakit.testing import random_factors
 from lorakit.transfer.tiny import char_tokenizer, pretrain, random_word, save_base, tiny_model
 
@@ -64,5 +65,5 @@ def kit(micro, tmp_path_factory):
     out = tmp_path_factory.mktemp("kit") / "kit"
     pipeline.prepare(micro["lora"], micro["source"], micro["data"], out, seeds=5, negatives=24,
                      generation_round=24, disc_config=TrainConfig(epochs=1, rank=2, batch_size=16),
-                     device="cpu", seed=0)
+                     run=RunOptions.resolve("cpu"), seed=0)
     return str(out)

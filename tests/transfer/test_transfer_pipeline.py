@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import lorakit
 from lorakit.errors import IncompatibleAdaptersError, LorakitError
+from lorakit.run import RunOptions
 from lorakit.transfer import discriminator, generator, pipeline, train
 from lorakit.transfer.discriminator import accept
 from lorakit.transfer.models import fingerprint, load_causal_lm
@@ -28,7 +29,7 @@ def run(kit, micro, out, **kw):
     kw.setdefault("generation_round", 8)
     kw.setdefault("max_new_tokens", 12)
     kw.setdefault("max_rounds", 20)
-    return pipeline.run(kit, micro["source"], micro["target"], out, student_config=STUDENT, device="cpu", **kw)
+    return pipeline.run(kit, micro["source"], micro["target"], out, student_config=STUDENT, run=RunOptions.resolve("cpu"), **kw)
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -120,7 +121,7 @@ def test_discriminator_never_sees_target_generated_data(kit, micro, tmp_path, mo
     monkeypatch.setattr(discriminator, "train_lora", spy_train)
     monkeypatch.setattr("lorakit.transfer.student.train_lora", spy_train)
     pipeline.prepare(micro["lora"], micro["source"], micro["data"], tmp_path / "kit", negatives=8,
-                     generation_round=8, disc_config=TrainConfig(epochs=1, rank=2), device="cpu")
+                     generation_round=8, disc_config=TrainConfig(epochs=1, rank=2), run=RunOptions.resolve("cpu"))
     assert generated_by and set(generated_by) == {source_fp}
     assert trained_on == [source_fp]
     assert json.loads((tmp_path / "kit" / "kit.json").read_text())["discriminator"]["negatives_from"] == "source"
@@ -177,7 +178,7 @@ def test_resume_with_other_parameters_is_refused(kit, micro, tmp_path, every_oth
 
 def test_kit_from_another_source_model_is_refused(kit, micro, tmp_path):
     with pytest.raises(IncompatibleAdaptersError, match="another source model"):
-        pipeline.run(kit, micro["other"], micro["target"], tmp_path / "out", samples=2, device="cpu")
+        pipeline.run(kit, micro["other"], micro["target"], tmp_path / "out", samples=2, run=RunOptions.resolve("cpu"))
     assert not (tmp_path / "out").exists()
 
 

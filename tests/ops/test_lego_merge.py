@@ -9,13 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lorakit.adapter import cat
 from lorakit.errors import IncompatibleAdaptersError, OperatorParameterError, RankError, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.ops import registry
-from lorakit.ops.algebra import cat
-from lorakit.ops.lego import extract_units, lego_merge, lego_module
+from lorakit.ops.lego import extract_units, lego_module
 from lorakit.ops.rank_rules import rank_rule
 from lorakit.testing import assert_adapters_close, random_adapter, random_factors
+from lorakit.verbs.lego import lego_merge
 
 SHAPES = {"q": (24, 16), "down": (12, 30)}
 F64 = torch.float64

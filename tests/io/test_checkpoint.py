@@ -9,8 +9,7 @@ import torch
 
 from lorakit.errors import CorruptFileError, FormatError
 from lorakit.io.checkpoint import Checkpoint, CheckpointWriter
-
-from ._checkpoints import write_checkpoint
+from tests.io._checkpoints import write_checkpoint
 
 
 def _tensors():

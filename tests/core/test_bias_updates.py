@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.adapter import Adapter, AdapterMeta, FullTensor
+from lorakit.adapter import Adapter, AdapterMeta, FullTensor, cat, merge_full_tensors
+from lorakit.algebra import cat_factors
 from lorakit.errors import IncompatibleAdaptersError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import canonical
-from lorakit.ops.algebra import cat, cat_factors, merge_full_tensors
 
 weights = st.floats(min_value=-3, max_value=3, allow_nan=False, allow_infinity=False)
 

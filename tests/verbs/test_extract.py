@@ -10,8 +10,7 @@ import torch
 import lorakit
 from lorakit.ops.extract import low_rank_fit
 from lorakit.ops.rank_rules import rank_rule
-
-from ._checkpoints import write_checkpoint
+from tests.io._checkpoints import write_checkpoint
 
 
 def _pair(shards: int = 1):

@@ -11,8 +11,7 @@ import lorakit
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.factors import LoraFactors
 from lorakit.io.checkpoint import Checkpoint, weight_key
-
-from ._checkpoints import write_checkpoint
+from tests.io._checkpoints import write_checkpoint
 
 
 def _base() -> dict[str, torch.Tensor]:

@@ -12,9 +12,10 @@ import lorakit.ops.lego as lego_ops
 from benchmarks.lego_reference import reference_lego
 from lorakit.ops import registry
 from lorakit.ops.kmeans import kmeans_gram
-from lorakit.ops.lego import lego_merge, lego_module
+from lorakit.ops.lego import lego_module
 from lorakit.ops.rank_rules import rank_rule
 from lorakit.testing import random_adapter, random_factors
+from lorakit.verbs.lego import lego_merge
 
 F64 = torch.float64
 

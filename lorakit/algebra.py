@@ -1,0 +1,53 @@
+"""Exact factor-space algebra: weighted sums by rank concatenation.
+
+``cat([a, b], [w_a, w_b])`` has, for every module, ``ΔW = w_a·ΔW_a + w_b·ΔW_b`` exactly:
+
+    A = [A_a; A_b]  (r_a + r_b, in)      B = [w_a·s_a·B_a, w_b·s_b·B_b]  (out, r_a + r_b)      scale = 1
+
+Cost: O((out + in)·Σr) memory and time per module; no dense ΔW. Bias updates (PEFT ``lora_bias``) add up with
+the same weights (:func:`bias_sum`). The adapter-level sum (:func:`lorakit.adapter.cat`, behind ``a + b``) and the
+merge of whole module tensors (:func:`lorakit.adapter.merge_full_tensors`) live with :class:`~lorakit.adapter.Adapter`,
+which this module does not import (core: no cycle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lorakit.errors import ShapeMismatchError
+from lorakit.factors import LoraFactors
+
+
+def cat_factors(factors: Sequence[LoraFactors], weights: Sequence[float], *, module: str | None = None) -> LoraFactors:
+    """Exact weighted sum of one module's factors by rank concatenation (scales folded into B)."""
+    first = factors[0]
+    for f in factors[1:]:
+        if f.shape != first.shape:
+            raise ShapeMismatchError(
+                f"shapes differ between adapters: {first.shape} vs {f.shape} (different base models?)", module=module
+            )
+    dtype = torch.promote_types(torch.float32, first.dtype)
+    for f in factors:
+        dtype = torch.promote_types(dtype, f.dtype)
+    A = torch.cat([f.A.to(dtype) for f in factors], dim=0)
+    B = torch.cat([f.B.to(dtype) * (w * f.scale) for f, w in zip(factors, weights)], dim=1)
+    mags = [f.magnitude for f in factors if f.magnitude is not None]
+    bias = bias_sum(factors, weights)
+    return LoraFactors(A, B, 1.0, first.kernel, first.kind, mags[0] if len(mags) == len(factors) == 1 else None,
+                       {"bias": bias} if bias is not None else {})
+
+
+def bias_sum(factors: Sequence[LoraFactors], weights: Sequence[float]) -> torch.Tensor | None:
+    """``Σ w_i·Δb_i`` over the inputs that have a bias update (PEFT ``lora_bias``; an input without one adds 0),
+    exact: the bias update is linear in the adapter. ``None`` when no input has one. Computed in float32 or wider,
+    stored in the first bias's dtype."""
+    biases = [(f.bias, w) for f, w in zip(factors, weights) if f.bias is not None]
+    if not biases:
+        return None
+    dt = torch.float32
+    for b, _ in biases:
+        dt = torch.promote_types(dt, b.dtype)
+    total = sum((b.to(dt) * float(w) for b, w in biases), torch.zeros_like(biases[0][0], dtype=dt))
+    return total.to(biases[0][0].dtype)
