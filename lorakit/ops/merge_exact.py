@@ -22,7 +22,7 @@ from lorakit.device import to_device
 from lorakit.errors import ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import SVD, compute_dtype, core_svd, tail_error
-from lorakit.ops.algebra import cat_factors
+from lorakit.algebra import cat_factors
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register
 

@@ -253,7 +253,7 @@ def test_float64_dense_reference_agrees(spec):
 
 PLUGIN = '''
 """A toy operator: the exact weighted sum with the inputs' order reversed (same ΔW as cat)."""
-from lorakit.ops.algebra import cat_factors
+from lorakit.algebra import cat_factors
 from lorakit.ops.registry import MergeResult, register
 
 
