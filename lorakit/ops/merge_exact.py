@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 import torch
 
+from lorakit.algebra import cat_factors
 from lorakit.device import to_device
 from lorakit.errors import ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import SVD, compute_dtype, core_svd, tail_error
-from lorakit.algebra import cat_factors
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register
 
