@@ -527,28 +527,29 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
                   f"bundled example adapters, is {tiny_rss:.0f} MB resident (start-up alone: {base_rss:.0f} MB). "
                   "On CPU the merge holds one module at a time, with one more read ahead."), ""]
         for r in big:
-            extra = float(r["merge_peak_rss_mb"]) - tiny_rss
+            above = float(r["merge_peak_rss_mb"]) - tiny_rss
             module = float(r["largest_module_inputs_mb"])
             lines.append(
                 f"- {r['adapters']} r={r['rank']} adapters ({r['modules']} modules, {r['input_mb']} MB of inputs): "
-                f"peak {r['merge_peak_rss_mb']} MB, {extra:.0f} MB above a tiny merge, which is {extra / module:.1f}× "
+                f"peak {r['merge_peak_rss_mb']} MB, {above:.0f} MB above a tiny merge, which is {above / module:.1f}× "
                 f"the largest module's input factors ({module} MB, bf16, all inputs) or "
-                f"{extra / (2 * module):.1f}× them in float32.")
+                f"{above / (2 * module):.1f}× them in float32.")
         lines += ["", ("Across every case, the memory above a tiny merge follows the size of the largest module, not the "
                   "size of the adapter:"), "",
                   "| shape | rank | adapters | inputs MB | largest module MB | above a tiny merge MB | ÷ largest module |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in results:
-            extra = float(r["merge_peak_rss_mb"]) - tiny_rss
+            above = float(r["merge_peak_rss_mb"]) - tiny_rss
             module = float(r["largest_module_inputs_mb"])
-            lines.append(f"| {r['shape']} | {r['rank']} | {r['adapters']} | {r['input_mb']} | {module} | {extra:.0f} "
-                         f"| {extra / module:.1f} |")
+            lines.append(f"| {r['shape']} | {r['rank']} | {r['adapters']} | {r['input_mb']} | {module} | {above:.0f} "
+                         f"| {above / module:.1f} |")
     else:
         lines.append("Not run in this invocation.")
     cost = extra.get("cost_table")
     if cost:
         lines += ["", "### Cost table: 2, 4, 8 adapters × rank 16/64 × 8B/70B shapes", "",
-                  ("End to end in fresh processes (one torch thread), `lorakit merge --method M` (`svd`: to the largest "
+                  (f"End to end in fresh processes ({extra.get('cost_table_threads', 1)} torch thread(s) each; load average "
+                  f"{' / '.join(f'{x:.1f}' for x in extra.get('cost_table_loadavg', [])) or '?'} at start/end, {extra.get('cost_table_minutes', '?')} min), `lorakit merge --method M` (`svd`: to the largest "
                   "input rank; `ties`/`dare` = `dare_ties`: density 0.5, rank 16; `lego`: its defaults) and `lorakit "
                   "resize` of one input to rank/4. A number marked * was measured on the first `layers timed` "
                   "layers and extrapolated as start-up + (measured − start-up) × layers / layers timed (every layer "
@@ -571,7 +572,8 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
 
 
 def _extra(rec: dict[str, object]) -> dict[str, object]:
-    return {k: rec[k] for k in ("startup", "two_core", "cost_table") if rec.get(k)}
+    keys = ("startup", "two_core", "cost_table", "cost_table_threads", "cost_table_loadavg", "cost_table_minutes")
+    return {k: rec[k] for k in keys if rec.get(k)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -624,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         rec["cost_table"] = cost_table(base_s)
         rec["cost_table_loadavg"] = [load0, os.getloadavg()[0]]
         rec["cost_table_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
+        rec["cost_table_threads"] = SETTINGS["threads"]
         (DOCS / "perf.json").write_text(json.dumps(rec, indent=2) + "\n")
         main(["--from-json"])
         return
