@@ -76,17 +76,20 @@ class ModuleStream(Generic[R, T]):
             (:class:`~lorakit.device.HostMemoryTrimmer`).
         window_bytes: the window's size; ``0`` or ``1``: one module at a time.
         read_ahead_bytes: inputs read ahead, by ``stored_bytes`` (at least one module is read ahead).
+        read_ahead: ``False``: no background reads, each module's inputs are read when its work asks for them
+            (verbs over dense checkpoint matrices, where a second matrix in memory would double the peak).
         stored_bytes: each module's stored input size, for ``read_ahead_bytes``; missing names count 0.
         progress: wraps the names when the stream is iterated, with ``label``.
 
     Memory: one window of results plus the inputs read ahead. A module asked for again is computed again.
+    Cost: the loop adds a dict lookup per module; the work is the verb's.
     """
 
     def __init__(self, order: Sequence[str], read: Callable[[str], R],
                  work: Callable[[list[str], Callable[[str], R]], Mapping[str, T]], *,
                  nbytes: Callable[[str], int], window_bytes: int = 0, read_ahead_bytes: int = 0,
-                 stored_bytes: Mapping[str, int] | None = None, progress: Progress | None = None,
-                 label: str = "") -> None:
+                 stored_bytes: Mapping[str, int] | None = None, read_ahead: bool = True,
+                 progress: Progress | None = None, label: str = "") -> None:
         from lorakit.device import HostMemoryTrimmer
         from lorakit.io.prefetch import Prefetcher
 
@@ -95,7 +98,7 @@ class ModuleStream(Generic[R, T]):
         self._work = work
         self._nbytes = nbytes
         self._window_bytes = window_bytes
-        self._inputs = Prefetcher(read, self.order, stored_bytes or {}, read_ahead_bytes).get
+        self._inputs = Prefetcher(read, self.order, stored_bytes or {}, read_ahead_bytes).get if read_ahead else read
         self._ready: dict[str, T] = {}  # results of the current window, popped as they are asked for
         self._done: set[str] = set()  # names computed: a later window does not compute them again
         self._trimmer = HostMemoryTrimmer()
