@@ -272,8 +272,9 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     """The merged adapter, lazy where the output ranks are known (see the module docstring).
 
     ``run.dtype``: the output dtype (``None``: each module's first input's). ``run.device``: where the arithmetic runs (inputs are moved by :func:`lorakit.device.to_device`: pinned,
-    non-blocking copies on CUDA); results come back to CPU in the output dtype. Inputs are read ahead of the
-    compute in a background thread (:class:`~lorakit.io.prefetch.Prefetcher`).
+    non-blocking copies on CUDA); results come back to CPU in the output dtype. The modules stream through the
+    engine's loop (:class:`~lorakit.verbs.engine.ModuleStream`): inputs are read ahead of the compute in a
+    background thread, windows are cut there.
 
     ``run.window_bytes``: for an operator with a declared ``batched`` path (the ``svd`` merge), modules are taken in windows of about this many bytes of float32
     factors (default: one module at a time on CPU, where batching saves no measurable time and memory stays at

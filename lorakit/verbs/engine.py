@@ -10,7 +10,9 @@ residuals) keep their own ``io`` writer.
 :class:`ModuleStream` is the module loop the streaming verbs share: a verb gives the module order, how one
 module's inputs are read, and the work over a window of modules; the stream reads ahead in a background thread,
 cuts the windows, hands each module's result out once, trims the host heap as it goes, and reports progress.
-A lazy output adapter pulls its modules from it (``stream.get``), an eager verb iterates it.
+A lazy output adapter pulls its modules from it (``stream.get``), an eager verb iterates it. ``merge``
+(:func:`lorakit.pipeline.run_merge`), ``resize``, ``quantize``, ``extract``, ``apply``, ``lq-decompose`` and
+:func:`lorakit.verbs.lego.lego_merge` stream through it.
 """
 
 from __future__ import annotations
