@@ -75,7 +75,7 @@ def run_cli(src: str, dst: str, rank: int, device: str) -> None:
 def run_library(src: str, rank: int, device: str) -> None:
     import lorakit
     from lorakit.ops.rank_rules import rank_rule
-    from lorakit.ops.resize import resize
+    from lorakit.verbs.resize import resize
 
     adapter = lorakit.load(src).materialize()
     times, cpus = [], []

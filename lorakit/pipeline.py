@@ -25,7 +25,7 @@ import torch
 
 from lorakit.adapter import Adapter, ModuleInfo, merge_full_tensors
 from lorakit.algebra import bias_sum
-from lorakit.device import HostMemoryTrimmer, factors_to
+from lorakit.device import factors_to
 from lorakit.errors import (
     IncompatibleAdaptersError,
     NumericalError,
@@ -34,14 +34,13 @@ from lorakit.errors import (
 )
 from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
-from lorakit.io.prefetch import Prefetcher
-from lorakit.linalg import group_by_shape, next_window, widest_dtype
+from lorakit.linalg import group_by_shape, widest_dtype
 from lorakit.ops import _kernels
 from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.engine import ModuleStream, Output, write_adapter
 from lorakit.verbs.store import default_output_format, load
 
 ModuleSet = Literal["exact", "union", "intersection"]
@@ -273,8 +272,9 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     """The merged adapter, lazy where the output ranks are known (see the module docstring).
 
     ``run.dtype``: the output dtype (``None``: each module's first input's). ``run.device``: where the arithmetic runs (inputs are moved by :func:`lorakit.device.to_device`: pinned,
-    non-blocking copies on CUDA); results come back to CPU in the output dtype. Inputs are read ahead of the
-    compute in a background thread (:class:`~lorakit.io.prefetch.Prefetcher`).
+    non-blocking copies on CUDA); results come back to CPU in the output dtype. The modules stream through the
+    engine's loop (:class:`~lorakit.verbs.engine.ModuleStream`): inputs are read ahead of the compute in a
+    background thread, windows are cut there.
 
     ``run.window_bytes``: for an operator with a declared ``batched`` path (the ``svd`` merge), modules are taken in windows of about this many bytes of float32
     factors (default: one module at a time on CPU, where batching saves no measurable time and memory stays at
@@ -288,9 +288,7 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     spec = plan.spec
     run = run_options(run)
     dev, dtype, batch_bytes = run.device, run.dtype, run.window_bytes
-    batched: dict[str, MergeResult] = {}  # results of the current window, popped as the writer asks for them
-    position = {m: i for i, m in enumerate(plan.modules)}
-    trimmer = HostMemoryTrimmer()
+    batching = spec.batched is not None and batch_bytes > 0
     linear = spec.linear_weights(plan.weights, plan.params)
     bias_inputs = {m for m in plan.modules if any(plan.adapters[i].info(m).has_bias for i in plan.present[m])}
 
@@ -303,26 +301,35 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
             inputs.append(f)
         return inputs
 
+    def merge_one(m: str, inputs_of) -> MergeResult:
+        inputs = [factors_to(f, dev) for f in inputs_of(m)]
+        kwargs = dict(plan.params)
+        engine = {"rank_rule": plan.rule, "module": m}  # ENGINE_KEYWORDS, where the signature has them
+        kwargs.update({k: v for k, v in engine.items() if spec.takes(k)})
+        try:
+            return spec.fn(inputs, [plan.weights[i] for i in plan.present[m]], **kwargs)
+        except (ShapeMismatchError, NumericalError) as e:
+            raise type(e)(e.message, module=m, hint=e.hint) from e
+
+    def work(window: list[str], inputs_of) -> dict[str, MergeResult]:
+        # the declared batched path over the window; what it leaves (a non-finite batch) goes one by one
+        out = _batched_window(plan, window, dev, inputs_of, dtype) if batching else {}
+        if window[0] not in out:
+            out[window[0]] = merge_one(window[0], inputs_of)
+        return out
+
+    def float32_bytes(m: str) -> int:
+        return sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
+
     stored = {m: sum(plan.adapters[i].info(m).num_params * plan.adapters[i].info(m).dtype.itemsize
                      for i in plan.present[m]) for m in plan.modules}
     # read ahead: one module on CPU (a second core's worth of overlap, little memory), a window on CUDA
-    ahead = batch_bytes // 2 if dev.type == "cuda" else 0
-    inputs_of = Prefetcher(read_inputs, plan.modules, stored, ahead).get
+    stream = ModuleStream(plan.modules, read_inputs, work, nbytes=float32_bytes,
+                          window_bytes=batch_bytes if batching else 0,
+                          read_ahead_bytes=batch_bytes // 2 if dev.type == "cuda" else 0, stored_bytes=stored)
 
     def one(m: str) -> LoraFactors:
-        if m not in batched and spec.batched is not None and batch_bytes > 0:
-            batched.update(_batched_window(plan, position[m], batch_bytes, dev, inputs_of, results, dtype))
-        trimmer.processed(sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4)
-        res = batched.pop(m, None)
-        if res is None:
-            inputs = [factors_to(f, dev) for f in inputs_of(m)]
-            kwargs = dict(plan.params)
-            engine = {"rank_rule": plan.rule, "module": m}  # ENGINE_KEYWORDS, where the signature has them
-            kwargs.update({k: v for k, v in engine.items() if spec.takes(k)})
-            try:
-                res = spec.fn(inputs, [plan.weights[i] for i in plan.present[m]], **kwargs)
-            except (ShapeMismatchError, NumericalError) as e:
-                raise type(e)(e.message, module=m, hint=e.hint) from e
+        res = stream.get(m)
         f = res.factors
         f.check_finite(module=m)
         out_dtype = plan.output_dtype(m, dtype)
@@ -353,10 +360,9 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     return MergeRun(plan, adapter, results)
 
 
-def _batched_window(plan: MergePlan, start: int, batch_bytes: int, device: torch.device, inputs_of,
-                    done: Mapping[str, MergeResult], out_dtype: torch.dtype | None) -> dict[str, MergeResult]:
-    """The operator's declared ``batched`` path over the modules from ``plan.modules[start]`` on, up to
-    ``batch_bytes`` of float32 factors.
+def _batched_window(plan: MergePlan, window: list[str], device: torch.device, inputs_of,
+                    out_dtype: torch.dtype | None) -> dict[str, MergeResult]:
+    """The operator's declared ``batched`` path over the modules of ``window`` (cut by the module stream).
 
     Modules whose inputs have equal ``(out, in, rank)`` (and come from the same inputs, with one compute dtype)
     form one batch, merged by one call on ``device``. A batch the path refuses with a
@@ -364,11 +370,6 @@ def _batched_window(plan: MergePlan, start: int, batch_bytes: int, device: torch
     the module.
     """
     assert plan.spec.batched is not None
-
-    def float32_bytes(m: str) -> int:
-        return sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4
-
-    window = next_window(plan.modules, start, float32_bytes, batch_bytes, done)
     keyed = {m: tuple(plan.adapters[i].info(m) for i in plan.present[m]) for m in window}
     groups: dict[tuple, list[str]] = {}
     for key, names in group_by_shape(keyed).items():

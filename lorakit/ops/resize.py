@@ -3,7 +3,8 @@
 Per module, the exact spectrum of ``s·B @ A`` comes from the QR core (:func:`lorakit.linalg.adapter_cores`:
 batched over same-shaped modules in windows of 512 MiB on CUDA, one module at a time on CPU), the
 kept rank ``k`` is chosen by one rule (:func:`planned_ranks`, before any singular vector is formed, so the output
-streams to disk one module at a time), and only the ``k`` kept singular vectors are formed:
+streams to disk one module at a time: :func:`lorakit.verbs.resize.resize_stream`), and only the ``k`` kept
+singular vectors are formed (:func:`resize_modules`):
 
 - a :class:`~lorakit.ops.rank_rules.RankRule` per module (``--rank``, ``--energy``, ``--sv-ratio``,
   ``--sv-cumulative``, ``--error``), or
@@ -19,15 +20,15 @@ Cost: O((out + in)·r² + r³) per module; memory O((out + in)·r) per module in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from functools import partial
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, adapter_cores, adapter_spectra, check_rank, default_window_bytes, next_window
+from lorakit.linalg import SVD, adapter_cores, adapter_spectra, check_rank, default_window_bytes
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 
@@ -123,79 +124,27 @@ def planned_ranks(adapter: Adapter, rule: RankRule | None, budget: int | None, *
     return {n: rule.select(S) for n, S in spectra.items()}
 
 
-def resize_stream(
-    adapter: Adapter,
-    rule: RankRule | None = None,
-    *,
-    budget: int | None = None,
-    expand: bool = False,
-    device: torch.device | str = "cpu",
-    window_bytes: int | None = None,
-) -> tuple[Adapter, dict[str, ModuleResize]]:
-    """The resized adapter, lazy, and the per-module results, filled in as its modules are computed.
+def resize_modules(adapter: Adapter, names: Sequence[str], ranks: Mapping[str, int], *, pad: int | None = None,
+                   device: torch.device | str = "cpu") -> Iterator[tuple[str, LoraFactors, ModuleResize]]:
+    """Each of ``names`` truncated to its rank in ``ranks`` (zero-padded to ``pad``), with what that did.
 
-    The output ranks come from :func:`planned_ranks`, so the adapter's headers are known before any module is
-    decomposed; a writer then pulls the modules in order (read, QR core, the ``k`` kept singular vectors, cast),
-    a window at a time (``window_bytes`` of float32 factors; default one module on CPU, 512 MiB of same-shaped
-    modules batched on CUDA), and memory stays at one window whatever the adapter's size. Other arguments as
-    for :func:`resize`.
+    One batched QR core per group of same-shaped modules (:func:`~lorakit.linalg.adapter_cores` on ``device``),
+    then only the ``k`` kept singular vectors (:func:`truncated_factors`, in the input's dtype). Yielded grouped
+    by shape, one module at a time. The loop over an adapter's modules (windows, read-ahead) is the verb's:
+    :func:`lorakit.verbs.resize.resize_stream`.
     """
     infos = adapter.infos()
-    _check_rule(rule, budget, infos, expand)
-    ranks = planned_ranks(adapter, rule, budget, device=device)
-    pad = int(rule.value) if expand and rule is not None else None
-    dev = torch.device(device)
-    window_bytes = default_window_bytes(dev) if window_bytes is None else window_bytes
-    order = list(adapter)
-    position = {n: i for i, n in enumerate(order)}
-    rows: dict[str, ModuleResize] = {}
-    ready: dict[str, LoraFactors] = {}
-
-    def float32_bytes(n: str) -> int:
-        return infos[n].num_params * 4
-
-    def one(name: str) -> LoraFactors:
-        if name not in ready:
-            window = next_window(order, position[name], float32_bytes, window_bytes, rows)
-            for n, core, original in adapter_cores(adapter, window, device=dev):
-                k = ranks[n]
-                ready[n] = out = truncated_factors(core.leading(k), k, original, expand_to=pad)
-                info = infos[n]
-                s2 = core.S.double() ** 2
-                total, kept = float(s2.sum()), float(s2[:k].sum())
-                rows[n] = ModuleResize(
-                    n, info.rank, out.rank, kept / total if total > 0 else 1.0,
-                    math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
-                    info.num_params, out.num_params, math.sqrt(total),
-                )
-        return ready.pop(name)
-
-    out_infos = {n: replace(i, rank=max(ranks[n], pad or 0), scale=1.0) for n, i in infos.items()}
-    return Adapter({n: partial(one, n) for n in order}, adapter.meta, out_infos), rows
-
-
-def resize(
-    adapter: Adapter,
-    rule: RankRule | None = None,
-    *,
-    budget: int | None = None,
-    expand: bool = False,
-    device: torch.device | str = "cpu",
-) -> tuple[Adapter, list[ModuleResize]]:
-    """Resize every module of ``adapter`` by ``rule`` or under a global parameter ``budget`` (in memory; the CLI
-    streams the same computation, :func:`resize_stream`, into the output file).
-
-    ``rule`` of kind ``rank`` keeps ``min(K, current rank)`` unless ``expand``, which zero-pads to exactly K
-    (ΔW unchanged). Other rules choose per module from its spectrum. The output is in canonical form (scale
-    1), in the input's dtype. DoRA magnitudes and extras are carried through.
-
-    Raises:
-        RankError: ``--rank K`` larger than a layer's ``min(out, in)``.
-        OperatorParameterError: no rule or two, ``--expand`` without ``--rank``, a budget below rank 1 everywhere.
-    """
-    lazy, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=device)
-    resized = lazy.materialize()
-    return resized, [rows[n] for n in adapter]
+    for n, core, original in adapter_cores(adapter, names, device=device):
+        k = ranks[n]
+        out = truncated_factors(core.leading(k), k, original, expand_to=pad)
+        info = infos[n]
+        s2 = core.S.double() ** 2
+        total, kept = float(s2.sum()), float(s2[:k].sum())
+        yield n, out, ModuleResize(
+            n, info.rank, out.rank, kept / total if total > 0 else 1.0,
+            math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
+            info.num_params, out.num_params, math.sqrt(total),
+        )
 
 
 def resize_report(rows: list[ModuleResize], title: str) -> Report:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from lorakit.errors import LorakitError
 from lorakit.io.atomic import check_output_path
 from lorakit.io.checkpoint import Checkpoint, CheckpointWriter, companion_files
@@ -13,6 +15,7 @@ from lorakit.ops.apply import _folded, plan_apply
 from lorakit.provenance import make_provenance, provenance_metadata
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
+from lorakit.verbs.engine import ModuleStream
 from lorakit.verbs.store import load
 
 
@@ -52,22 +55,31 @@ def apply_file(
     layout = ckpt.layout()
     out = Path(output)
     params = {"base": Path(base).name, "scale": weight, "subtract": subtract}
+
+    def work(window: list[str], inputs) -> dict[str, tuple[torch.Tensor, tuple | None]]:
+        key = window[0]  # one tensor at a time: each is a dense base tensor
+        t = inputs(key)
+        where = plan.get(key)
+        if where is None:
+            return {key: (t, None)}  # not adapted: written as read
+        new = _folded(t, where, adapter, w, dev)
+        change = float((new.double() - t.double()).norm())
+        label = where.module if where.role in ("delta", "dora") else f"{where.module} ({where.role})"
+        return {key: (new, (label, key, list(where.shape), change, change / max(float(t.double().norm()), 1e-300)))}
+
+    # every tensor in layout order (the writer's order); no read-ahead: a second dense tensor would double the
+    # peak. Only the folded tensors count as working memory for the heap trimming.
+    order = [key for names in layout.values() for key in names]
+    stream = ModuleStream(order, ckpt.get, work, read_ahead=False,
+                          nbytes=lambda k: 4 * math.prod(plan[k].shape) if k in plan else 0)
     meta = {**ckpt.metadata(), **provenance_metadata(make_provenance("apply", params, [adapter_path]))}
     with CheckpointWriter(out, layout, metadata=meta, index_name=ckpt.index_path.name if ckpt.index_path else
                           "model.safetensors.index.json", index_metadata=ckpt.index_metadata,
                           companions=companion_files(ckpt)) as writer:
-        for names in layout.values():
-            for key in names:
-                t = ckpt.get(key)
-                where = plan.get(key)
-                if where is not None:
-                    new = _folded(t, where, adapter, w, dev)
-                    change = float((new.double() - t.double()).norm())
-                    label = where.module if where.role in ("delta", "dora") else f"{where.module} ({where.role})"
-                    report.add_row(label, key, list(where.shape), change,
-                                   change / max(float(t.double().norm()), 1e-300))
-                    t = new
-                writer.add(key, t)
+        for key, (t, row) in stream:
+            if row is not None:
+                report.add_row(*row)
+            writer.add(key, t)
     report.summary = summary
     report.notes.extend(adapter.meta.notes)
     return report

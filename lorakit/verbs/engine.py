@@ -5,16 +5,22 @@ then records what was done (:func:`lorakit.provenance.make_provenance`: operatio
 sha256) and writes the adapter atomically through :func:`lorakit.verbs.store.save`, which refuses an output that
 is one of the inputs before anything is written. ``merge``, ``resize``, ``convert``, ``extract`` and
 ``dequantize`` write through it; the writers of other file kinds (quantized files, checkpoints, LQ-LoRA
-residuals) keep their own ``io`` writer. The streaming of modules itself (windows, prefetch, NaN checks) is still
-each verb's (issue 15).
+residuals) keep their own ``io`` writer.
+
+:class:`ModuleStream` is the module loop the streaming verbs share: a verb gives the module order, how one
+module's inputs are read, and the work over a window of modules; the stream reads ahead in a background thread,
+cuts the windows, hands each module's result out once, trims the host heap as it goes, and reports progress.
+A lazy output adapter pulls its modules from it (``stream.get``), an eager verb iterates it. ``merge``
+(:func:`lorakit.pipeline.run_merge`), ``resize``, ``quantize``, ``extract``, ``apply``, ``lq-decompose`` and
+:func:`lorakit.verbs.lego.lego_merge` stream through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from lorakit.adapter import Adapter
 from lorakit.provenance import make_provenance
@@ -49,4 +55,77 @@ def write_adapter(adapter: Adapter, out: Output) -> Path:
     return save(adapter, out.path, format=out.format, provenance=prov, inputs=out.inputs)
 
 
-__all__ = ["Output", "write_adapter"]
+R = TypeVar("R")
+T = TypeVar("T")
+
+#: ``progress(names, total, label)`` wraps the module names as they are processed (a progress bar).
+Progress = Callable[[Iterable[str], int, str], Iterator[str]]
+
+
+class ModuleStream(Generic[R, T]):
+    """Modules computed in ``order``, a window at a time, their inputs read ahead; each result handed out once.
+
+    Args:
+        order: the module names, in the order a writer asks for them.
+        read: ``read(name)``: one module's inputs (the file read, the cast, the NaN/Inf check: the verb's
+            reader names the file). Run in one background thread (:class:`~lorakit.io.prefetch.Prefetcher`),
+            ahead of the work.
+        work: ``work(window, inputs)``: results for the modules of ``window`` (a list of names, first the one
+            asked for), reading their inputs with ``inputs(name)``. It must return the first name's result; the
+            others it returns are kept until asked for, and those it leaves out start a later window.
+        nbytes: a module's working size in bytes (float32 factors): the window is cut at ``window_bytes`` of
+            it (:func:`~lorakit.linalg.next_window`) and the host heap is trimmed every 16 MB of it
+            (:class:`~lorakit.device.HostMemoryTrimmer`).
+        window_bytes: the window's size; ``0`` or ``1``: one module at a time.
+        read_ahead_bytes: inputs read ahead, by ``stored_bytes`` (at least one module is read ahead).
+        read_ahead: ``False``: no background reads, each module's inputs are read when its work asks for them
+            (verbs over dense checkpoint matrices, where a second matrix in memory would double the peak).
+        stored_bytes: each module's stored input size, for ``read_ahead_bytes``; missing names count 0.
+        progress: wraps the names when the stream is iterated, with ``label``.
+
+    Memory: one window of results plus the inputs read ahead. A module asked for again is computed again.
+    Cost: the loop adds a dict lookup per module; the work is the verb's.
+    """
+
+    def __init__(self, order: Sequence[str], read: Callable[[str], R],
+                 work: Callable[[list[str], Callable[[str], R]], Mapping[str, T]], *,
+                 nbytes: Callable[[str], int], window_bytes: int = 0, read_ahead_bytes: int = 0,
+                 stored_bytes: Mapping[str, int] | None = None, read_ahead: bool = True,
+                 progress: Progress | None = None, label: str = "") -> None:
+        from lorakit.device import HostMemoryTrimmer
+        from lorakit.io.prefetch import Prefetcher
+
+        self.order = list(order)
+        self._position = {n: i for i, n in enumerate(self.order)}
+        self._work = work
+        self._nbytes = nbytes
+        self._window_bytes = window_bytes
+        self._inputs = Prefetcher(read, self.order, stored_bytes or {}, read_ahead_bytes).get if read_ahead else read
+        self._ready: dict[str, T] = {}  # results of the current window, popped as they are asked for
+        self._done: set[str] = set()  # names computed: a later window does not compute them again
+        self._trimmer = HostMemoryTrimmer()
+        self._progress = progress
+        self._label = label
+
+    def get(self, name: str) -> T:
+        """``name``'s result: from the current window, else computed with the window that starts at it."""
+        from lorakit.linalg import next_window
+
+        if name not in self._ready:
+            window = next_window(self.order, self._position[name], self._nbytes, self._window_bytes, self._done)
+            results = self._work(window, self._inputs)
+            self._ready.update(results)
+            self._done.update(results)
+        self._trimmer.processed(self._nbytes(name))
+        return self._ready.pop(name)
+
+    def __iter__(self) -> Iterator[tuple[str, T]]:
+        """``(name, result)`` for every module in order (through ``progress`` when given)."""
+        names: Iterable[str] = self.order
+        if self._progress is not None:
+            names = self._progress(names, len(self.order), self._label)
+        for name in names:
+            yield name, self.get(name)
+
+
+__all__ = ["ModuleStream", "Output", "Progress", "write_adapter"]

@@ -17,7 +17,7 @@ from lorakit.ops.extract import DEFAULT_EXCLUDE, ExtractedModule, low_rank_fit, 
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.engine import ModuleStream, Output, write_adapter
 
 
 def extract_file(
@@ -66,8 +66,13 @@ def extract_file(
     modules: dict[str, LoraFactors] = {}
     rows: list[ExtractedModule] = []
     unchanged: list[str] = []
-    for k in names:
-        wb, wt = b.get(k), t.get(k)
+
+    def read(k: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return b.get(k), t.get(k)
+
+    def work(window: list[str], inputs) -> dict[str, tuple[LoraFactors, ExtractedModule] | None]:
+        k = window[0]  # one tensor at a time: each is a dense matrix
+        wb, wt = inputs(k)
         out_dtype = dtype or wt.dtype
         D = wt.to(dev, torch.float32)  # wt's own buffer when already float32: it was read fresh, ours to overwrite
         D.sub_(wb.to(dev, torch.float32))
@@ -75,15 +80,24 @@ def extract_file(
         shape4 = tuple(D.shape)
         D = D.reshape(D.shape[0], -1)
         if not bool(D.any()):
-            unchanged.append(k)
-            continue
+            return {k: None}  # unchanged: nothing to extract
         svd, err = low_rank_fit(D, rule, oversample=oversample, n_iter=n_iter, seed=seed, max_rank=max_rank)
         del D
         f = svd.to_factors(dtype=out_dtype)
         kind, kernel = ("conv", (shape4[2], shape4[3])) if len(shape4) == 4 else ("linear", None)
         name = k.removesuffix(".weight")
-        modules[name] = LoraFactors(f.A.cpu().contiguous(), f.B.cpu().contiguous(), 1.0, kernel, kind)  # type: ignore[arg-type]
-        rows.append(ExtractedModule(name, (int(shape4[0]), int(math.prod(shape4[1:]))), svd.rank, err))
+        factors = LoraFactors(f.A.cpu().contiguous(), f.B.cpu().contiguous(), 1.0, kernel, kind)  # type: ignore[arg-type]
+        return {k: (factors, ExtractedModule(name, (int(shape4[0]), int(math.prod(shape4[1:]))), svd.rank, err))}
+
+    # no read-ahead: a second pair of dense checkpoint tensors in memory would double the peak
+    stream = ModuleStream(names, read, work, nbytes=lambda k: 4 * math.prod(b.shape(k)), read_ahead=False)
+    for k, done in stream:
+        if done is None:
+            unchanged.append(k)
+            continue
+        factors, row = done
+        modules[row.name] = factors
+        rows.append(row)
     changed_1d = [k for k in t.keys() if k in b and len(t.shape(k)) == 1 and not torch.equal(t.get(k), b.get(k))]
     if not modules:
         raise KeyMappingError("the two checkpoints are identical in every selected tensor: nothing to extract",

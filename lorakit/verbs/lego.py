@@ -15,12 +15,12 @@ import torch
 from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.errors import IncompatibleAdaptersError, OperatorParameterError, RankError, ShapeMismatchError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import next_window
 from lorakit.ops.kmeans import kmeans_gram
 from lorakit.ops.lego import Gauge, LegoAssignment, _check, _finish, _prepare, _Prepared
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.rank_rules import rank_rule as make_rank_rule
 from lorakit.provenance import make_provenance
+from lorakit.verbs.engine import ModuleStream
 
 
 def check_compatible(adapters: Sequence[Adapter]) -> list[str]:
@@ -95,39 +95,42 @@ def lego_merge(
     dev = torch.device(device) if device is not None else None
     modules: dict[str, LoraFactors] = {}
     assignments: dict[str, LegoAssignment] = {}
+
     def unit_bytes(n: str) -> int:  # the pooled units of module n, in the compute dtype, from the headers
         infos = [a.info(n) for a in adapters]
         size = 8 if infos[0].dtype == torch.float64 else 4  # units are float32, or float64 for float64 inputs
         return sum(i.rank for i in infos) * (infos[0].out_features + infos[0].in_features) * size
 
-    # Modules are pooled a window at a time (about ``window_bytes`` of units held), and the modules of a window
-    # with the same number of units and κ are clustered by one batched k-means.
-    done: set[str] = set()
-    for start, first in enumerate(names):
-        if first in done:
-            continue
-        window: dict[str, tuple[list[LoraFactors], _Prepared]] = {}
-        for n in next_window(names, start, unit_bytes, window_bytes, done):
-            done.add(n)
-            inputs = [a[n] for a in adapters]
+    def prepared(window: list[str], inputs_of) -> dict[str, tuple[LoraFactors, LegoAssignment]]:
+        pooled: dict[str, tuple[list[LoraFactors], _Prepared]] = {}
+        for n in window:
+            inputs = inputs_of(n)
             _check(inputs, weights, gauge, n)
             kn = k[n] if isinstance(k, Mapping) else k
             rule = make_rank_rule(rank=kn) if kn is not None else rank_rule
             p = _prepare(inputs, weights, rule, gauge, dev if dev is not None else inputs[0].A.device, n)
-            window[n] = (inputs, p)
+            pooled[n] = (inputs, p)
         groups: dict[tuple, list[str]] = {}
-        for n, (_, p) in window.items():
+        for n, (_, p) in pooled.items():
             groups.setdefault((p.units.count, p.k, p.G.device), []).append(n)
+        out: dict[str, tuple[LoraFactors, LegoAssignment]] = {}
         for (_, kk, _), group in groups.items():
-            km = kmeans_gram(torch.stack([window[n][1].G for n in group]), kk, seed=seed, restarts=restarts,
+            km = kmeans_gram(torch.stack([pooled[n][1].G for n in group]), kk, seed=seed, restarts=restarts,
                              max_iter=max_iter)
             for i, n in enumerate(group):
-                inputs, p = window.pop(n)
-                modules[n], assignments[n] = _finish(
+                inputs, p = pooled.pop(n)
+                out[n] = _finish(
                     p, inputs, km.labels[i], km.mix[i], float(km.inertia[i]), param_reweight=param_reweight,
                     output_reweight=output_reweight, output_scale=output_scale,
                 )
-    modules = {n: modules[n] for n in names}
+        return out
+
+    # Modules are pooled a window at a time (about ``window_bytes`` of units held), and the modules of a window
+    # with the same number of units and κ are clustered by one batched k-means.
+    stream = ModuleStream(names, lambda n: [a[n] for a in adapters], prepared, nbytes=unit_bytes,
+                          window_bytes=window_bytes)
+    for n, (merged, assignment) in stream:
+        modules[n], assignments[n] = merged, assignment
     params = {"k": k if not isinstance(k, Mapping) else "per-module",
               "rank_rule": str(rank_rule) if rank_rule else None, "gauge": gauge, "param_reweight": param_reweight,
               "output_reweight": output_reweight, "output_scale": output_scale, "seed": seed, "restarts": restarts,

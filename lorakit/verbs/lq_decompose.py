@@ -27,6 +27,7 @@ from lorakit.quant.lq_lora import (
     RESIDUAL_KEY,
     RESIDUAL_SCHEMA,
     RESIDUAL_VERSION,
+    LQResult,
     lq_decompose,
     matrices_to_decompose,
     plan_budget,
@@ -34,6 +35,7 @@ from lorakit.quant.lq_lora import (
 from lorakit.quant.mixed import default_code
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
+from lorakit.verbs.engine import ModuleStream
 from lorakit.verbs.store import save
 
 
@@ -129,16 +131,22 @@ def lq_decompose_file(
     factors: dict[str, LoraFactors] = {}
     total_bits = total_numel = 0
     err2 = norm2 = 0.0
-    it: Iterable[str] = names if progress is None else progress(names, len(names), "lq-decompose")
+
+    def work(window: list[str], inputs) -> dict[str, tuple[torch.Tensor, LQResult]]:
+        n = window[0]  # one matrix at a time: each is dense
+        W = inputs(n)
+        return {n: (W, lq_decompose(W, rank, chosen[n], iters=iters, seed=seed, pad=pad, device=device))}
+
+    # no read-ahead: a second dense base matrix in memory would double the peak
+    stream = ModuleStream(names, src.get, work, nbytes=lambda n: 4 * math.prod(src.info(n).shape),
+                          read_ahead=False, progress=progress, label="lq-decompose")
     with atomic_output(out, directory=True) as tmp:
         with SafetensorsWriter(tmp / "residual.safetensors", {"format": "pt", **prov}) as w:
             todo = set(names)
             for k in src.keys():
                 if k not in todo:
                     w.add(k, src.get(k))
-            for n in it:
-                W = src.get(n)
-                res = lq_decompose(W, rank, chosen[n], iters=iters, seed=seed, pad=pad, device=device)
+            for n, (W, res) in stream:
                 assert res.Q is not None
                 for role, t in res.Q.tensors().items():
                     w.add(f"{n}.{role}", t)

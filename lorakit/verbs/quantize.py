@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from lorakit.adapter import Adapter
 from lorakit.errors import FormatError
+from lorakit.factors import LoraFactors
 from lorakit.formats.quantized import write_quantized
 from lorakit.io.atomic import check_output_path
 from lorakit.provenance import make_provenance, provenance_metadata
@@ -20,7 +21,7 @@ from lorakit.quant.module import QuantizedModule
 from lorakit.quant.quantize import Progress, _check_options, bits_summary, dequantize_adapter, quantize_module
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.engine import ModuleStream, Output, write_adapter
 from lorakit.verbs.store import default_output_format, load
 
 
@@ -94,24 +95,19 @@ def quantize_adapter(
     device = run_options(run).device
     totals = {"bits": 0, "params": 0, "err2": 0.0, "norm2": 0.0}
 
+    def work(window: list[str], inputs) -> dict[str, tuple[LoraFactors, QuantizedModule, float]]:
+        name = window[0]  # one module at a time: the quantizer has no batched path
+        f = inputs(name)
+        q, rel = quantize_module(name, f, bits=bits, code=code, block=block, double=double, error=error,
+                                 avg_bits=avg_bits, pad=pad, device=device)
+        return {name: (f, q, rel)}
+
+    infos = adapter.infos()
+    stream = ModuleStream(list(adapter), adapter.__getitem__, work, nbytes=lambda n: infos[n].num_params * 4,
+                          progress=progress, label="quantize")
+
     def produce() -> Iterator[QuantizedModule]:
-        names: Iterable[str] = list(adapter)
-        if progress is not None:
-            names = progress(names, len(adapter), "quantize")
-        for name in names:
-            f = adapter[name]
-            q, rel = quantize_module(
-                name,
-                f,
-                bits=bits,
-                code=code,
-                block=block,
-                double=double,
-                error=error,
-                avg_bits=avg_bits,
-                pad=pad,
-                device=device,
-            )
+        for name, (f, q, rel) in stream:
             norm = f.norm()
             totals["bits"] += q.storage_bits
             totals["params"] += q.num_params

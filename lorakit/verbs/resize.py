@@ -3,16 +3,87 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+import torch
+
+from lorakit.adapter import Adapter
 from lorakit.errors import naming_file
+from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
+from lorakit.linalg import default_window_bytes
 from lorakit.ops.rank_rules import RankRule
-from lorakit.ops.resize import _check_rule, resize_report, resize_stream
+from lorakit.ops.resize import ModuleResize, _check_rule, planned_ranks, resize_modules, resize_report
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.engine import ModuleStream, Output, write_adapter
 from lorakit.verbs.store import load
+
+
+def resize_stream(
+    adapter: Adapter,
+    rule: RankRule | None = None,
+    *,
+    budget: int | None = None,
+    expand: bool = False,
+    device: torch.device | str = "cpu",
+    window_bytes: int | None = None,
+) -> tuple[Adapter, dict[str, ModuleResize]]:
+    """The resized adapter, lazy, and the per-module results, filled in as its modules are computed.
+
+    The output ranks come from :func:`~lorakit.ops.resize.planned_ranks`, so the adapter's headers are known
+    before any module is decomposed; a writer then pulls the modules in order through the engine's module
+    stream (:class:`~lorakit.verbs.engine.ModuleStream`: read ahead, then per window
+    :func:`~lorakit.ops.resize.resize_modules`: QR core, the ``k`` kept singular vectors, cast), a window at a
+    time (``window_bytes`` of float32 factors; default one module on CPU, 512 MiB of same-shaped modules batched
+    on CUDA), and memory stays at one window whatever the adapter's size. Other arguments as for :func:`resize`.
+    """
+    infos = adapter.infos()
+    _check_rule(rule, budget, infos, expand)
+    ranks = planned_ranks(adapter, rule, budget, device=device)
+    pad = int(rule.value) if expand and rule is not None else None
+    dev = torch.device(device)
+    window_bytes = default_window_bytes(dev) if window_bytes is None else window_bytes
+    rows: dict[str, ModuleResize] = {}
+
+    def work(window: list[str], inputs) -> dict[str, LoraFactors]:
+        # the window's modules, read through the stream (read ahead), as an adapter for the batched cores
+        view = Adapter({n: partial(inputs, n) for n in window}, adapter.meta, {n: infos[n] for n in window})
+        out: dict[str, LoraFactors] = {}
+        for n, f, row in resize_modules(view, window, ranks, pad=pad, device=dev):
+            out[n], rows[n] = f, row
+        return out
+
+    stream = ModuleStream(list(adapter), adapter.__getitem__, work, nbytes=lambda n: infos[n].num_params * 4,
+                          window_bytes=window_bytes, read_ahead_bytes=window_bytes // 2 if dev.type == "cuda" else 0,
+                          stored_bytes={n: i.num_params * i.dtype.itemsize for n, i in infos.items()})
+    out_infos = {n: replace(i, rank=max(ranks[n], pad or 0), scale=1.0) for n, i in infos.items()}
+    return Adapter({n: partial(stream.get, n) for n in adapter}, adapter.meta, out_infos), rows
+
+
+def resize(
+    adapter: Adapter,
+    rule: RankRule | None = None,
+    *,
+    budget: int | None = None,
+    expand: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[Adapter, list[ModuleResize]]:
+    """Resize every module of ``adapter`` by ``rule`` or under a global parameter ``budget`` (in memory; the CLI
+    streams the same computation, :func:`resize_stream`, into the output file).
+
+    ``rule`` of kind ``rank`` keeps ``min(K, current rank)`` unless ``expand``, which zero-pads to exactly K
+    (ΔW unchanged). Other rules choose per module from its spectrum. The output is in canonical form (scale
+    1), in the input's dtype. DoRA magnitudes and extras are carried through.
+
+    Raises:
+        RankError: ``--rank K`` larger than a layer's ``min(out, in)``.
+        OperatorParameterError: no rule or two, ``--expand`` without ``--rank``, a budget below rank 1 everywhere.
+    """
+    lazy, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=device)
+    resized = lazy.materialize()
+    return resized, [rows[n] for n in adapter]
 
 
 def resize_file(

@@ -25,11 +25,11 @@ from lorakit.linalg import adapter_svds, factored_svd, group_by_shape, svd_of
 from lorakit.ops.kmeans import kmeans
 from lorakit.ops.rank_rules import rank_rule
 from lorakit.ops.registry import resolve
-from lorakit.ops.resize import resize
 from lorakit.pipeline import merge_adapters, plan_merge, run_merge
 from lorakit.quant.quantize import quantize_module
 from lorakit.run import RunOptions
 from lorakit.testing import random_adapter, random_factors
+from lorakit.verbs.resize import resize
 
 
 def _devices() -> list[str]:
@@ -143,7 +143,7 @@ def test_resize_on_device_matches_float64_truncation(device):
 def test_resize_windows_equal_one_module_at_a_time(device, how):
     """The CUDA default batches 512 MiB windows of same-shaped modules; the CPU default takes one module at a
     time. Both give the same modules (bit for bit on CPU) and the same report."""
-    from lorakit.ops.resize import resize_stream
+    from lorakit.verbs.resize import resize_stream
 
     a = random_adapter(SHAPES, 8, scale=2.0, decay=0.7, seed=6)
     one_by_one, rows1 = resize_stream(a, device="cpu", window_bytes=1, **how)

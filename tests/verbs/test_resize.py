@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 import lorakit
 from lorakit.errors import OperatorParameterError, RankError
 from lorakit.ops.rank_rules import RankRule, rank_rule
-from lorakit.ops.resize import allocate_budget, resize
+from lorakit.ops.resize import allocate_budget
 from lorakit.testing import assert_adapters_close, random_adapter
+from lorakit.verbs.resize import resize
 
 SHAPES = {"m.q": (48, 32), "m.k": (16, 32), "m.v": (16, 32), "m.up": (64, 32)}
 
@@ -261,7 +262,7 @@ def test_rank_error_names_the_file_and_the_module(tmp_path, cli):
                                  {"rule": rank_rule(rank=12), "expand": True}, {"budget": 2000}])
 def test_stream_announces_the_ranks_it_writes_and_reads_each_module_once_for_rank(how):
     from lorakit.adapter import Adapter
-    from lorakit.ops.resize import resize_stream
+    from lorakit.verbs.resize import resize_stream
 
     a = _adapter(dtype=torch.float64)
     reads: list[str] = []
