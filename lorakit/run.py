@@ -57,16 +57,9 @@ class RunOptions:
             torch.set_num_threads(threads)
         return cls(dev, dtype, seed, default_window_bytes(dev) if window_bytes is None else window_bytes, threads)
 
-    def with_(self, **changes: object) -> RunOptions:
-        """A copy with fields replaced (the device stays resolved: pass a ``torch.device``)."""
-        from dataclasses import replace
-
-        return replace(self, **changes)  # type: ignore[arg-type]
-
     def seed_or(self, default: int = 0) -> int:
         """The seed, or the verb's default when none was given."""
         return default if self.seed is None else self.seed
-
 
 
 def run_options(run: RunOptions | None) -> RunOptions:

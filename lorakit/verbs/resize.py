@@ -100,7 +100,7 @@ def resize_file(
 ) -> Report:
     """``lorakit resize``: load, validate from the header, resize, write atomically; returns the report.
 
-    ``run``: device and output dtype (``None``: the defaults, :meth:`RunOptions.resolve`)."""
+    ``run``: device, output dtype and window (``None``: the defaults, :meth:`RunOptions.resolve`)."""
     run = run_options(run)
     dtype = run.dtype
     check_output_path(output, [source])
@@ -116,7 +116,8 @@ def resize_file(
             report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
         report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
         return report
-    resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=run.device)
+    resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=run.device,
+                                  window_bytes=run.window_bytes)
     if dtype is not None:
         resized = resized.map(lambda _n, f: f.with_(A=f.A.to(dtype), B=f.B.to(dtype)),
                               {n: replace(i, dtype=dtype) for n, i in resized.infos().items()})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def test_auto_and_defaults_follow_the_device():
 def test_seed_dtype_and_replacement():
     run = RunOptions.resolve("cpu", dtype=torch.float16, seed=7)
     assert run.dtype is torch.float16 and run.seed_or(0) == 7 and RunOptions.resolve("cpu").seed_or(3) == 3
-    assert run.with_(seed=None).seed_or(5) == 5 and run.seed == 7  # frozen: with_ copies
+    assert dataclasses.replace(run, seed=None).seed_or(5) == 5 and run.seed == 7  # frozen: with_ copies
     with pytest.raises(AttributeError):
         run.seed = 1  # type: ignore[misc]
 
