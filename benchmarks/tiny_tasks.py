@@ -44,7 +44,7 @@ import copy
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -162,13 +162,9 @@ class BaseDistribution:
         g = torch.Generator().manual_seed(30_000 + seed)
         x = torch.randint(DIGITS, (pool, LENGTH), generator=g)
         prefix = torch.tensor(prefixes)[torch.randint(len(prefixes), (pool,), generator=g)]
-        ids = torch.cat([prefix.reshape(pool, 1), x + FIRST_DIGIT, torch.full((pool, 1), SEP)], dim=1)
+        self.ids, _ = _layout(prefix, x, decode(model, prefix, x, sample=g))
         with torch.no_grad():
-            for _ in range(LENGTH):
-                probs = model(input_ids=ids).logits[:, -1, FIRST_DIGIT:FIRST_DIGIT + DIGITS].softmax(-1)
-                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g) + FIRST_DIGIT], dim=1)
-            self.targets = model(input_ids=ids).logits[:, ANSWER - 1 : -1].log_softmax(-1)
-        self.ids = ids
+            self.targets = model(input_ids=self.ids).logits[:, ANSWER - 1 : -1].log_softmax(-1)
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         pick = torch.randint(self.ids.shape[0], (n,), generator=generator)
@@ -185,14 +181,23 @@ def _loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model, prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``model``'s greedy answers ``(n, L)`` (digit values) to the prompts ``[prefix] x [SEP]``."""
-    n = x.shape[0]
-    ids = torch.cat([prefix.reshape(n, 1), x + FIRST_DIGIT, torch.full((n, 1), SEP)], dim=1)
+def decode(model, prefix: torch.Tensor, x: torch.Tensor, *, sample: torch.Generator | None = None) -> torch.Tensor:
+    """``model``'s answers ``(n, L)`` (digit values) to the prompts ``[prefix] x [SEP]``: greedy, or drawn from
+    its distribution over the digits with the generator ``sample``."""
+    ids = _layout(prefix, x, x[:, :0])[0]  # the prompt alone
     for _ in range(LENGTH):
         logits = model(input_ids=ids).logits[:, -1, FIRST_DIGIT:]
-        ids = torch.cat([ids, (logits.argmax(-1) + FIRST_DIGIT).unsqueeze(1)], dim=1)
+        if sample is None:
+            step = logits.argmax(-1, keepdim=True)
+        else:
+            step = torch.multinomial(logits[:, :DIGITS].softmax(-1), 1, generator=sample)
+        ids = torch.cat([ids, step + FIRST_DIGIT], dim=1)
     return ids[:, ANSWER:] - FIRST_DIGIT
+
+
+def greedy(model, prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s greedy answers ``(n, L)`` (digit values) to the prompts ``[prefix] x [SEP]``."""
+    return decode(model, prefix, x)
 
 
 def _answers() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -268,8 +273,7 @@ def build_base(seed: int = 0, *, steps: int = BASE_STEPS, verbose: bool = True):
     if BASE_MIX is None:
         data = [copy_task(seed, prefixes=tuple(TASK_TOKEN.values()))]
     else:
-        answers = _answers()
-        data = [copy_task(seed)] + [Task(t.name, t.token, answers[t.name], seed * 100 + 70 + i, mix=BASE_MIX)
+        data = [copy_task(seed)] + [replace(t, seed=seed * 100 + 70 + i, mix=BASE_MIX)
                                     for i, t in enumerate(make_tasks(seed))]
     if SKILLS:
         answers = _answers()
