@@ -89,12 +89,20 @@ def module_shapes(name: str, layers: int | None = None) -> dict[str, tuple[int, 
     return {f"model.layers.{n}.{p}": shp for n in range(layers) for p, shp in per.items()}  # type: ignore[misc]
 
 
+def module_factors(name: str, out_features: int, in_features: int, rank: int, k: int):  # -> LoraFactors
+    """The factors of module ``name`` of the ``k``-th generated adapter (bf16, scale 2, decaying spectrum; seeded
+    by the name and ``k``, so a sampled module equals the whole adapter's)."""
+    from lorakit.testing import random_factors
+
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{k}".encode()))
+    return random_factors(out_features, in_features, rank, scale=2.0, decay=0.85, generator=g, dtype=torch.bfloat16)
+
+
 def make_adapters(shape: str, rank: int, n: int, layers: int | None = None) -> list[Path]:
     """Write (or reuse) ``n`` PEFT-style single-file adapters; one module at a time, so memory stays small.
     ``layers`` writes only the first layers (the same factors as the whole adapter's, module by module)."""
     from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
     from lorakit.api import save
-    from lorakit.testing import random_factors
 
     paths = []
     shapes = module_shapes(shape, layers)
@@ -107,12 +115,8 @@ def make_adapters(shape: str, rank: int, n: int, layers: int | None = None) -> l
         path.parent.mkdir(parents=True, exist_ok=True)
         infos = {m: ModuleInfo(m, o, i, rank, 2.0, torch.bfloat16) for m, (o, i) in shapes.items()}
 
-        def one(m: str, k: int = k) -> object:
-            o, i = shapes[m]
-            g = torch.Generator().manual_seed(zlib.crc32(f"{m}/{k}".encode()))
-            return random_factors(o, i, rank, scale=2.0, decay=0.85, generator=g, dtype=torch.bfloat16)
-
-        adapter = Adapter({m: (lambda m=m: one(m)) for m in shapes}, AdapterMeta(source_format="peft"), infos)
+        adapter = Adapter({m: (lambda m=m, k=k: module_factors(m, *shapes[m], rank, k)) for m in shapes},
+                          AdapterMeta(source_format="peft"), infos)
         save(adapter, path, format="peft")
     return paths
 
@@ -220,7 +224,6 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
     from lorakit.ops import _kernels as K
     from lorakit.ops import merge_delta as D
     from lorakit.ops.rank_rules import RankRule
-    from lorakit.testing import random_factors
 
     spent: dict[str, float] = {}
     originals = {name: getattr(K if hasattr(K, name) else D, name) for name in DELTA_STAGES}
@@ -239,10 +242,9 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
         for name, f in originals.items():
             setattr(K if hasattr(K, name) else D, name, timed(name, f))
         for m in modules:
-            o, i = module_shapes(shape, 1)[f"model.layers.0.{m}"]
-            fs = [random_factors(o, i, 16, scale=2.0, decay=0.85, dtype=torch.bfloat16,
-                                 generator=torch.Generator().manual_seed(zlib.crc32(f"model.layers.0.{m}/{k}".encode())))
-                  for k in range(2)]
+            name = f"model.layers.0.{m}"
+            o, i = module_shapes(shape, 1)[name]
+            fs = [module_factors(name, o, i, 16, k) for k in range(2)]
             for method in methods:
                 spent.clear()
                 t0 = time.process_time()
