@@ -197,7 +197,6 @@ class Workspace:
         self.b = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.b2 = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.planes = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(5)]
-        self.mask = torch.empty(rows, cols, dtype=torch.bool, device=device)
         self._f2: torch.Tensor | None = None
 
     @staticmethod
