@@ -256,7 +256,17 @@ the cached rank-16 adapters, mean exact match): TSV over the whole spectrum (ran
 1.25 0.798; the sum at λ = 0.85 0.956. With stronger interference (`--set '{"BASE_MIX": 0.15}'`, the
 base's latent share cut to 15 %: adapters twice as large) every method collapses together (sum λ = 1 0.014, λ = 0.5 0.488; TIES 0.130–0.183,
 TSV 0.104–0.303, Iso-C 0.179, LEGO 0.204): in neither regime does an interference-reducing method beat the
-plain sum at its best weight.
+plain sum at its best weight. Why, measured in `docs/benchmarks/merge_probes.md`
+(`python -m benchmarks.merge_probes`): the four task vectors are nearly orthogonal in every module (pairwise
+cosines −0.05 to +0.12, `‖Σ τ‖/√Σ‖τ‖²` 0.995–1.08), so there is little weight-space interference to remove,
+and three candidates written for what is left (a count-normalised sum, the data-free form of RegMean with each
+task's Gram matrix replaced by its row-space projector; a norm-preserving sum; a projection of each adapter's
+inputs off the other adapters' residual-stream writes) score at most the sum's best (0.968 against 0.962, within
+two standard errors of 0.004). What the sum loses at λ = 1 is cross-talk through the network, which a
+weight-only method cannot see; RegMean with each task's own activations (512 prompts through the adapted
+model), which sees part of it, scores 0.941 at best (sort 0.79), below the sum at λ = 0.75–0.8. On a set-up
+built as the issue prescribes (a base that knows the format, adapters with rehearsal), the tuned sum is
+within 4 points of the single adapters, and nothing tried here closes that gap.
 
 **LEGO** (the paper's form, raw gauge, k = r; equal to its float64 reference, Δ ≤ 1e-7) keeps 50 % at rank 16,
 λ = 1 (0.519), below the exact sum (87 %) and below `svd` at the same rank (87 %). It averages clusters of
