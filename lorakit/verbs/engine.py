@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from lorakit.adapter import Adapter
+from lorakit.adapter import Adapter, ModuleInfo
+from lorakit.factors import LoraFactors
 from lorakit.provenance import make_provenance
 from lorakit.verbs.store import save
 
@@ -128,4 +129,26 @@ class ModuleStream(Generic[R, T]):
             yield name, self.get(name)
 
 
-__all__ = ["ModuleStream", "Output", "Progress", "write_adapter"]
+def streamed(adapter: Adapter, fn: Callable[[str, LoraFactors], LoraFactors] | None = None,
+             infos: Mapping[str, ModuleInfo] | None = None) -> Adapter:
+    """``adapter`` (its modules through ``fn(name, factors)`` when given, described by ``infos``, default the
+    input's), lazy, its modules pulled from a :class:`ModuleStream`: while a writer writes one module, the next
+    is read (and decoded: a quantized file's modules are dequantized on access) in the background thread.
+
+    For the verbs whose per-module work is the read itself (``convert``, ``dequantize``): one module at a time,
+    one read ahead. Memory: two modules' factors. The metadata (passthrough tensors, whole module tensors) is
+    the input's, read by the writer when it needs it.
+    """
+    from functools import partial
+
+    in_infos = adapter.infos()
+
+    def work(window: list[str], inputs: Callable[[str], LoraFactors]) -> dict[str, LoraFactors]:
+        name = window[0]
+        return {name: inputs(name) if fn is None else fn(name, inputs(name))}
+
+    stream = ModuleStream(list(adapter), adapter.__getitem__, work, nbytes=lambda n: in_infos[n].num_params * 4)
+    return Adapter({n: partial(stream.get, n) for n in adapter}, adapter.meta, infos or in_infos)
+
+
+__all__ = ["ModuleStream", "Output", "Progress", "streamed", "write_adapter"]

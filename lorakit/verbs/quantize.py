@@ -21,7 +21,7 @@ from lorakit.quant.module import QuantizedModule
 from lorakit.quant.quantize import Progress, _check_options, bits_summary, dequantize_adapter, quantize_module
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import ModuleStream, Output, write_adapter
+from lorakit.verbs.engine import ModuleStream, Output, streamed, write_adapter
 from lorakit.verbs.store import default_output_format, load
 
 
@@ -156,11 +156,10 @@ def dequantize_file(
 ) -> Report:
     """Read a quantized file and write it as an ordinary adapter (``to_format``, default: its source format)."""
     q = load(path)
-    plain = dequantize_adapter(q)
-    if dtype is not None:
-        plain = plain.map(
-            lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
-        )
+    plain = dequantize_adapter(q)  # the source format restored; each module dequantized when read
+    cast = None if dtype is None else lambda _n, f: f.to(dtype=dtype)
+    out_infos = None if dtype is None else {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
+    plain = streamed(plain, cast, out_infos)  # the next module read and dequantized while one is written
     fmt = to_format or default_output_format(plain)
     out = write_adapter(plain, Output(output, "dequantize", {"to": fmt}, (path,), fmt))
     report = Report(f"dequantize to {fmt}", ["module", "shape", "rank"])
