@@ -78,5 +78,4 @@ def describe(adapter: Adapter, *, norms: Mapping[str, float] | None = None) -> R
     if meta.passthrough:
         report.notes.append(f"{len(meta.passthrough)} other non-LoRA tensor(s) carried through (e.g. "
                             f"{next(iter(meta.passthrough))}); apply refuses them")
-    report.notes.extend(meta.notes)
-    return report
+    return report.finish(inputs=[adapter])

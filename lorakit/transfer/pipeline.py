@@ -157,7 +157,7 @@ def prepare(
     if threshold < 0:
         rep.notes.append(f"p(yes) > p(no) accepted only {paper_real_acc:.0%} of held-out real inputs: the accept "
                          f"threshold was lowered to log-odds {threshold:.3g} to keep {recall:.0%} of them")
-    return rep
+    return rep.finish(output=out, inputs=[lora])
 
 
 def run(
@@ -298,9 +298,8 @@ def run(
     gen_n = syn.get("generated") or 0
     rep.summary = {"accepted": len(chosen), "generated": gen_n,
                    "acceptance_rate": (syn.get("accepted", 0) / gen_n) if gen_n else None,
-                   "filter": use_filter, "distillation": "token-kl" if token_kl else "sequence",
-                   "output": str(out / "adapter")}
-    return rep
+                   "filter": use_filter, "distillation": "token-kl" if token_kl else "sequence"}
+    return rep.finish(output=out / "adapter", format="peft")
 
 
 def project(
@@ -342,5 +341,5 @@ def project(
                      provenance=make_provenance("transfer.project", {"source_base": source_base, "target_base":
                                                 target_base, "q": q, "null_space": null_space,
                                                 "min_similarity": min_similarity}, [adapter]))
-    rep.summary["output"] = str(output) if output is not None else None
-    return rep
+    # written as PEFT either way (a .safetensors path: the adapter's own format, which is PEFT here)
+    return rep.finish(output=output, format=None if output is None else "peft", inputs=[lora], dry_run=output is None)

@@ -26,11 +26,10 @@ def convert(
     # the next module read (and decoded) in the background while the writer writes one
     write_adapter(streamed(adapter), Output(output, "convert", params, (source,), to_format))
     report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
-    report.summary = {"module_count": len(adapter), "parameters": adapter.num_params, "output": str(output)}
+    report.summary = {"module_count": len(adapter), "parameters": adapter.num_params}
     if adapter.meta.passthrough and adapter.meta.source_format != to_format:
         report.notes.append(
             f"{len(adapter.meta.passthrough)} non-LoRA tensor(s) (e.g. modules_to_save) have no place in "
             f"{to_format} and were left out"
         )
-    report.notes.extend(adapter.meta.notes)
-    return report
+    return report.finish(output=output, format=to_format, inputs=[adapter])

@@ -80,7 +80,7 @@ def spectrum_report(adapter: Adapter, *, device: torch.device | str = "cpu", ful
         "parameters": total_params,
         "parameters_at_90pct_energy": kept90,
     }
-    return report
+    return report.finish(inputs=[adapter])
 
 
 def inspect(source: str | Path, *, norms: bool = False, spectrum: bool = False, full: bool = False,

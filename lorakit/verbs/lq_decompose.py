@@ -101,8 +101,8 @@ def lq_decompose_file(
     if dry_run:
         for n in names:
             report.add_row(n, "x".join(map(str, src.info(n).shape)), bits, block, None, None, None, None)
-        report.summary.update(matrices=len(names), dry_run=True)
-        return report
+        report.summary.update(matrices=len(names))
+        return report.finish(output=output, dry_run=True)
     out = check_output_path(output, (base,))
     chosen: dict[str, QuantConfig]
     if budget is not None:
@@ -180,13 +180,12 @@ def lq_decompose_file(
         matrices=len(names),
         quantized_bits_per_param=total_bits / max(total_numel, 1),
         rel_error=math.sqrt(err2 / norm2) if norm2 else 0.0,
-        output=str(out),
     )
     report.notes.append(
         "errors are ‖W − (Q + L₁L₂)‖_F/‖W‖_F; bits/param counts the quantized residual with its "
         "constants (the rank-r factors are stored in adapter/ at the base dtype)"
     )
-    return report
+    return report.finish(output=out)
 
 
 def load_residual(path: str | Path) -> dict[str, torch.Tensor]:

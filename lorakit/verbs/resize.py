@@ -18,7 +18,7 @@ from lorakit.ops.resize import ModuleResize, _check_rule, planned_ranks, resize_
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
 from lorakit.verbs.engine import ModuleStream, Output, write_adapter
-from lorakit.verbs.store import load
+from lorakit.verbs.store import default_output_format, load
 
 
 def resize_stream(
@@ -110,19 +110,18 @@ def resize_file(
         _check_rule(rule, budget, infos, expand)
     what = f"budget {budget:,}" if budget is not None else str(rule) + (" (expand)" if expand else "")
     if dry_run:
-        report = Report(title=f"plan: resize {source} by {what} → {output}",
-                        columns=["module", "out x in", "rank in"])
+        report = Report(title=f"resize {source} by {what} → {output}", columns=["module", "out x in", "rank in"])
         for n, i in infos.items():
             report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
         report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
-        return report
+        return report.finish(output=output, inputs=[adapter], dry_run=True)
     resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=run.device,
                                   window_bytes=run.window_bytes)
     if dtype is not None:
         resized = resized.map(lambda _n, f: f.with_(A=f.A.to(dtype), B=f.B.to(dtype)),
                               {n: replace(i, dtype=dtype) for n, i in resized.infos().items()})
     params = {"rule": what, "budget": budget, "expand": expand}
-    write_adapter(resized, Output(output, "resize", params, (source,), to_format))
+    fmt = to_format or default_output_format(resized)
+    write_adapter(resized, Output(output, "resize", params, (source,), fmt))
     report = resize_report([rows[n] for n in adapter], f"resized {source} by {what} → {output}")
-    report.notes.extend(adapter.meta.notes)
-    return report
+    return report.finish(output=output, format=fmt, inputs=[adapter])

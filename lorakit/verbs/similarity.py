@@ -72,8 +72,8 @@ def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_p
     """The ``lorakit similarity`` report: the cosine matrix, norms and norm ratios (and per module on request)."""
     if len(paths) < 2:
         raise IncompatibleAdaptersError("give at least two adapters to compare")
-    sim = similarity([load(p, allow_pickle=allow_pickle) for p in paths], [str(p) for p in paths],
-                     device=run_options(run).device)
+    adapters = [load(p, allow_pickle=allow_pickle) for p in paths]
+    sim = similarity(adapters, [str(p) for p in paths], device=run_options(run).device)
     labels = [f"#{i}" for i in range(len(paths))]
     cos, norms = sim.cosine(), sim.norms()
     report = Report(f"cosine similarity over {len(sim.modules)} common modules",
@@ -87,7 +87,7 @@ def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_p
         overall = report.rows
         report.rows = [[m, float(sim.cosine(m)[0, 1]), *[float(x) for x in sim.norms(m)]] for m in sim.modules]
         report.summary["overall_cosine"] = [[r[0], *r[2:]] for r in overall]
-    return report
+    return report.finish(inputs=adapters)
 
 
 __all__ = ["cosine", "similarity", "similarity_report"]
