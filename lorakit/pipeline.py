@@ -67,8 +67,7 @@ class MergePlan:
 
     def compatibility(self) -> Report:
         """One row per input: format, base model, modules, ranks, scales, dtype, and module-set differences."""
-        report = Report(title=f"merge plan: {self.spec.name} of {len(self.adapters)} adapters, "
-                              f"{len(self.modules)} modules",
+        report = Report(title=f"merge {len(self.adapters)} adapters with {self.spec.name}, {len(self.modules)} modules",
                         columns=["input", "format", "base model", "modules", "ranks", "scales", "dtype", "weight",
                                  "missing", "extra"])
         wanted = set(self.modules)
@@ -433,7 +432,7 @@ def merge(
     plan = plan_merge(inputs, weights, method, params=params, rank=rank, energy=energy, error=error,
                       module_set=module_set, allow_pickle=allow_pickle)
     if dry_run:
-        return plan.compatibility()
+        return plan.compatibility().finish(output=output, inputs=plan.adapters, dry_run=True)
     if output is None:
         raise OperatorParameterError("give an output path with -o")
     merged = run_merge(plan, run)
@@ -458,13 +457,13 @@ def merge_report(run: MergeRun, output: str | Path, fmt: str) -> Report:
     report.summary = {
         "method": plan.spec.name, "weights": plan.weights, "parameters": _shown_params(plan.params, plan.rule),
         "module_count": len(plan.modules), "max_error": max(errors) if errors else 0.0,
-        "mean_error": sum(errors) / len(errors) if errors else 0.0, "output": str(output), "format": fmt,
+        "mean_error": sum(errors) / len(errors) if errors else 0.0,
     }
     report.notes = list(plan.notes)
     if not plan.spec.exact and plan.spec.space == "delta":
         report.notes.append("error is relative to the method's dense result; the best error at that rank needs a "
                             "dense SVD and is not computed")
-    return report
+    return report.finish(output=output, format=fmt, inputs=plan.adapters)
 
 
 __all__ = ["MergePlan", "MergeRun", "merge", "merge_adapters", "plan_merge", "run_merge"]

@@ -25,17 +25,11 @@ Examples:
 def command(adapter: str, norms: bool, spectrum: bool, show_all: bool, as_json: bool, allow_pickle: bool,
             arch: str | None, base: str | None, device: str) -> None:
     """Show what is inside an adapter, reading only the header unless --norms or --spectrum is given."""
-    import lorakit
-    from lorakit.describe import describe
+    from lorakit.verbs.inspect import inspect
 
     from .._options import run_options
     from .._output import emit
 
-    dev = run_options(device).device  # checked first: --device cuda without a GPU fails before any reading
-    a = lorakit.load(adapter, allow_pickle=allow_pickle, arch=arch, base=base)
-    if spectrum:
-        from lorakit.ops.spectrum import spectrum_report
-
-        emit(spectrum_report(a, device=dev, full=as_json), as_json=as_json, max_rows=None if show_all else 40)
-        return
-    emit(describe(a, norms=norms), as_json=as_json, max_rows=None if show_all else 40)
+    run = run_options(device)  # checked first: --device cuda without a GPU fails before any reading
+    emit(inspect(adapter, norms=norms, spectrum=spectrum, full=as_json, allow_pickle=allow_pickle, arch=arch,
+                 base=base, run=run), as_json=as_json, max_rows=None if show_all else 40)

@@ -81,8 +81,9 @@ def prepare(adapter: str, base: str, data: str, seeds: int, seeds_file: str | No
 
     if dry_run:
         n = len(read_examples(data))
-        emit(Report(f"would write a kit to {output}: {seeds} seeds of {n} examples, {negatives} negatives from "
-                    f"{base}, {epochs} discriminator epochs"), as_json=as_json, quiet=quiet)
+        emit(Report(f"write a kit to {output}: {seeds} seeds of {n} examples, {negatives} negatives from "
+                    f"{base}, {epochs} discriminator epochs").finish(output=output, dry_run=True),
+             as_json=as_json, quiet=quiet)
         return
     bar, update = _bars(quiet)
     cfg = _train_config(epochs, 8, 2e-3, seed, ())
@@ -130,10 +131,10 @@ def run(kit: str, source_base: str, target_base: str, samples: int, generator: t
 
     k = Kit.load(kit)
     if dry_run:
-        emit(Report(f"would transfer {k.task!r} ({len(k.seeds)} seeds) from {source_base} to {target_base}: "
+        emit(Report(f"transfer {k.task!r} ({len(k.seeds)} seeds) from {source_base} to {target_base}: "
                     f"{samples} {'unfiltered' if no_filter else 'filtered'} synthetic inputs, "
-                    f"{'token-level KL' if token_kl else 'sequence-level'} distillation into {Path(output) / 'adapter'}"),
-             as_json=as_json, quiet=quiet)
+                    f"{'token-level KL' if token_kl else 'sequence-level'} distillation into {Path(output) / 'adapter'}")
+             .finish(output=Path(output) / "adapter", dry_run=True), as_json=as_json, quiet=quiet)
         return
     bar, update = _bars(quiet)
     with bar or nullcontext():

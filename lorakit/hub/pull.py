@@ -68,7 +68,8 @@ class PullResult:
     def report(self) -> Report:
         """Per file: size, sha256 and how it was checked; the summary says where the adapter is."""
         where = f"{self.repo_id}@{self.revision}" + (f" ({self.commit[:12]})" if self.commit else "")
-        verb = "would pull" if any(f.verified == "planned" for f in self.files) else "pulled"
+        planned = any(f.verified == "planned" for f in self.files)
+        verb = "pull" if planned else "pulled"
         r = Report(title=f"{verb} {where}" + (" from the cache (offline)" if self.offline else ""),
                    columns=["file", "size", "sha256", "verified"])
         for f in self.files:
@@ -77,7 +78,7 @@ class PullResult:
                      "folder": str(self.root)}
         with contextlib.suppress(HubError):
             r.summary["adapter"] = str(self.adapter_path)
-        return r
+        return r.finish(dry_run=planned)
 
     def origins(self) -> dict[Path, dict[str, Any]]:
         """Local path → ``{"repo", "revision"[, "path_in_repo"]}`` of every pulled file and of the folder: pass

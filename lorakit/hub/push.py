@@ -45,7 +45,7 @@ class PushResult:
 
     def report(self) -> Report:
         done = self.commit is not None
-        r = Report(title=f"{'pushed to' if done else 'would push to'} {self.repo_id}@{self.revision}",
+        r = Report(title=f"{'pushed to' if done else 'push to'} {self.repo_id}@{self.revision}",
                    columns=["file", "size", "sha256"])
         for name, (size, sha) in sorted(self.files.items()):
             r.add_row(name, size, sha[:16])
@@ -54,7 +54,7 @@ class PushResult:
                      "url": self.url or None}
         if self.sanitized:
             r.notes.append(f"local paths removed from: {', '.join(self.sanitized)}")
-        return r
+        return r.finish(dry_run=not done)
 
 
 def is_local_path(value: Any) -> bool:

@@ -28,7 +28,7 @@ import torch
 from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors
-from lorakit.linalg import SVD, adapter_cores, adapter_spectra, check_rank, default_window_bytes
+from lorakit.linalg import SVD, adapter_cores, check_rank, group_by_shape
 from lorakit.ops.rank_rules import RankRule
 from lorakit.report import Report
 
@@ -106,22 +106,34 @@ def truncated_factors(svd: SVD, k: int, like: LoraFactors, *, expand_to: int | N
                        like.magnitude, like.extras)
 
 
-def planned_ranks(adapter: Adapter, rule: RankRule | None, budget: int | None, *,
-                  device: torch.device | str = "cpu") -> dict[str, int]:
+def needs_spectra(rule: RankRule | None) -> bool:
+    """Whether :func:`planned_ranks` needs the modules' spectra: for every rule but ``--rank K`` (headers
+    suffice), and for a budget (``rule`` ``None``)."""
+    return rule is None or rule.kind != "rank"
+
+
+def planned_ranks(infos: Mapping[str, ModuleInfo], rule: RankRule | None, budget: int | None,
+                  spectra: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """The rank each module keeps, before any singular vector is formed.
 
-    ``--rank K`` needs only the headers (``min(K, out, in, r)``); any other rule, or a ``budget``, reads the
-    spectra first (:func:`~lorakit.linalg.adapter_spectra`: the QR R-factors and singular values, no
-    singular vectors, about half the work of the resize itself).
+    ``--rank K`` needs only the headers (``min(K, out, in, r)``); any other rule, or a ``budget``, needs
+    ``spectra`` (module → singular values, descending: the QR R-factors and singular values, no singular
+    vectors, about half the work of the resize itself; the resize verb streams them,
+    :func:`lorakit.verbs.inspect.spectra`).
     """
-    infos = adapter.infos()
-    if rule is not None and rule.kind == "rank":
+    if not needs_spectra(rule):
+        assert rule is not None
         return {n: min(int(rule.value), i.out_features, i.in_features, i.rank) for n, i in infos.items()}
-    spectra = dict(adapter_spectra(adapter, device=device, max_batch_bytes=default_window_bytes(device)))
+    if spectra is None:
+        raise ValueError(f"planned_ranks: {'a budget' if rule is None else rule} needs the modules' spectra")
     if budget is not None:
-        return allocate_budget(spectra, {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
+        # in shape-group order (the order the spectra were always computed in): the greedy allocation breaks
+        # exact ties between modules by it
+        order = [n for group in group_by_shape(infos).values() for n in group]
+        return allocate_budget({n: spectra[n] for n in order},
+                               {n: i.out_features + i.in_features for n, i in infos.items()}, budget)
     assert rule is not None
-    return {n: rule.select(S) for n, S in spectra.items()}
+    return {n: rule.select(spectra[n]) for n in infos}
 
 
 def resize_modules(adapter: Adapter, names: Sequence[str], ranks: Mapping[str, int], *, pad: int | None = None,

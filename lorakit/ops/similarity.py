@@ -5,7 +5,9 @@ For ``ΔW_a = s_a B_a A_a`` and ``ΔW_b = s_b B_b A_b``::
     ⟨ΔW_a, ΔW_b⟩_F = s_a s_b · Σ (B_aᵀ B_b) ⊙ (A_a A_bᵀ)        O((out + in)·r_a·r_b)
 
 so the cosine ``⟨a, b⟩/(‖a‖‖b‖)`` per module and overall (inner products and squared norms summed over the
-common modules) cost no more than reading the factors.
+common modules) cost no more than reading the factors. This module is the math: one module's Gram matrix
+(:func:`module_gram`) and the facts drawn from the Grams (:class:`Similarity`); the loop over the modules of
+whole adapters is the verb's (:func:`lorakit.verbs.similarity.similarity`, through the engine's module stream).
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.adapter import Adapter
-from lorakit.device import factors_to
-from lorakit.errors import IncompatibleAdaptersError
-from lorakit.factors import frobenius_inner
+from lorakit.factors import LoraFactors, frobenius_inner
 
 inner = frobenius_inner  # ⟨ΔW_a, ΔW_b⟩_F in factored form (float64)
+
+
+def module_gram(factors: Sequence[LoraFactors]) -> torch.Tensor:
+    """``(n, n)`` float64 Gram matrix ``G_ij = ⟨ΔW_i, ΔW_j⟩_F`` of one module's ``n`` factor sets (same shape),
+    on CPU; ``n(n+1)/2`` factored inner products, O((out + in)·r_i·r_j) each, on the factors' device."""
+    n = len(factors)
+    g = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = inner(factors[i], factors[j])
+    return g
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,8 @@ class Similarity:
     Attributes:
         names: the adapters' labels.
         modules: the common module names.
-        gram: ``(n, n)`` summed inner products ``Σ_modules ⟨ΔW_i, ΔW_j⟩``.
-        per_module: module → ``(n, n)`` Gram matrix of that module.
+        gram: ``(n, n)`` summed inner products ``Σ_modules ⟨ΔW_i, ΔW_j⟩`` (summed in ``modules`` order).
+        per_module: module → ``(n, n)`` Gram matrix of that module (:func:`module_gram`).
     """
 
     names: list[str]
@@ -60,42 +70,4 @@ class Similarity:
         return nrm.unsqueeze(1) / nrm.unsqueeze(0).clamp_min(1e-300)
 
 
-def similarity(adapters: Sequence[Adapter], names: Sequence[str] | None = None, *,
-               device: str | torch.device = "cpu") -> Similarity:
-    """Cosines and norms of ``adapters`` over their common modules, module by module (bounded memory).
-
-    ``device``: where the small Gram products run (factors moved by :func:`lorakit.device.factors_to`).
-
-    Raises:
-        IncompatibleAdaptersError: no module in common, or a common module with different shapes.
-    """
-    names = list(names or [f"#{i}" for i in range(len(adapters))])
-    common = [m for m in adapters[0] if all(m in a for a in adapters[1:])]
-    if not common:
-        raise IncompatibleAdaptersError("the adapters have no module in common")
-    n = len(adapters)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    per: dict[str, torch.Tensor] = {}
-    for m in common:
-        shapes = {a.info(m).shape for a in adapters}
-        if len(shapes) > 1:
-            raise IncompatibleAdaptersError(f"shapes differ: {sorted(shapes)} (adapters for different base models?)",
-                                            module=m)
-        fs = [factors_to(a[m], device) for a in adapters]
-        g = torch.zeros(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                g[i, j] = g[j, i] = inner(fs[i], fs[j])
-        per[m] = g
-        gram += g
-    return Similarity(names, common, gram, per)
-
-
-def cosine(a: Adapter, b: Adapter) -> float:
-    """Overall cosine similarity of two adapters."""
-    return float(similarity([a, b]).cosine()[0, 1])
-
-
-__all__ = ["Similarity", "cosine", "inner", "similarity"]
-
-
+__all__ = ["Similarity", "inner", "module_gram"]

@@ -22,7 +22,7 @@ cost ``‖W_i − (Q + L₁L₂)‖²_F`` after a short decomposition and the ex
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,37 +146,28 @@ class CostTable:
     numel: np.ndarray
 
 
-def cost_table(
-    tensors: Callable[[str], torch.Tensor],
-    names: list[str],
-    rank: int,
-    *,
-    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
-    iters: int = 2,
-    pad: bool = False,
-    device: torch.device | str | None = None,
-    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
-) -> CostTable:
-    """Tabulate the ILP's costs and storage, one matrix in memory at a time."""
-    configs = [QuantConfig(b, default_code(b), blk, True) for b, blk in grid]
-    costs = np.full((len(names), len(configs)), np.inf)
-    storage = np.full_like(costs, np.inf)
-    numel = np.zeros(len(names))
-    it: Iterable[tuple[int, str]] = enumerate(names)
-    if progress is not None:
-        it = zip(range(len(names)), progress(names, len(names), "ILP costs"))
-    for i, name in it:
-        W = tensors(name).float()
-        numel[i] = W.numel()
-        wn2 = float(W.norm()) ** 2
-        for c, cfg in enumerate(configs):
-            if W.shape[1] % cfg.block and not pad:
-                continue
-            res = lq_decompose(W, rank, cfg, iters=iters, pad=pad, device=device)
-            costs[i, c] = res.error**2 * wn2
-            assert res.Q is not None
-            storage[i, c] = res.Q.storage_bits
-    return CostTable(names, configs, costs, storage, numel)
+def grid_configs(grid: Iterable[tuple[int, int]] = DEFAULT_GRID) -> list[QuantConfig]:
+    """The ILP's candidate configurations: ``(bits, block)`` pairs with the default code, double quantization."""
+    return [QuantConfig(b, default_code(b), blk, True) for b, blk in grid]
+
+
+def matrix_costs(W: torch.Tensor, rank: int, configs: Sequence[QuantConfig], *, iters: int = 2, pad: bool = False,
+                 device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One matrix's row of the ILP: per configuration the squared error ``‖W − (Q + L₁L₂)‖²_F`` after a short
+    decomposition (``iters``) and the exact storage of ``Q`` in bits; ``inf`` where the block does not divide
+    the row (without ``pad``). Cost: one :func:`lq_decompose` per configuration. The loop over a checkpoint's
+    matrices is the verb's (:func:`lorakit.verbs.lq_decompose.plan_budget`, through the engine's stream)."""
+    W = W.float()
+    costs, storage = np.full(len(configs), np.inf), np.full(len(configs), np.inf)
+    wn2 = float(W.norm()) ** 2
+    for c, cfg in enumerate(configs):
+        if W.shape[1] % cfg.block and not pad:
+            continue
+        res = lq_decompose(W, rank, cfg, iters=iters, pad=pad, device=device)
+        costs[c] = res.error**2 * wn2
+        assert res.Q is not None
+        storage[c] = res.Q.storage_bits
+    return costs, storage
 
 
 def solve_budget(table: CostTable, budget: float) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
@@ -194,25 +185,5 @@ def solve_budget(table: CostTable, budget: float) -> tuple[dict[str, QuantConfig
         "configs": len(table.configs),
         "predicted_sq_error": predicted,
     }
-
-
-def plan_budget(
-    tensors: Callable[[str], torch.Tensor],
-    names: list[str],
-    rank: int,
-    budget: float,
-    *,
-    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
-    iters: int = 2,
-    pad: bool = False,
-    device: torch.device | str | None = None,
-    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
-) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
-    """The ILP allocation of one configuration per matrix meeting ``budget`` bits/parameter on average:
-    :func:`cost_table` then :func:`solve_budget`."""
-    table = cost_table(
-        tensors, names, rank, grid=grid, iters=iters, pad=pad, device=device, progress=progress
-    )
-    return solve_budget(table, budget)
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lorakit import __version__
+from lorakit.adapter import Adapter
 from lorakit.errors import FormatError, IncompatibleAdaptersError, LorakitError, OutputError
+from lorakit.factors import LoraFactors
 from lorakit.io.atomic import atomic_output, check_output_path
 from lorakit.provenance import make_provenance
 from lorakit.report import Report
@@ -34,6 +37,7 @@ from lorakit.transfer.student import train_student
 from lorakit.transfer.teacher import Teacher
 from lorakit.transfer.train import TrainConfig
 from lorakit.verbs import store
+from lorakit.verbs.engine import ModuleStream
 
 #: the models that write the synthetic inputs at transfer time, taking turns by round (see :func:`run`)
 DEFAULT_GENERATORS = ("target", "source")
@@ -157,7 +161,7 @@ def prepare(
     if threshold < 0:
         rep.notes.append(f"p(yes) > p(no) accepted only {paper_real_acc:.0%} of held-out real inputs: the accept "
                          f"threshold was lowered to log-odds {threshold:.3g} to keep {recall:.0%} of them")
-    return rep
+    return rep.finish(output=out, inputs=[lora])
 
 
 def run(
@@ -298,9 +302,49 @@ def run(
     gen_n = syn.get("generated") or 0
     rep.summary = {"accepted": len(chosen), "generated": gen_n,
                    "acceptance_rate": (syn.get("accepted", 0) / gen_n) if gen_n else None,
-                   "filter": use_filter, "distillation": "token-kl" if token_kl else "sequence",
-                   "output": str(out / "adapter")}
-    return rep
+                   "filter": use_filter, "distillation": "token-kl" if token_kl else "sequence"}
+    return rep.finish(output=out / "adapter", format="peft")
+
+
+def project_adapter(
+    adapter: Adapter,
+    source_weight: Callable[[str], torch.Tensor],
+    target_weight: Callable[[str], torch.Tensor],
+    *,
+    q: float = 0.5,
+    null_space: bool = True,
+    min_similarity: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[Adapter, Report]:
+    """Transfer every module of ``adapter`` by :func:`~lorakit.transfer.projection.project_module`; returns the
+    new adapter (the modules kept, in memory) and a report, one row per module.
+
+    The modules stream through the engine's loop (:class:`~lorakit.verbs.engine.ModuleStream`): the next
+    module's factors are read in the background while the current one's base subspaces (one truncated SVD per
+    base weight, the dominant cost) are computed. Arguments as for ``project_module``.
+    """
+    from lorakit.transfer.projection import COLUMNS, project_module
+
+    infos = adapter.infos()
+
+    def work(window: list[str], inputs) -> dict[str, tuple[LoraFactors | None, list[Any]]]:
+        name = window[0]  # one module at a time: each costs two SVDs of dense base weights
+        return {name: project_module(name, inputs(name), source_weight, target_weight, q=q, null_space=null_space,
+                                     min_similarity=min_similarity, device=device, seed=seed)}
+
+    kept: dict[str, LoraFactors] = {}
+    report = Report("training-free transfer by subspace projection", list(COLUMNS))
+    for name, (g, row) in ModuleStream(list(adapter), adapter.__getitem__, work,
+                                       nbytes=lambda n: infos[n].num_params * 4):
+        report.add_row(*row)
+        if g is not None:
+            kept[name] = g
+    projected = sum(1 for r in report.rows if r[-1] == "projected")
+    report.summary = {"modules_projected": projected, "modules_skipped": len(report.rows) - projected,
+                      "null_space": null_space}
+    report.notes.append("kept_norm = ‖ΔW_t‖_F / ‖ΔW_s‖_F per module (factored, exact)")
+    return Adapter(kept, adapter.meta.with_(source_format=None)), report
 
 
 def project(
@@ -316,7 +360,7 @@ def project(
 ) -> Report:
     """Training-free transfer between same-shape bases (:mod:`lorakit.transfer.projection`); ``output=None``
     computes the report only."""
-    from lorakit.transfer.projection import model_weights, project_adapter
+    from lorakit.transfer.projection import model_weights
 
     dev = run_options(run).device
     if output is not None:
@@ -342,5 +386,5 @@ def project(
                      provenance=make_provenance("transfer.project", {"source_base": source_base, "target_base":
                                                 target_base, "q": q, "null_space": null_space,
                                                 "min_similarity": min_similarity}, [adapter]))
-    rep.summary["output"] = str(output) if output is not None else None
-    return rep
+    # written as PEFT either way (a .safetensors path: the adapter's own format, which is PEFT here)
+    return rep.finish(output=output, format=None if output is None else "peft", inputs=[lora], dry_run=output is None)

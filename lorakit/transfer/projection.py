@@ -31,14 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from lorakit.adapter import Adapter
 from lorakit.errors import KeyMappingError, ShapeMismatchError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import randomized_svd
-from lorakit.report import Report
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,13 @@ def project_factors(f: LoraFactors, source: Subspace, target: Subspace, *, null_
 WeightSource = Callable[[str], torch.Tensor]
 
 
-def project_adapter(
-    adapter: Adapter,
+#: The projection report's columns, one row per module (:func:`project_module`).
+COLUMNS = ["module", "shape", "rank", "q", "similarity", "kept_norm", "status"]
+
+
+def project_module(
+    name: str,
+    f: LoraFactors,
     source_weight: WeightSource,
     target_weight: WeightSource,
     *,
@@ -120,51 +124,41 @@ def project_adapter(
     min_similarity: float = 0.0,
     device: torch.device | str = "cpu",
     seed: int = 0,
-) -> tuple[Adapter, Report]:
-    """Transfer every module of ``adapter`` by :func:`project_factors`; returns the new adapter and a report.
+) -> tuple[LoraFactors | None, list[Any]]:
+    """Transfer one module by :func:`project_factors`: its new factors (``None``: left out) and its report row
+    (:data:`COLUMNS`). The loop over an adapter's modules is the verb's
+    (:func:`lorakit.transfer.pipeline.project_adapter`, through the engine's module stream).
 
     Args:
         source_weight / target_weight: module name → the base weight in ΔW's orientation ``(out, in)``.
         q: subspace rank: an int, or a float in (0, 1] as a share of ``min(out, in)``.
         null_space: also carry the null-space part (ProLoRA); off keeps only the principal part.
-        min_similarity: modules whose subspace similarity is below this are skipped (left out).
+        min_similarity: a module whose subspace similarity is below this is skipped (left out).
+
+    Raises:
+        KeyMappingError: a base has no weight for the module; ShapeMismatchError: a base weight's shape differs.
     """
-    kept: dict[str, LoraFactors] = {}
-    report = Report(
-        "training-free transfer by subspace projection",
-        ["module", "shape", "rank", "q", "similarity", "kept_norm", "status"],
-    )
-    for name in adapter:
-        f = adapter[name]
-        if f.kind != "linear":
-            report.add_row(name, list(f.shape), f.rank, None, None, None, f"skipped: {f.kind} layer")
-            continue
-        try:
-            Ws, Wt = source_weight(name), target_weight(name)
-        except KeyError as e:
-            raise KeyMappingError(f"no base weight for this module in the {e.args[0]} model", module=name,
-                                  hint="the adapter was trained on a different architecture") from e
-        for label, W in (("source", Ws), ("target", Wt)):
-            if tuple(W.shape) != f.shape:
-                raise ShapeMismatchError(f"{label} base weight is {tuple(W.shape)}, the adapter module is {f.shape}; "
-                                         "training-free projection needs same-shape bases", module=name,
-                                         hint="use `lorakit transfer run` (distillation) instead")
-        qq = int(q) if isinstance(q, int) else max(1, round(float(q) * min(f.shape)))
-        ss = principal_subspace(Ws.to(device), qq, seed=seed)
-        st = principal_subspace(Wt.to(device), qq, seed=seed)
-        sim = subspace_similarity(ss, st)
-        if sim < min_similarity:
-            report.add_row(name, list(f.shape), f.rank, ss.q, sim, 0.0, f"skipped: similarity < {min_similarity}")
-            continue
-        g = project_factors(f, ss, st, null_space=null_space)
-        n0 = f.norm()
-        report.add_row(name, list(f.shape), f.rank, ss.q, sim, g.norm() / n0 if n0 > 0 else 1.0, "projected")
-        kept[name] = g
-    projected = sum(1 for r in report.rows if r[-1] == "projected")
-    report.summary = {"modules_projected": projected, "modules_skipped": len(report.rows) - projected,
-                      "null_space": null_space}
-    report.notes.append("kept_norm = ‖ΔW_t‖_F / ‖ΔW_s‖_F per module (factored, exact)")
-    return Adapter(kept, adapter.meta.with_(source_format=None)), report
+    if f.kind != "linear":
+        return None, [name, list(f.shape), f.rank, None, None, None, f"skipped: {f.kind} layer"]
+    try:
+        Ws, Wt = source_weight(name), target_weight(name)
+    except KeyError as e:
+        raise KeyMappingError(f"no base weight for this module in the {e.args[0]} model", module=name,
+                              hint="the adapter was trained on a different architecture") from e
+    for label, W in (("source", Ws), ("target", Wt)):
+        if tuple(W.shape) != f.shape:
+            raise ShapeMismatchError(f"{label} base weight is {tuple(W.shape)}, the adapter module is {f.shape}; "
+                                     "training-free projection needs same-shape bases", module=name,
+                                     hint="use `lorakit transfer run` (distillation) instead")
+    qq = int(q) if isinstance(q, int) else max(1, round(float(q) * min(f.shape)))
+    ss = principal_subspace(Ws.to(device), qq, seed=seed)
+    st = principal_subspace(Wt.to(device), qq, seed=seed)
+    sim = subspace_similarity(ss, st)
+    if sim < min_similarity:
+        return None, [name, list(f.shape), f.rank, ss.q, sim, 0.0, f"skipped: similarity < {min_similarity}"]
+    g = project_factors(f, ss, st, null_space=null_space)
+    n0 = f.norm()
+    return g, [name, list(f.shape), f.rank, ss.q, sim, g.norm() / n0 if n0 > 0 else 1.0, "projected"]
 
 
 def model_weights(model: object) -> Mapping[str, torch.Tensor]:

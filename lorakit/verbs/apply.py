@@ -44,13 +44,12 @@ def apply_file(
     roles = [p.role for p in plan.values()]
     summary = {"modules_applied": roles.count("delta") + roles.count("dora"), "dora_modules": roles.count("dora"),
                "bias_updates": roles.count("bias"), "full_tensors_replaced": roles.count("full"),
-               "trainable_token_tables": roles.count("tokens"), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards), "output": str(output)}
+               "trainable_token_tables": roles.count("tokens"), "tensors": len(ckpt.keys()), "shards": len(ckpt.shards)}
     if dry_run:
-        report.title = "plan: " + report.title
         for key, p in plan.items():
             report.add_row(p.module, key, list(p.shape), None, None)
         report.summary = summary
-        return report
+        return report.finish(output=output, inputs=[adapter], dry_run=True)
     dev = run_options(run).device
     layout = ckpt.layout()
     out = Path(output)
@@ -81,5 +80,4 @@ def apply_file(
                 report.add_row(*row)
             writer.add(key, t)
     report.summary = summary
-    report.notes.extend(adapter.meta.notes)
-    return report
+    return report.finish(output=output, inputs=[adapter])

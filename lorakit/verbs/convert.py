@@ -7,7 +7,7 @@ from typing import Any
 
 from lorakit.io.atomic import check_output_path
 from lorakit.report import Report
-from lorakit.verbs.engine import Output, write_adapter
+from lorakit.verbs.engine import Output, streamed, write_adapter
 from lorakit.verbs.store import load
 
 
@@ -23,13 +23,13 @@ def convert(
     adapter = load(source, allow_pickle=allow_pickle, **load_options)
     params = {"to": to_format, **{k: str(v) if isinstance(v, Path) else v for k, v in load_options.items()
                                   if v is not None and k != "keymap"}}
-    write_adapter(adapter, Output(output, "convert", params, (source,), to_format))
+    # the next module read (and decoded) in the background while the writer writes one
+    write_adapter(streamed(adapter), Output(output, "convert", params, (source,), to_format))
     report = Report(title=f"converted {adapter.meta.source_format} → {to_format}: {output}")
-    report.summary = {"module_count": len(adapter), "parameters": adapter.num_params, "output": str(output)}
+    report.summary = {"module_count": len(adapter), "parameters": adapter.num_params}
     if adapter.meta.passthrough and adapter.meta.source_format != to_format:
         report.notes.append(
             f"{len(adapter.meta.passthrough)} non-LoRA tensor(s) (e.g. modules_to_save) have no place in "
             f"{to_format} and were left out"
         )
-    report.notes.extend(adapter.meta.notes)
-    return report
+    return report.finish(output=output, format=to_format, inputs=[adapter])

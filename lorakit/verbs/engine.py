@@ -1,4 +1,4 @@
-"""The steps the adapter-producing verbs share, written once: the write of the result, with its provenance.
+"""The steps the verbs share, written once: the module loop, and the write of an adapter with its provenance.
 
 A verb plans from headers and computes its output adapter (lazily, module by module); :func:`write_adapter`
 then records what was done (:func:`lorakit.provenance.make_provenance`: operation, parameters, inputs with their
@@ -7,12 +7,23 @@ is one of the inputs before anything is written. ``merge``, ``resize``, ``conver
 ``dequantize`` write through it; the writers of other file kinds (quantized files, checkpoints, LQ-LoRA
 residuals) keep their own ``io`` writer.
 
-:class:`ModuleStream` is the module loop the streaming verbs share: a verb gives the module order, how one
-module's inputs are read, and the work over a window of modules; the stream reads ahead in a background thread,
-cuts the windows, hands each module's result out once, trims the host heap as it goes, and reports progress.
-A lazy output adapter pulls its modules from it (``stream.get``), an eager verb iterates it. ``merge``
-(:func:`lorakit.pipeline.run_merge`), ``resize``, ``quantize``, ``extract``, ``apply``, ``lq-decompose`` and
-:func:`lorakit.verbs.lego.lego_merge` stream through it.
+:class:`ModuleStream` is the module loop every verb that loops over modules goes through: a verb gives the module
+order, how one module's inputs are read, and the work over a window of modules; the stream reads ahead in a
+background thread, cuts the windows, hands each module's result out once, trims the host heap as it goes, and
+reports progress. A lazy output adapter pulls its modules from it (``stream.get``), an eager verb iterates it;
+:func:`streamed` wraps an adapter whose per-module work is the read itself. Through it:
+
+- ``merge`` (:func:`lorakit.pipeline.run_merge`, batched windows for an operator with a ``batched`` path),
+  ``resize`` (its spectra planning pass and the resize), ``quantize``, ``extract``, ``apply``, ``lq-decompose``
+  (the decomposition and the ``--budget`` cost table), :func:`lorakit.verbs.lego.lego_merge`;
+- ``convert`` and ``dequantize`` (:func:`streamed`), ``similarity`` (:func:`lorakit.verbs.similarity.similarity`),
+  ``inspect --spectrum`` / ``--norms`` (:mod:`lorakit.verbs.inspect`) and ``transfer project``
+  (:func:`lorakit.transfer.pipeline.project_adapter`).
+
+Not through it, because they do not loop over modules: ``inspect`` without ``--norms``/``--spectrum`` (headers
+only), the hub verbs ``pull``, ``push``, ``search`` (files and Hub API calls; no module's tensors are read),
+``transfer prepare`` / ``transfer run`` (loops over training data; their fold of an adapter into a live torch model
+is not a streamed output) and ``merge --list-methods``.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from lorakit.adapter import Adapter
+from lorakit.adapter import Adapter, ModuleInfo
+from lorakit.factors import LoraFactors
 from lorakit.provenance import make_provenance
 from lorakit.verbs.store import save
 
@@ -128,4 +140,26 @@ class ModuleStream(Generic[R, T]):
             yield name, self.get(name)
 
 
-__all__ = ["ModuleStream", "Output", "Progress", "write_adapter"]
+def streamed(adapter: Adapter, fn: Callable[[str, LoraFactors], LoraFactors] | None = None,
+             infos: Mapping[str, ModuleInfo] | None = None) -> Adapter:
+    """``adapter`` (its modules through ``fn(name, factors)`` when given, described by ``infos``, default the
+    input's), lazy, its modules pulled from a :class:`ModuleStream`: while a writer writes one module, the next
+    is read (and decoded: a quantized file's modules are dequantized on access) in the background thread.
+
+    For the verbs whose per-module work is the read itself (``convert``, ``dequantize``): one module at a time,
+    one read ahead. Memory: two modules' factors. The metadata (passthrough tensors, whole module tensors) is
+    the input's, read by the writer when it needs it.
+    """
+    from functools import partial
+
+    in_infos = adapter.infos()
+
+    def work(window: list[str], inputs: Callable[[str], LoraFactors]) -> dict[str, LoraFactors]:
+        name = window[0]
+        return {name: inputs(name) if fn is None else fn(name, inputs(name))}
+
+    stream = ModuleStream(list(adapter), adapter.__getitem__, work, nbytes=lambda n: in_infos[n].num_params * 4)
+    return Adapter({n: partial(stream.get, n) for n in adapter}, adapter.meta, infos or in_infos)
+
+
+__all__ = ["ModuleStream", "Output", "Progress", "streamed", "write_adapter"]

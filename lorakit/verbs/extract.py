@@ -57,11 +57,11 @@ def extract_file(
                                 module=k, file=finetuned)
     title = f"extract {finetuned} − {base} by {rule} → {output}"
     if dry_run:
-        report = Report(title="plan: " + title, columns=["tensor", "shape"])
+        report = Report(title=title, columns=["tensor", "shape"])
         for k in names:
             report.add_row(k, list(b.shape(k)))
         report.summary = {"tensor_count": len(names)}
-        return report
+        return report.finish(output=output, dry_run=True)
     dev = run.device
     modules: dict[str, LoraFactors] = {}
     rows: list[ExtractedModule] = []
@@ -120,4 +120,4 @@ def extract_file(
     if changed_1d:
         report.notes.append(f"{len(changed_1d)} 1-D tensor(s) (norms, biases) cannot be a LoRA and were not "
                             f"compared or extracted (e.g. {changed_1d[0]})")
-    return report
+    return report.finish(output=output, format=to_format)

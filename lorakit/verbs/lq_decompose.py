@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorakit.adapter import Adapter, AdapterMeta
@@ -24,19 +25,59 @@ from lorakit.provenance import make_provenance, provenance_metadata
 from lorakit.quant.blockwise import QuantConfig, QuantizedTensor, dequantize_tensor
 from lorakit.quant.lq_lora import (
     DEFAULT_EXCLUDE,
+    DEFAULT_GRID,
     RESIDUAL_KEY,
     RESIDUAL_SCHEMA,
     RESIDUAL_VERSION,
+    CostTable,
     LQResult,
+    grid_configs,
     lq_decompose,
     matrices_to_decompose,
-    plan_budget,
+    matrix_costs,
+    solve_budget,
 )
 from lorakit.quant.mixed import default_code
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
 from lorakit.verbs.engine import ModuleStream
 from lorakit.verbs.store import save
+
+
+def plan_budget(
+    tensors: Callable[[str], torch.Tensor],
+    names: list[str],
+    rank: int,
+    budget: float,
+    *,
+    grid: Iterable[tuple[int, int]] = DEFAULT_GRID,
+    iters: int = 2,
+    pad: bool = False,
+    device: torch.device | str | None = None,
+    progress: Callable[[Iterable[str], int, str], Iterator[str]] | None = None,
+) -> tuple[dict[str, QuantConfig], dict[str, Any]]:
+    """The ILP allocation of one configuration per matrix meeting ``budget`` bits/parameter on average.
+
+    The cost table streams the matrices through the engine's loop (:class:`~lorakit.verbs.engine.ModuleStream`,
+    no read-ahead: one dense matrix in memory at a time), each row from
+    :func:`~lorakit.quant.lq_lora.matrix_costs` (one short decomposition per configuration of ``grid``); then
+    :func:`~lorakit.quant.lq_lora.solve_budget`.
+    """
+    configs = grid_configs(grid)
+
+    def work(window: list[str], inputs) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+        n = window[0]  # one matrix at a time: each is dense
+        W = inputs(n)
+        return {n: (W.numel(), *matrix_costs(W, rank, configs, iters=iters, pad=pad, device=device))}
+
+    # sizes are unknown to a callable source: no heap trimming (as before); no read-ahead of a dense matrix
+    stream = ModuleStream(names, tensors, work, nbytes=lambda n: 0, read_ahead=False, progress=progress,
+                          label="ILP costs")
+    rows = [row for _, row in stream]
+    table = CostTable(names, configs, np.array([c for _, c, _ in rows]).reshape(len(names), len(configs)),
+                      np.array([s for _, _, s in rows]).reshape(len(names), len(configs)),
+                      np.array([float(k) for k, _, _ in rows]))
+    return solve_budget(table, budget)
 
 
 def lq_decompose_file(
@@ -101,8 +142,8 @@ def lq_decompose_file(
     if dry_run:
         for n in names:
             report.add_row(n, "x".join(map(str, src.info(n).shape)), bits, block, None, None, None, None)
-        report.summary.update(matrices=len(names), dry_run=True)
-        return report
+        report.summary.update(matrices=len(names))
+        return report.finish(output=output, dry_run=True)
     out = check_output_path(output, (base,))
     chosen: dict[str, QuantConfig]
     if budget is not None:
@@ -180,13 +221,12 @@ def lq_decompose_file(
         matrices=len(names),
         quantized_bits_per_param=total_bits / max(total_numel, 1),
         rel_error=math.sqrt(err2 / norm2) if norm2 else 0.0,
-        output=str(out),
     )
     report.notes.append(
         "errors are ‖W − (Q + L₁L₂)‖_F/‖W‖_F; bits/param counts the quantized residual with its "
         "constants (the rank-r factors are stored in adapter/ at the base dtype)"
     )
-    return report
+    return report.finish(output=out)
 
 
 def load_residual(path: str | Path) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from lorakit.quant.module import QuantizedModule
 from lorakit.quant.quantize import Progress, _check_options, bits_summary, dequantize_adapter, quantize_module
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import ModuleStream, Output, write_adapter
+from lorakit.verbs.engine import ModuleStream, Output, streamed, write_adapter
 from lorakit.verbs.store import default_output_format, load
 
 
@@ -89,8 +89,8 @@ def quantize_adapter(
                 else None
             )
             report.add_row(name, f"{i.out_features}x{i.in_features}", i.rank, None, bits, est, None)
-        report.summary.update(n_modules=len(adapter), params=adapter.num_params, dry_run=True)
-        return report
+        report.summary.update(module_count=len(adapter), parameters=adapter.num_params)
+        return report.finish(output=output, inputs=[adapter], dry_run=True)
     out = check_output_path(output, inputs) if output is not None else None
     device = run_options(run).device
     totals = {"bits": 0, "params": 0, "err2": 0.0, "norm2": 0.0}
@@ -128,13 +128,12 @@ def quantize_adapter(
         prov = make_provenance("quantize", params, inputs)
         write_quantized(out, produce(), adapter.meta, provenance_metadata(prov))
         report.summary["file_bytes"] = out.stat().st_size
-        report.summary["output"] = str(out)
     else:
         for _ in produce():
             pass
     report.summary.update(
-        n_modules=len(adapter),
-        params=totals["params"],
+        module_count=len(adapter),
+        parameters=totals["params"],
         bits_per_param=totals["bits"] / max(totals["params"], 1),
         fp16_bytes=2 * totals["params"],
         rel_error=math.sqrt(totals["err2"] / totals["norm2"]) if totals["norm2"] > 0 else 0.0,
@@ -148,7 +147,7 @@ def quantize_adapter(
             f"{len(adapter.meta.passthrough)} non-LoRA tensors (modules_to_save...) are not "
             "carried into the quantized file"
         )
-    return report
+    return report.finish(output=out, format=None if out is None else "quantized", inputs=[adapter])
 
 
 def dequantize_file(
@@ -156,15 +155,14 @@ def dequantize_file(
 ) -> Report:
     """Read a quantized file and write it as an ordinary adapter (``to_format``, default: its source format)."""
     q = load(path)
-    plain = dequantize_adapter(q)
-    if dtype is not None:
-        plain = plain.map(
-            lambda _n, f: f.to(dtype=dtype), {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
-        )
+    plain = dequantize_adapter(q)  # the source format restored; each module dequantized when read
+    cast = None if dtype is None else lambda _n, f: f.to(dtype=dtype)
+    out_infos = None if dtype is None else {n: replace(i, dtype=dtype) for n, i in plain.infos().items()}
+    plain = streamed(plain, cast, out_infos)  # the next module read and dequantized while one is written
     fmt = to_format or default_output_format(plain)
     out = write_adapter(plain, Output(output, "dequantize", {"to": fmt}, (path,), fmt))
     report = Report(f"dequantize to {fmt}", ["module", "shape", "rank"])
     for n, i in plain.infos().items():
         report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
-    report.summary.update(n_modules=len(plain), output=str(out), format=fmt)
-    return report
+    report.summary["module_count"] = len(plain)
+    return report.finish(output=out, format=fmt, inputs=[plain])

@@ -14,11 +14,19 @@ from lorakit.factors import LoraFactors
 from lorakit.io.atomic import check_output_path
 from lorakit.linalg import default_window_bytes
 from lorakit.ops.rank_rules import RankRule
-from lorakit.ops.resize import ModuleResize, _check_rule, planned_ranks, resize_modules, resize_report
+from lorakit.ops.resize import (
+    ModuleResize,
+    _check_rule,
+    needs_spectra,
+    planned_ranks,
+    resize_modules,
+    resize_report,
+)
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
 from lorakit.verbs.engine import ModuleStream, Output, write_adapter
-from lorakit.verbs.store import load
+from lorakit.verbs.inspect import spectra as inspect_spectra
+from lorakit.verbs.store import default_output_format, load
 
 
 def resize_stream(
@@ -32,7 +40,8 @@ def resize_stream(
 ) -> tuple[Adapter, dict[str, ModuleResize]]:
     """The resized adapter, lazy, and the per-module results, filled in as its modules are computed.
 
-    The output ranks come from :func:`~lorakit.ops.resize.planned_ranks`, so the adapter's headers are known
+    The output ranks come from :func:`~lorakit.ops.resize.planned_ranks` (over the streamed spectra,
+    :func:`lorakit.verbs.inspect.spectra`, for a rule other than ``--rank K``), so the adapter's headers are known
     before any module is decomposed; a writer then pulls the modules in order through the engine's module
     stream (:class:`~lorakit.verbs.engine.ModuleStream`: read ahead, then per window
     :func:`~lorakit.ops.resize.resize_modules`: QR core, the ``k`` kept singular vectors, cast), a window at a
@@ -41,10 +50,12 @@ def resize_stream(
     """
     infos = adapter.infos()
     _check_rule(rule, budget, infos, expand)
-    ranks = planned_ranks(adapter, rule, budget, device=device)
-    pad = int(rule.value) if expand and rule is not None else None
     dev = torch.device(device)
     window_bytes = default_window_bytes(dev) if window_bytes is None else window_bytes
+    # the planning pass, when the rule needs it: every module's spectrum, streamed like the resize itself
+    spectra = dict(inspect_spectra(adapter, device=dev, window_bytes=window_bytes)) if needs_spectra(rule) else None
+    ranks = planned_ranks(infos, rule, budget, spectra)
+    pad = int(rule.value) if expand and rule is not None else None
     rows: dict[str, ModuleResize] = {}
 
     def work(window: list[str], inputs) -> dict[str, LoraFactors]:
@@ -110,19 +121,18 @@ def resize_file(
         _check_rule(rule, budget, infos, expand)
     what = f"budget {budget:,}" if budget is not None else str(rule) + (" (expand)" if expand else "")
     if dry_run:
-        report = Report(title=f"plan: resize {source} by {what} → {output}",
-                        columns=["module", "out x in", "rank in"])
+        report = Report(title=f"resize {source} by {what} → {output}", columns=["module", "out x in", "rank in"])
         for n, i in infos.items():
             report.add_row(n, f"{i.out_features}x{i.in_features}", i.rank)
         report.summary = {"module_count": len(infos), "parameters_before": adapter.num_params}
-        return report
+        return report.finish(output=output, inputs=[adapter], dry_run=True)
     resized, rows = resize_stream(adapter, rule, budget=budget, expand=expand, device=run.device,
                                   window_bytes=run.window_bytes)
     if dtype is not None:
         resized = resized.map(lambda _n, f: f.with_(A=f.A.to(dtype), B=f.B.to(dtype)),
                               {n: replace(i, dtype=dtype) for n, i in resized.infos().items()})
     params = {"rule": what, "budget": budget, "expand": expand}
-    write_adapter(resized, Output(output, "resize", params, (source,), to_format))
+    fmt = to_format or default_output_format(resized)
+    write_adapter(resized, Output(output, "resize", params, (source,), fmt))
     report = resize_report([rows[n] for n in adapter], f"resized {source} by {what} → {output}")
-    report.notes.extend(adapter.meta.notes)
-    return report
+    return report.finish(output=output, format=fmt, inputs=[adapter])

@@ -178,7 +178,7 @@ def test_dry_run_downloads_nothing(fake_hub, hub_env, cli):
     fake_hub.add_repo("org/a", peft_repo_files())
     code, out, err = cli("pull", "org/a", "--dry-run")
     assert code == 0, err
-    assert "would pull" in out and "adapter_model.safetensors" in out
+    assert "plan: pull" in out and "adapter_model.safetensors" in out
     assert resolve_gets(fake_hub, "org/a") == set() and not hub_env.exists()
 
 

@@ -100,7 +100,7 @@ def test_dry_run_uploads_nothing(fake_hub, hub_env, tmp_path, cli):
     lorakit.save(random_adapter(SHAPES, rank=2, seed=1), f, format="kohya")
     code, out, err = cli("push", f, "me/k", "--dry-run")
     assert code == 0, err
-    assert "would push to me/k@main" in out and "me/k" not in fake_hub.repos
+    assert "plan: push to me/k@main" in out and "me/k" not in fake_hub.repos
     assert fake_hub.requests == []
 
 

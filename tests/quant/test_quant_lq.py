@@ -9,8 +9,8 @@ import torch
 
 import lorakit
 from lorakit.quant.blockwise import QuantConfig
-from lorakit.quant.lq_lora import lq_decompose, plan_budget
-from lorakit.verbs.lq_decompose import load_residual, lq_decompose_file
+from lorakit.quant.lq_lora import lq_decompose
+from lorakit.verbs.lq_decompose import load_residual, lq_decompose_file, plan_budget
 
 
 def low_rank_plus_noise(out, inn, r, seed=0):

@@ -32,7 +32,7 @@ def test_prepare_writes_a_kit(cli, micro, tmp_path):
 def test_prepare_dry_run_writes_nothing(cli, micro, tmp_path):
     code, out, _ = cli("transfer", "prepare", micro["lora"], "--base", micro["source"], "--data", micro["data"],
                        "-o", tmp_path / "kit", "--dry-run")
-    assert code == 0 and "would write" in out and not (tmp_path / "kit").exists()
+    assert code == 0 and "plan: write a kit" in out and not (tmp_path / "kit").exists()
 
 
 def test_seeds_file_with_fewer_examples_than_asked(cli, micro, tmp_path):
@@ -104,7 +104,7 @@ def test_project_between_different_bases_reports_per_module(cli, micro, tmp_path
     rep = json.loads(stdout)
     sims = [m["similarity"] for m in rep["modules"] if m["similarity"] is not None]
     assert sims and all(0 <= s < 0.99 for s in sims)
-    assert rep["modules_projected"] == 0 and rep["output"] is None
+    assert rep["modules_projected"] == 0 and "output" not in rep and rep["dry_run"] is True
 
 
 def test_project_refuses_a_different_shape_target(cli, micro, tmp_path):
@@ -156,7 +156,7 @@ def test_run_through_the_cli_and_resume_a_finished_run(cli, kit, micro, tmp_path
 def test_run_dry_run_writes_nothing(cli, kit, micro, tmp_path):
     code, out, _ = cli("transfer", "run", kit, "--source-base", micro["source"], "--target-base", micro["target"],
                        "-o", tmp_path / "out", "--dry-run")
-    assert code == 0 and "would transfer" in out and not (tmp_path / "out").exists()
+    assert code == 0 and "plan: transfer" in out and not (tmp_path / "out").exists()
 
 
 def test_run_refuses_an_output_directory_that_is_not_a_run(cli, kit, micro, tmp_path):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.adapter import Adapter
+from lorakit.adapter import Adapter, ModuleInfo
 from lorakit.errors import ShapeMismatchError
 from lorakit.linalg import svd_of
 from lorakit.testing import random_factors
+from lorakit.transfer.pipeline import project_adapter
 from lorakit.transfer.projection import (
     principal_subspace,
-    project_adapter,
     project_factors,
+    project_module,
     subspace_similarity,
 )
 
@@ -114,6 +117,26 @@ def test_adapter_gating_and_report():
     assert rows["m0"][4] == pytest.approx(1.0) and rows["m0"][-1] == "projected"
     assert rows["m1"][-1].startswith("skipped") and rows["m1"][4] < 0.9
     torch.testing.assert_close(out["m0"].delta(torch.float64), a["m0"].delta(torch.float64))
+
+
+def test_each_module_is_read_ahead_in_the_background_and_projected_alone():
+    import threading
+
+    reads: list[str] = []
+
+    def read(n: str):
+        reads.append(threading.current_thread().name)
+        return factors(int(n[1:]) + 1)
+
+    infos = {n: ModuleInfo.of(n, factors(1)) for n in ("m0", "m1")}
+    a = Adapter({n: partial(read, n) for n in infos}, infos=infos)
+    Ws = {"m0": weight(10), "m1": weight(11)}
+    out, rep = project_adapter(a, Ws.__getitem__, Ws.__getitem__, q=5)
+    assert len(reads) == 2 and all(t.startswith("lorakit-read") for t in reads)
+    for n in infos:
+        g, row = project_module(n, a[n], Ws.__getitem__, Ws.__getitem__, q=5)
+        assert g is not None and row in rep.rows
+        torch.testing.assert_close(out[n].delta(torch.float64), g.delta(torch.float64), rtol=0, atol=0)
 
 
 def test_shape_mismatch_is_refused():

@@ -89,3 +89,27 @@ def test_an_error_in_read_or_work_reaches_the_caller_unchanged():
     assert stream.get("a") == 1 and stream.get("b") == 1
     with pytest.raises(ValueError, match="bad c"):
         stream.get("c")
+
+
+def test_streamed_adapter_reads_ahead_and_applies_its_function():
+    from dataclasses import replace
+
+    import torch
+
+    from lorakit.testing import random_adapter
+    from lorakit.verbs.engine import streamed
+
+    from ._spy import spied
+
+    a = random_adapter({"q": (6, 4), "v": (3, 4), "o": (4, 6)}, 2, seed=0)
+    reads: list[tuple[str, str]] = []
+    plain = streamed(spied(a, reads))
+    assert list(plain) == list(a) and plain.infos() == a.infos() and plain.meta is a.meta
+    for n in plain:
+        f = plain[n]
+        assert torch.equal(f.B, a[n].B) and torch.equal(f.A, a[n].A)
+    assert sorted(n for n, _ in reads) == sorted(a)  # each read once, ahead, in the background
+    assert all(t.startswith("lorakit-read") for _, t in reads)
+    half = streamed(a, lambda _n, f: f.to(dtype=torch.float16),
+                    {n: replace(i, dtype=torch.float16) for n, i in a.infos().items()})
+    assert half["v"].A.dtype == torch.float16 and half.info("v").dtype == torch.float16

@@ -277,3 +277,24 @@ def test_stream_announces_the_ranks_it_writes_and_reads_each_module_once_for_ran
     assert [rows[n] for n in a] == eager_rows
     if how.get("budget") is None and how["rule"].kind == "rank":
         assert sorted(reads) == sorted(a)  # ranks from the headers: one read per module
+
+
+def test_planning_reads_the_spectra_through_the_stream_and_only_when_the_rule_needs_them():
+    from lorakit.ops.resize import needs_spectra, planned_ranks
+    from lorakit.verbs.resize import resize_stream
+
+    from ._spy import spied
+
+    assert not needs_spectra(rank_rule(rank=2)) and needs_spectra(rank_rule(energy=0.9)) and needs_spectra(None)
+    a = _adapter(dtype=torch.float64)
+    reads: list[tuple[str, str]] = []
+    resize_stream(spied(a, reads), rank_rule(rank=2))
+    assert reads == []  # --rank K: the headers plan it
+    rule = rank_rule(energy=0.9)
+    resize_stream(spied(a, reads), rule)
+    assert sorted(n for n, _ in reads) == sorted(a)  # the planning pass, read ahead in the background
+    assert all(t.startswith("lorakit-read") for _, t in reads)
+    dense = {n: torch.linalg.svdvals(a[n].delta(torch.float64))[:8] for n in a}
+    assert planned_ranks(a.infos(), rule, None, dense) == {n: rule.select(dense[n]) for n in a}
+    with pytest.raises(ValueError, match="needs the modules' spectra"):
+        planned_ranks(a.infos(), rule, None)

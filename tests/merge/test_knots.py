@@ -1,4 +1,4 @@
-"""KnOTS and Core Space against dense float64 routes; factored similarity against dense inner products."""
+"""KnOTS and Core Space against dense float64 routes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from lorakit.ops.knots import core_space, knots, merge_stack
-from lorakit.ops.similarity import cosine, inner, similarity
-from lorakit.testing import random_adapter, random_factors
+from lorakit.testing import random_factors
 
 from . import _ref
 
@@ -67,21 +66,3 @@ def test_unknown_inner_method_is_refused():
 
     with pytest.raises(OperatorParameterError, match="inner"):
         merge_stack(torch.zeros(2, 3, 3), "median", density=1.0, seed=0, module="")
-
-
-def test_similarity_matches_dense_inner_products():
-    shapes = {"q": (16, 12), "v": (8, 12)}
-    ads = [random_adapter(shapes, r, scale=s, seed=i, dtype=F64) for i, (r, s) in enumerate([(3, 0.5), (5, 2.0),
-                                                                                              (2, 1.0)])]
-    sim = similarity(ads)
-    dense = [torch.cat([a[n].delta(F64).flatten() for n in shapes]) for a in ads]
-    for i in range(3):
-        for j in range(3):
-            want = float(dense[i] @ dense[j] / (dense[i].norm() * dense[j].norm()))
-            assert float(sim.cosine()[i, j]) == pytest.approx(want, rel=1e-10, abs=1e-12)
-        assert float(sim.norms()[i]) == pytest.approx(float(dense[i].norm()), rel=1e-12)
-    f, g = ads[0]["q"], ads[1]["q"]
-    assert inner(f, g) == pytest.approx(float((f.delta(F64) * g.delta(F64)).sum()), rel=1e-10)
-    assert cosine(ads[0], 2.0 * ads[0]) == pytest.approx(1.0)
-    assert cosine(ads[0], -ads[0]) == pytest.approx(-1.0)
-    assert float(sim.norm_ratio()[1, 0]) == pytest.approx(float(dense[1].norm() / dense[0].norm()), rel=1e-10)
