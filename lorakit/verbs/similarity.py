@@ -37,12 +37,13 @@ def similarity(adapters: Sequence[Adapter], names: Sequence[str] | None = None, 
     names = list(names or [f"#{i}" for i in range(len(adapters))])
     common = [m for m in adapters[0] if all(m in a for a in adapters[1:])]
     if not common:
-        raise IncompatibleAdaptersError("the adapters have no module in common")
+        raise IncompatibleAdaptersError("the adapters have no module in common",
+                                        hint="compare adapters for the same base model and target modules")
     for m in common:
         shapes = {a.info(m).shape for a in adapters}
         if len(shapes) > 1:
             raise IncompatibleAdaptersError(f"shapes differ: {sorted(shapes)} (adapters for different base models?)",
-                                            module=m)
+                                            module=m, hint="compare adapters trained on the same base model")
 
     def read(m: str) -> list[LoraFactors]:
         return [a[m] for a in adapters]
@@ -71,7 +72,8 @@ def similarity_report(paths: Sequence[str], *, per_module: bool = False, allow_p
                       run: RunOptions | None = None) -> Report:
     """The ``lorakit similarity`` report: the cosine matrix, norms and norm ratios (and per module on request)."""
     if len(paths) < 2:
-        raise IncompatibleAdaptersError("give at least two adapters to compare")
+        raise IncompatibleAdaptersError("give at least two adapters to compare",
+                                        hint="lorakit similarity A B [C ...]; `lorakit inspect` describes one adapter")
     adapters = [load(p, allow_pickle=allow_pickle) for p in paths]
     sim = similarity(adapters, [str(p) for p in paths], device=run_options(run).device)
     labels = [f"#{i}" for i in range(len(paths))]

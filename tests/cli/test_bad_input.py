@@ -244,6 +244,11 @@ def test_output_equal_to_input_is_refused_before_work(cli, tmp_path):
     assert digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
+def test_similarity_of_one_adapter_says_how_to_call_it(cli, tmp_path):
+    code, _, err = cli("similarity", kohya_file(tmp_path / "a.safetensors"))
+    assert code == 1 and "at least two adapters" in err and "--union" not in err and "lorakit inspect" in err
+
+
 def test_pickle_allowed_only_with_flag(cli, tmp_path):
     src = tmp_path / "adapter_model.bin"
     g = torch.Generator().manual_seed(0)
