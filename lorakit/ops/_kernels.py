@@ -124,29 +124,7 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
 
     Cost: one tile pass with two comparisons per entry and bracket; memory O(tile + bracket).
     """
-    n, m = ks.shape
-    s = sample.shape[1]
-    sample = sample.double().cpu()
-    lo = torch.zeros(n, m, dtype=torch.float64)
-    hi = torch.full((n, m), float("inf"), dtype=torch.float64)
-    out = torch.zeros(n, m, dtype=torch.float64)
-    todo: list[tuple[int, int]] = []
-    for i in range(n):
-        for j in range(m):
-            k = int(ks[i, j])
-            if k <= 0:
-                out[i, j] = float("inf")
-                continue
-            if k >= numel:
-                continue  # 0: every entry is kept
-            p = k / numel
-            centre, spread = s * p, sigmas * (s * p * (1 - p)) ** 0.5 + 2
-            i_hi, i_lo = int(centre - spread), int(centre + spread) + 1
-            if i_hi >= 0:  # the (i_hi + 1)-th largest sample value
-                hi[i, j] = torch.kthvalue(sample[i], s - i_hi).values
-            if i_lo < s:
-                lo[i, j] = torch.kthvalue(sample[i], s - i_lo).values
-            todo.append((i, j))
+    lo, hi, out, todo = brackets(ks, sample, numel, sigmas)
     if not todo:
         return out
     above = {key: 0 for key in todo}
@@ -187,6 +165,146 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
     return out.to(dtype or torch.float64)
 
 
+def brackets(ks: torch.Tensor, sample: torch.Tensor, numel: int, sigmas: float = BRACKET_SIGMAS
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """The sample's bracket ``[lo, hi)`` of each k-th largest ``|x|`` (see :func:`kth_largest_abs_bracketed`).
+
+    Returns float64 ``(n, m)`` ``lo``, ``hi``, the thresholds known without a pass (``+inf`` for ``k ≤ 0``, 0 for
+    ``k ≥ numel``, 0 elsewhere) and the ``(task, j)`` keys that need one."""
+    n, m = ks.shape
+    s = sample.shape[1]
+    sample = sample.double().cpu()
+    lo = torch.zeros(n, m, dtype=torch.float64)
+    hi = torch.full((n, m), float("inf"), dtype=torch.float64)
+    out = torch.zeros(n, m, dtype=torch.float64)
+    todo: list[tuple[int, int]] = []
+    for i in range(n):
+        for j in range(m):
+            k = int(ks[i, j])
+            if k <= 0:
+                out[i, j] = float("inf")
+                continue
+            if k >= numel:
+                continue  # 0: every entry is kept
+            p = k / numel
+            centre, spread = s * p, sigmas * (s * p * (1 - p)) ** 0.5 + 2
+            i_hi, i_lo = int(centre - spread), int(centre + spread) + 1
+            if i_hi >= 0:  # the (i_hi + 1)-th largest sample value
+                hi[i, j] = torch.kthvalue(sample[i], s - i_hi).values
+            if i_lo < s:
+                lo[i, j] = torch.kthvalue(sample[i], s - i_lo).values
+            todo.append((i, j))
+    return lo, hi, out, todo
+
+
+# A fold that would record more than this many entries of a module (max of a fraction and a floor, so small
+# modules, whose brackets are relatively wide, never give up) takes the two-pass path instead.
+FOLD_MAX_FRACTION = 0.25
+FOLD_MIN_LIMIT = 1 << 16
+
+
+class FoldedThresholds:
+    """Exact top-k magnitude thresholds found *during* the merge pass, instead of in a counting pass before it.
+
+    Each threshold ``t_ij`` (the ``k_ij``-th largest ``|x_i|``) lies in its sample bracket ``[lo, hi)``
+    (:func:`brackets`). A threshold whose kept side is ``|x| ≥ t`` (``keep_above[j]``) is applied provisionally
+    at ``hi``, one whose kept side is ``|x| < t`` at ``lo``: an entry outside every bracket is then pruned
+    exactly as it will be by the exact threshold. The positions where any task is inside a bracket (a few
+    percent) are recorded with every task's values there, and ``count(|x_i| ≥ hi)`` is counted; after the pass
+    :meth:`thresholds` selects each ``t_ij`` exactly from the recorded values (ties included, as in
+    :func:`kth_largest_abs_bracketed`), and the caller re-merges the recorded positions. ``None`` from
+    :meth:`thresholds` (or :attr:`overflow`) means the sample misled a bracket: the caller must take the exact
+    two-pass route, so the result never depends on the sample.
+
+    Cost per task entry: about five float passes over the tile stack (``|x|``, two comparisons and a count per
+    bracket, one subtraction) plus one plane sum and ``nonzero`` per tile, against a separate counting pass's
+    tile formation, comparisons and boolean gathers. Memory: the recorded positions (int32 within a tile) and
+    ``n`` values each, bounded by :data:`FOLD_MAX_FRACTION` of the module.
+    """
+
+    def __init__(self, ks: torch.Tensor, sample: torch.Tensor, numel: int, keep_above: tuple[bool, ...],
+                 dtype: torch.dtype, device: torch.device | str, *, sigmas: float = BRACKET_SIGMAS) -> None:
+        self.ks = ks
+        lo, hi, self.known, self.todo = brackets(ks, sample, numel, sigmas)
+        for i in range(ks.shape[0]):  # thresholds known up front: an empty bracket at the value itself
+            for j in range(ks.shape[1]):
+                if (i, j) not in self.todo:
+                    lo[i, j] = hi[i, j] = self.known[i, j]
+        self.dtype = dtype
+        lo, hi = lo.to(dtype), hi.to(dtype)
+        # The bracket is closed at the sample's upper bound too, [lo, hi] = [lo, hi⁺) with hi⁺ the next float:
+        # a threshold equal to hi (ties at a sampled value) then needs no fallback. A bracket at 0 (the task is
+        # mostly zero here) is made empty instead of recording every zero: pruning a zero at any threshold leaves
+        # its bits as they are, and the threshold is then 0 exactly when count(|x| > 0) < k.
+        self.zero = [(i, j) for i, j in self.todo if float(hi[i, j]) == 0.0]
+        for i, j in self.todo:
+            hi[i, j] = torch.nextafter(hi[i, j], hi.new_tensor(float("inf")))
+            if (i, j) in self.zero:
+                lo[i, j] = hi[i, j]
+        self.lo, self.hi = lo.to(device), hi.to(device)
+        self.keep_above = keep_above
+        # the provisional thresholds the pass prunes at, in the (n, m) layout of the exact ones
+        self.provisional = torch.stack([self.hi[:, j] if up else self.lo[:, j] for j, up in enumerate(keep_above)], 1)
+        self.above = torch.zeros(ks.shape, dtype=torch.float64)  # count(|x| ≥ hi⁺) = count(|x| > hi)
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row0, flat index in the tile, (n, len))
+        self.recorded, self.limit = 0, max(int(FOLD_MAX_FRACTION * numel), FOLD_MIN_LIMIT)
+        self.overflow = False
+
+    def prune_(self, row0: int, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """Prune the tile stack ``x`` in place at the provisional thresholds and record its bracket entries."""
+        ws = Workspace.for_tile(x, ws)
+        rows = x.shape[1]
+        a, _, _ = ws.stack(rows)
+        ins, h = ws.extra(0, rows), ws.extra(1, rows)
+        torch.abs(x, out=a)
+        m = len(self.keep_above)
+        for j in range(m):  # ins = Σ_j [lo_j ≤ |x| < hi_j] as 0/1 floats; counts of |x| ≥ hi_j
+            torch.ge(a, _per_task(self.lo[:, j], a), out=ins if j == 0 else h)
+            if j:
+                ins.add_(h)
+            torch.ge(a, _per_task(self.hi[:, j], a), out=h)
+            # exact: a tile's 0/1 count is an integer below 2^24
+            self.above[:, j] += h.sum((1, 2)).double().cpu()
+            ins.sub_(h)
+        if not self.overflow:
+            plane = torch.sum(ins, 0, out=ws.plane(0, rows))
+            idx = plane.reshape(-1).nonzero().squeeze(1)
+            self.recorded += idx.numel()
+            if self.recorded > self.limit:
+                self.overflow = True
+                self.records.clear()
+            elif idx.numel():
+                self.records.append((row0, idx.to(torch.int32), x.reshape(x.shape[0], -1).index_select(1, idx)))
+        for j, up in enumerate(self.keep_above):  # 0/1 float masks (see trim_); h still holds |x| ≥ hi_{m-1}
+            if j == m - 1 and up:
+                x.mul_(h)
+            elif up:
+                x.mul_(torch.ge(a, _per_task(self.hi[:, j], a), out=ins))
+            else:
+                x.mul_(torch.lt(a, _per_task(self.lo[:, j], a), out=ins))
+        return x
+
+    def thresholds(self) -> torch.Tensor | None:
+        """The exact ``(n, m)`` thresholds in the tiles' dtype, or ``None`` where the sample misled a bracket."""
+        if self.overflow:
+            return None
+        out = self.known.to(self.dtype)
+        for i, j in self.todo:
+            if (i, j) in self.zero:
+                if int(self.ks[i, j]) <= int(self.above[i, j]):
+                    return None
+                out[i, j] = 0.0
+                continue
+            vals = torch.cat([v[i] for _, _, v in self.records]) if self.records else self.lo.new_empty(0)
+            a = vals.abs()
+            inside = a[(a >= self.lo[i, j]) & (a < self.hi[i, j])]
+            r = int(self.ks[i, j]) - int(self.above[i, j])
+            if not 0 < r <= inside.numel():
+                return None
+            out[i, j] = torch.topk(inside, r).values[-1].cpu()
+        return out
+
+
 class Workspace:
     """Scratch buffers reused across the tiles of a module: a float and two bool ``(n, rows, cols)`` stacks and a
     few ``(rows, cols)`` planes. Fresh multi-MB temporaries are mmap'd and page-faulted on every tile (they cost
@@ -197,7 +315,7 @@ class Workspace:
         self.b = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.b2 = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.planes = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(5)]
-        self._f2: torch.Tensor | None = None
+        self._extra: list[torch.Tensor] = []
 
     @staticmethod
     def for_tile(x: torch.Tensor, ws: Workspace | None) -> Workspace:
@@ -206,12 +324,12 @@ class Workspace:
             return Workspace(x.shape[0], x.shape[1], x.shape[2], x.dtype, x.device)
         return ws
 
-    @property
-    def f2(self) -> torch.Tensor:
-        """A second float ``(n, rows, cols)`` stack, allocated on first use (only breadcrumbs' band needs it)."""
-        if self._f2 is None:
-            self._f2 = torch.empty_like(self.f)
-        return self._f2
+    def extra(self, i: int, rows: int) -> torch.Tensor:
+        """The ``i``-th extra float ``(n, rows, cols)`` stack, allocated on first use (breadcrumbs' band and the
+        folded thresholds need them)."""
+        while len(self._extra) <= i:
+            self._extra.append(torch.empty_like(self.f))
+        return self._extra[i][:, :rows]
 
     def stack(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.f[:, :rows], self.b[:, :rows], self.b2[:, :rows]
@@ -243,7 +361,7 @@ def band(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ws: Workspace |
     ws = Workspace.for_tile(x, ws)
     f, _, _ = ws.stack(x.shape[1])
     torch.abs(x, out=f)
-    x.mul_(torch.lt(f, _per_task(high, x), out=ws.f2[:, :x.shape[1]]))  # 0/1 floats (see trim_)
+    x.mul_(torch.lt(f, _per_task(high, x), out=ws.extra(0, x.shape[1])))  # 0/1 floats (see trim_)
     return x.mul_(torch.ge(f, _per_task(low, x), out=f))
 
 
@@ -318,10 +436,37 @@ class SignedMerge:
     def __init__(self) -> None:
         self.sign_sum = 0.0
         self.ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.patched: list[torch.Tensor] = []  # flat positions re-merged by :meth:`patch`: their tile ties are void
+        self.patch_ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def tile(self, row0: int, x: torch.Tensor, out: torch.Tensor | None = None,
              ws: Workspace | None = None) -> torch.Tensor:
-        """The merged ``(rows, cols)`` tile (written into ``out`` when given); ``+`` mean at ties for now.
+        """The merged ``(rows, cols)`` tile (written into ``out`` when given); ``+`` mean at ties for now."""
+        merged, sig_sum, ties = self._elect(x, out, ws)
+        self.sign_sum += sig_sum
+        if ties is not None:
+            where, neg, pos = ties
+            self.ties.append((row0, where[:, 0], where[:, 1], neg, pos))
+        return merged
+
+    def patch(self, flat: torch.Tensor, cols: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Re-merge entries already merged by :meth:`tile`: ``old``/``new`` are the ``(n, 1, len)`` pruned task
+        values at the flat positions ``flat`` of the ``(·, cols)`` result, as the tiles had them and as they
+        should have been. Returns the new merged values (``(len,)``, the same bits :meth:`tile` gives for
+        ``new``); the majority-sign count and the tie list are corrected."""
+        self.sign_sum -= float(torch.sign(torch.sum(old, 0)).sum())
+        merged, sig_sum, ties = self._elect(new, None, None)
+        self.sign_sum += sig_sum
+        self.patched.append(flat)
+        if ties is not None:
+            where, neg, pos = ties
+            at = flat[where[:, 1]]
+            self.patch_ties.append((0, at // cols, at % cols, neg, pos))
+        return merged.reshape(-1)
+
+    def _elect(self, x: torch.Tensor, out: torch.Tensor | None, ws: Workspace | None
+               ) -> tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """The merged tile, its ``Σ sign(s)`` and its ties ``(where, −mean, +mean)`` (or ``None``).
 
         Branch-free (a ``where`` on a random mask costs 4 ns an entry on CPU): with ``σ = sign(s)``,
         ``D = Σ_i sign(x_i) = p − q`` and ``T = Σ_i |sign(x_i)| = p + q``, the agreeing mass is
@@ -337,12 +482,13 @@ class SignedMerge:
         torch.sum(torch.sign(x, out=f), 0, out=D)
         torch.sum(f.abs_(), 0, out=T)
         torch.sign(s, out=sig)
-        self.sign_sum += float(sig.sum())
+        sig_sum = float(sig.sum())
         # Ties (s = 0 with some entry nonzero) are where s = 0 but not T = 0, as {T = 0} ⊆ {s = 0}.
         # Every term of Σ T·(|σ| − 1) is ≤ 0 and it is < 0 exactly at a tie (T > 0, σ = 0), so the sum is < 0
         # iff the tile has one: two cheap float passes and a dot instead of two boolean counts (~4× the cost).
         w = torch.abs(sig, out=f[0]).sub_(1)
         n_tie = 0
+        ties = None
         if float(torch.dot(T.reshape(-1), w.reshape(-1))) < 0:
             tie = (s == 0) & (T > 0)
             n_tie = int(tie.sum())
@@ -351,14 +497,14 @@ class SignedMerge:
             p_cnt, q_cnt = (T[tie] + D[tie]) / 2, (T[tie] - D[tie]) / 2
             pos = P[tie] / p_cnt
             neg = -P[tie] / q_cnt.clamp(min=1)  # s = 0: the negative mass is −P
-            self.ties.append((row0, where[:, 0], where[:, 1], neg, pos))
+            ties = (where, neg, pos)
         num = torch.sub(s, P, alpha=2, out=P)            # s − 2P
         num = torch.addcmul(s, sig, num, value=-1, out=num)  # s − σ(s − 2P) = 2·agreeing mass
         den = torch.addcmul(T, sig, D, out=D).clamp_(min=1)  # T + σD = 2·agreeing count
         merged = torch.div(num, den, out=out) if out is not None else num / den
         if n_tie:
             merged[where[:, 0], where[:, 1]] = pos.to(merged.dtype)
-        return merged
+        return merged, sig_sum, ties
 
     def finish(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Apply the majority rule to the tie entries of the assembled result ``out`` (in place).
@@ -367,7 +513,14 @@ class SignedMerge:
         update them."""
         changes = []
         if self.sign_sum < 0:
+            patched = torch.cat(self.patched) if self.patched else None
             for row0, r, c, neg, pos in self.ties:
+                if patched is not None:  # a tile's tie at a position re-merged since is void
+                    keep = ~torch.isin((row0 + r) * out.shape[1] + c, patched)
+                    r, c, neg, pos = r[keep], c[keep], neg[keep], pos[keep]
                 out[row0 + r, c] = neg.to(out.dtype)
                 changes.append((row0 + r, c, pos.to(out.dtype), neg.to(out.dtype)))
+            for row0, r, c, neg, pos in self.patch_ties:
+                out[r, c] = neg.to(out.dtype)
+                changes.append((r, c, pos.to(out.dtype), neg.to(out.dtype)))
         return changes
