@@ -210,23 +210,33 @@ def peers(shape: str, rank: int, inputs: list[Path]) -> dict[str, object]:
     return out
 
 
-DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "refactor", "probe")
+DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "Fold.patch", "refactor", "probe")
 
 
 def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("mlp.gate_proj", "self_attn.q_proj"),
-                        methods: tuple[str, ...] = ("ties", "dare_ties", "magnitude_prune", "della")
+                        methods: tuple[str, ...] = ("ties", "magnitude_prune", "dare_ties"), repeat: int = 2
                         ) -> list[dict[str, object]]:
     """CPU ns per ΔW entry of a pair, by stage, of each delta method on one module of each given kind (two r=16
     bf16 inputs made as :func:`make_adapters` makes them, density 0.5, rank 16), in this process.
 
-    Stages are the sample and counting pass of the exact thresholds, the merge pass, the probe and the
-    refactor (``lorakit.ops.merge_delta``'s functions, timed with ``time.process_time`` by wrapping them)."""
+    Stages are the sample and counting pass of the exact thresholds, the merge pass (with, nested in it, the
+    fold's patch of the bracket entries), the probe and the refactor (``lorakit.ops.merge_delta``'s functions,
+    timed with ``time.process_time`` by wrapping them). Each method runs ``before`` (the counting pass, then the
+    merge pass: ``merge_delta.FOLD = False``) and ``after`` (thresholds folded into the merge pass) interleaved,
+    ``repeat`` times; the best total of each is kept, and the merged ``M`` of the two is checked equal."""
     from lorakit.ops import _kernels as K
     from lorakit.ops import merge_delta as D
     from lorakit.ops.rank_rules import RankRule
 
     spent: dict[str, float] = {}
-    originals = {name: getattr(K if hasattr(K, name) else D, name) for name in DELTA_STAGES}
+
+    def owner(name: str):  # type: ignore[no-untyped-def]
+        if "." in name:
+            return getattr(D, name.split(".")[0]), name.split(".")[1]
+        return (K if hasattr(K, name) else D), name
+
+    originals = {name: getattr(*owner(name)) for name in DELTA_STAGES}
+    merged: dict[str, torch.Tensor] = {}
 
     def timed(name: str, f):  # type: ignore[no-untyped-def]
         def g(*a, **kw):  # type: ignore[no-untyped-def]
@@ -237,26 +247,46 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
                 spent[name] = spent.get(name, 0.0) + time.process_time() - t0
         return g
 
+    def keep_m(f):  # type: ignore[no-untyped-def]
+        def g(m, *a, **kw):  # type: ignore[no-untyped-def]
+            merged["M"] = m.M
+            return f(m, *a, **kw)
+        return g
+
     rows: list[dict[str, object]] = []
+    fold0 = D.FOLD
     try:
         for name, f in originals.items():
-            setattr(K if hasattr(K, name) else D, name, timed(name, f))
+            setattr(*owner(name), keep_m(timed(name, f)) if name == "refactor" else timed(name, f))
         for m in modules:
             name = f"model.layers.0.{m}"
             o, i = module_shapes(shape, 1)[name]
             fs = [module_factors(name, o, i, 16, k) for k in range(2)]
             for method in methods:
-                spent.clear()
-                t0 = time.process_time()
-                res = getattr(D, method)(fs, [1.0, 1.0], density=0.5, rank_rule=RankRule("rank", 16))
-                total = time.process_time() - t0
-                per = {k: round(v / (o * i) * 1e9, 2) for k, v in spent.items()}
-                rows.append({"module": m, "method": method, "total_ns": round(total / (o * i) * 1e9, 2),
-                             "stages_ns": per, "error": round(res.error, 6)})
-                print(rows[-1], flush=True)
+                best: dict[str, dict[str, object]] = {}
+                ms: dict[str, torch.Tensor] = {}
+                for _ in range(repeat):
+                    for variant in ("before", "after"):
+                        D.FOLD = variant == "after"
+                        spent.clear()
+                        t0 = time.process_time()
+                        res = getattr(D, method)(fs, [1.0, 1.0], density=0.5, rank_rule=RankRule("rank", 16))
+                        total = time.process_time() - t0
+                        ms[variant] = merged.pop("M")
+                        row = {"module": m, "method": method, "variant": variant,
+                               "total_ns": round(total / (o * i) * 1e9, 2),
+                               "stages_ns": {k: round(v / (o * i) * 1e9, 2) for k, v in spent.items()},
+                               "error": round(res.error, 6), "load": round(os.getloadavg()[0], 2)}
+                        if variant not in best or row["total_ns"] < best[variant]["total_ns"]:  # type: ignore[operator]
+                            best[variant] = row
+                same = torch.equal(ms["before"].view(torch.int32), ms["after"].view(torch.int32))
+                for variant in ("before", "after"):
+                    rows.append({**best[variant], "M_equal_bits": same})
+                    print(rows[-1], flush=True)
     finally:
+        D.FOLD = fold0
         for name, f in originals.items():
-            setattr(K if hasattr(K, name) else D, name, f)
+            setattr(*owner(name), f)
     return rows
 
 

@@ -100,7 +100,9 @@ def sample_abs(Bs: list[torch.Tensor], As: list[torch.Tensor], count: int, seed:
     rows = torch.randint(out, (count,), generator=g).to(Bs[0].device)
     cols = torch.randint(inn, (count,), generator=g).to(Bs[0].device)
     # gathers of whole rows of B and of Aᵀ are contiguous (a column gather of A is 2× slower)
-    return torch.stack([(B[rows] * A.T.contiguous()[cols]).sum(1).abs() for B, A in zip(Bs, As)])
+    # index_select, not B[rows]: the same rows, 10× faster (advanced indexing takes a generic path)
+    return torch.stack([(B.index_select(0, rows) * A.T.contiguous().index_select(0, cols)).sum(1).abs()
+                        for B, A in zip(Bs, As)])
 
 
 def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tensor, numel: int,
@@ -151,7 +153,7 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
         vals = torch.cat(found.pop(key))
         r = ks[key].item() - above[key]
         if 0 < r <= vals.numel():
-            out[key] = float(torch.topk(vals, int(r)).values[-1])
+            out[key] = float(kth_largest(vals, int(r)))
         else:
             missed.append(key)
     if missed:  # the sample misled the bracket (astronomically rare): the exact histogram for those tasks
@@ -163,6 +165,12 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
         for key in missed:
             out[key] = exact[key]
     return out.to(dtype or torch.float64)
+
+
+def kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest of a 1-D tensor (``1 ≤ k ≤ len``), by selection: ``kthvalue`` is O(len) where a
+    ``topk`` of a large ``k`` sorts (3-5× slower on a bracket of 10⁶ values)."""
+    return torch.kthvalue(vals, vals.numel() - k + 1).values
 
 
 def brackets(ks: torch.Tensor, sample: torch.Tensor, numel: int, sigmas: float = BRACKET_SIGMAS
@@ -267,7 +275,15 @@ class FoldedThresholds:
             self.above[:, j] += h.sum((1, 2)).double().cpu()
             ins.sub_(h)
         if not self.overflow:
-            plane = torch.sum(ins, 0, out=ws.plane(0, rows))
+            # the number of tasks inside a bracket, per entry (0/1 floats, so any order of adds is exact; two
+            # plane adds cost 2/3 of a sum over the task axis)
+            plane = ws.plane(0, rows)
+            if x.shape[0] == 1:
+                plane.copy_(ins[0])
+            else:
+                torch.add(ins[0], ins[1], out=plane)
+                for i in range(2, x.shape[0]):
+                    plane.add_(ins[i])
             idx = plane.reshape(-1).nonzero().squeeze(1)
             self.recorded += idx.numel()
             if self.recorded > self.limit:
@@ -301,7 +317,7 @@ class FoldedThresholds:
             r = int(self.ks[i, j]) - int(self.above[i, j])
             if not 0 < r <= inside.numel():
                 return None
-            out[i, j] = torch.topk(inside, r).values[-1].cpu()
+            out[i, j] = kth_largest(inside, r).cpu()
         return out
 
 
@@ -436,7 +452,8 @@ class SignedMerge:
     def __init__(self) -> None:
         self.sign_sum = 0.0
         self.ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.patched: list[torch.Tensor] = []  # flat positions re-merged by :meth:`patch`: their tile ties are void
+        # flat positions re-merged by :meth:`patch` (ascending over the calls): their tile ties are void
+        self.patched: list[torch.Tensor] = []
         self.patch_ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def tile(self, row0: int, x: torch.Tensor, out: torch.Tensor | None = None,
@@ -453,7 +470,8 @@ class SignedMerge:
         """Re-merge entries already merged by :meth:`tile`: ``old``/``new`` are the ``(n, 1, len)`` pruned task
         values at the flat positions ``flat`` of the ``(·, cols)`` result, as the tiles had them and as they
         should have been. Returns the new merged values (``(len,)``, the same bits :meth:`tile` gives for
-        ``new``); the majority-sign count and the tie list are corrected."""
+        ``new``); the majority-sign count and the tie list are corrected. Calls come in
+        ascending position order (``flat`` ascending, and after the previous call's), as the fold makes them."""
         self.sign_sum -= float(torch.sign(torch.sum(old, 0)).sum())
         merged, sig_sum, ties = self._elect(new, None, None)
         self.sign_sum += sig_sum
@@ -513,10 +531,13 @@ class SignedMerge:
         update them."""
         changes = []
         if self.sign_sum < 0:
+            # ascending: patches come in tile order, each in position order (so a binary search, not a sort)
             patched = torch.cat(self.patched) if self.patched else None
             for row0, r, c, neg, pos in self.ties:
-                if patched is not None:  # a tile's tie at a position re-merged since is void
-                    keep = ~torch.isin((row0 + r) * out.shape[1] + c, patched)
+                if patched is not None and patched.numel():  # a tile's tie at a position re-merged since is void
+                    key = (row0 + r) * out.shape[1] + c
+                    at = torch.searchsorted(patched, key).clamp_(max=patched.numel() - 1)
+                    keep = patched[at] != key
                     r, c, neg, pos = r[keep], c[keep], neg[keep], pos[keep]
                 out[row0 + r, c] = neg.to(out.dtype)
                 changes.append((row0 + r, c, pos.to(out.dtype), neg.to(out.dtype)))

@@ -26,6 +26,7 @@ Formulas (per entry, per module; ``N`` entries, density ``d``):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -152,19 +153,26 @@ def merge_dense(tiles: TaskTiles, merge_tile: MergeTile, omega: torch.Tensor,
 
 
 Changes = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # (rows, cols, old, new)
-APPLY_CHUNK = 1 << 16
 
 
 def _apply(Y: torch.Tensor, omega: torch.Tensor, changes: Changes) -> float:
     """``Y += ΔM Ω`` for entry changes already written to ``M``; returns ``Δ‖M‖²`` (in float64).
 
-    Chunked, so the ``(len, k)`` products stay small however many entries changed."""
-    d2 = 0.0
-    for r, c, old, new in changes:
-        for a in range(0, r.numel(), APPLY_CHUNK):
-            sl = slice(a, a + APPLY_CHUNK)
-            Y.index_add_(0, r[sl], (new[sl] - old[sl]).unsqueeze(1) * omega[c[sl]])
-        d2 += float((new.double() ** 2 - old.double() ** 2).sum())
+    ``ΔM`` is multiplied as a CSR matrix: ~5 ns a change with ``Ω``'s 26 columns, against ~150 for an
+    ``index_add_`` of the ``(len, k)`` rows ``Δ·Ω[c]`` (which are also never formed)."""
+    changes = [ch for ch in changes if ch[0].numel()]
+    if not changes:
+        return 0.0
+    r, c, old, new = (torch.cat(t) for t in zip(*changes))
+    d2 = float((new.double() ** 2 - old.double() ** 2).sum())
+    order = torch.argsort(r, stable=True)  # CSR wants its entries by row (they almost always are already)
+    r, c, delta = r[order], c[order], (new - old)[order].to(Y.dtype)
+    crow = torch.zeros(Y.shape[0] + 1, dtype=torch.int64, device=Y.device)
+    torch.cumsum(torch.bincount(r, minlength=Y.shape[0]), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        dM = torch.sparse_csr_tensor(crow, c, delta, (Y.shape[0], omega.shape[0]))
+        Y += dM @ omega
     return d2
 
 
@@ -198,18 +206,19 @@ class Fold:
         flat_m = M.view(-1)
         changes: Changes = []
         for row0, idx, vals in self.folded.records:
-            flat = idx.long() + row0 * cols
+            flat = idx.long().add_(row0 * cols)
             x = vals.unsqueeze(1)  # (n, 1, len): the kernels' stack layout, so each entry gets the same bits
             new_x = self.prune(x.clone(), t)
             if signer is not None:
                 new = signer.patch(flat, cols, self.prune(x.clone(), self.folded.provisional), new_x)
             else:
                 new = torch.sum(new_x, 0).reshape(-1)
-            old = flat_m[flat]
-            flat_m[flat] = new  # every recorded entry, so zeros get their sign bit too
+            old = flat_m.index_select(0, flat)
+            flat_m.index_copy_(0, flat, new)  # every recorded entry, so zeros get their sign bit too
             moved = (new != old).nonzero().squeeze(1)
-            at = flat[moved]
-            changes.append((at // cols, at % cols, old[moved], new[moved]))
+            at = flat.index_select(0, moved)
+            rows = torch.div(at, cols, rounding_mode="floor")
+            changes.append((rows, at - rows * cols, old.index_select(0, moved), new.index_select(0, moved)))
         return changes
 
 
