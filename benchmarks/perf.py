@@ -210,7 +210,32 @@ def peers(shape: str, rank: int, inputs: list[Path]) -> dict[str, object]:
     return out
 
 
-DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "Fold.patch", "refactor", "probe")
+DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "refactor", "probe")
+
+
+def _before_delta_kernels():  # type: ignore[no-untyped-def]
+    """The delta kernels as they were before the chunked index_select sample of 2^17 (was B[rows], 2^16), the
+    kthvalue selection (was topk), the CSR tie update (was index_add_) and the sign counts by plane adds (was
+    torch.sum), commit 13a053d, as replacements of the current ones: only for the before/after profile."""
+    from lorakit.ops import _kernels as K
+
+    def sample_abs(Bs, As, count, seed=0):  # type: ignore[no-untyped-def]
+        out, inn = Bs[0].shape[0], As[0].shape[1]
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randint(out, (count,), generator=g).to(Bs[0].device)
+        cols = torch.randint(inn, (count,), generator=g).to(Bs[0].device)
+        return torch.stack([(B[rows] * A.T.contiguous()[cols]).sum(1).abs() for B, A in zip(Bs, As)])
+
+    def apply(Y, omega, changes):  # type: ignore[no-untyped-def]
+        d2 = 0.0
+        for r, c, old, new in changes:
+            Y.index_add_(0, r, (new - old).unsqueeze(1) * omega[c])
+            d2 += float((new.double() ** 2 - old.double() ** 2).sum())
+        return d2
+
+    return {(K, "sample_abs"): sample_abs, (K, "kth_largest"): lambda vals, k: torch.topk(vals, k).values[-1],
+            ("merge_delta", "_apply"): apply, (K, "SAMPLE"): 1 << 16,
+            (K, "_count_sum"): lambda x, out: torch.sum(x, 0, out=out)}
 
 
 def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("mlp.gate_proj", "self_attn.q_proj"),
@@ -219,45 +244,41 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
     """CPU ns per ΔW entry of a pair, by stage, of each delta method on one module of each given kind (two r=16
     bf16 inputs made as :func:`make_adapters` makes them, density 0.5, rank 16), in this process.
 
-    Stages are the sample and counting pass of the exact thresholds, the merge pass (with, nested in it, the
-    fold's patch of the bracket entries), the probe and the refactor (``lorakit.ops.merge_delta``'s functions,
-    timed with ``time.process_time`` by wrapping them). Each method runs ``before`` (the counting pass, then the
-    merge pass: ``merge_delta.FOLD = False``) and ``after`` (thresholds folded into the merge pass) interleaved,
-    ``repeat`` times; the best total of each is kept, and the merged ``M`` of the two is checked equal."""
+    Stages are the sample and counting pass of the exact thresholds, the merge pass, the probe and the refactor
+    (``lorakit.ops.merge_delta``'s functions, timed with ``time.process_time`` by wrapping them). Each method
+    runs ``before`` (the kernels of :func:`_before_delta_kernels` swapped in) and ``after`` (the current ones)
+    interleaved, ``repeat`` times; the best total of each is kept, and the merged ``M`` of the two is compared
+    bit for bit."""
     from lorakit.ops import _kernels as K
     from lorakit.ops import merge_delta as D
     from lorakit.ops.rank_rules import RankRule
 
     spent: dict[str, float] = {}
-
-    def owner(name: str):  # type: ignore[no-untyped-def]
-        if "." in name:
-            return getattr(D, name.split(".")[0]), name.split(".")[1]
-        return (K if hasattr(K, name) else D), name
-
-    originals = {name: getattr(*owner(name)) for name in DELTA_STAGES}
+    owner = {name: (K if hasattr(K, name) else D) for name in DELTA_STAGES}
+    originals = {name: getattr(owner[name], name) for name in DELTA_STAGES}
+    before = {((D if o == "merge_delta" else o), name): v for (o, name), v in _before_delta_kernels().items()}
+    current = {key: getattr(*key) for key in before}
     merged: dict[str, torch.Tensor] = {}
 
     def timed(name: str, f):  # type: ignore[no-untyped-def]
         def g(*a, **kw):  # type: ignore[no-untyped-def]
             t0 = time.process_time()
             try:
+                if name == "refactor":
+                    merged["M"] = a[0].M
                 return f(*a, **kw)
             finally:
                 spent[name] = spent.get(name, 0.0) + time.process_time() - t0
         return g
 
-    def keep_m(f):  # type: ignore[no-untyped-def]
-        def g(m, *a, **kw):  # type: ignore[no-untyped-def]
-            merged["M"] = m.M
-            return f(m, *a, **kw)
-        return g
+    def use(kernels):  # type: ignore[no-untyped-def]
+        for (o, name), v in kernels.items():
+            setattr(o, name, v)
+        for name, f in originals.items():  # the timers wrap whichever sample_abs is in place
+            setattr(owner[name], name, timed(name, getattr(K, "sample_abs") if name == "sample_abs" else f))
 
     rows: list[dict[str, object]] = []
-    fold0 = D.FOLD
     try:
-        for name, f in originals.items():
-            setattr(*owner(name), keep_m(timed(name, f)) if name == "refactor" else timed(name, f))
         for m in modules:
             name = f"model.layers.0.{m}"
             o, i = module_shapes(shape, 1)[name]
@@ -267,7 +288,7 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
                 ms: dict[str, torch.Tensor] = {}
                 for _ in range(repeat):
                     for variant in ("before", "after"):
-                        D.FOLD = variant == "after"
+                        use(before if variant == "before" else current)
                         spent.clear()
                         t0 = time.process_time()
                         res = getattr(D, method)(fs, [1.0, 1.0], density=0.5, rank_rule=RankRule("rank", 16))
@@ -284,9 +305,10 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
                     rows.append({**best[variant], "M_equal_bits": same})
                     print(rows[-1], flush=True)
     finally:
-        D.FOLD = fold0
+        for (o, name), v in current.items():
+            setattr(o, name, v)
         for name, f in originals.items():
-            setattr(*owner(name), f)
+            setattr(owner[name], name, f)
     return rows
 
 

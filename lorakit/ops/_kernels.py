@@ -16,7 +16,8 @@ import torch
 
 TILE_ELEMENTS = 1 << 21  # per task: 2M floats (8 MB fp32) per tile
 HIST_BINS = 1 << 16
-SAMPLE = 1 << 16  # sampled magnitudes per task that bracket a top-k threshold
+SAMPLE = 1 << 17  # sampled magnitudes per task that bracket a top-k threshold (see kth_largest_abs_bracketed)
+SAMPLE_CHUNK = 1 << 13  # samples formed at a time (their (chunk, r) gathers stay small and reused)
 BRACKET_SIGMAS = 6.0
 
 Tiles = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # yields (row0, stack (n, rows, cols)) in row order
@@ -99,10 +100,16 @@ def sample_abs(Bs: list[torch.Tensor], As: list[torch.Tensor], count: int, seed:
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(out, (count,), generator=g).to(Bs[0].device)
     cols = torch.randint(inn, (count,), generator=g).to(Bs[0].device)
-    # gathers of whole rows of B and of Aᵀ are contiguous (a column gather of A is 2× slower)
-    # index_select, not B[rows]: the same rows, 10× faster (advanced indexing takes a generic path)
-    return torch.stack([(B.index_select(0, rows) * A.T.contiguous().index_select(0, cols)).sum(1).abs()
-                        for B, A in zip(Bs, As)])
+    # Gathers of whole rows of B and of Aᵀ are contiguous (a column gather of A is 2× slower), and by
+    # index_select: the same rows as B[rows], 10× faster (advanced indexing takes a generic path). In chunks
+    # of SAMPLE_CHUNK samples: the (count, r) temporaries would be fresh, page-faulted mmaps (3-4× the work).
+    out_ = torch.empty(len(Bs), count, dtype=Bs[0].dtype, device=Bs[0].device)
+    for i, (B, A) in enumerate(zip(Bs, As)):
+        At = A.T.contiguous()
+        for a in range(0, count, SAMPLE_CHUNK):
+            r, c = rows[a:a + SAMPLE_CHUNK], cols[a:a + SAMPLE_CHUNK]
+            torch.sum(B.index_select(0, r).mul_(At.index_select(0, c)), 1, out=out_[i, a:a + SAMPLE_CHUNK])
+    return out_.abs_()
 
 
 def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tensor, numel: int,
@@ -126,7 +133,29 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
 
     Cost: one tile pass with two comparisons per entry and bracket; memory O(tile + bracket).
     """
-    lo, hi, out, todo = brackets(ks, sample, numel, sigmas)
+    n, m = ks.shape
+    s = sample.shape[1]
+    sample = sample.double().cpu()
+    lo = torch.zeros(n, m, dtype=torch.float64)
+    hi = torch.full((n, m), float("inf"), dtype=torch.float64)
+    out = torch.zeros(n, m, dtype=torch.float64)
+    todo: list[tuple[int, int]] = []
+    for i in range(n):
+        for j in range(m):
+            k = int(ks[i, j])
+            if k <= 0:
+                out[i, j] = float("inf")
+                continue
+            if k >= numel:
+                continue  # 0: every entry is kept
+            p = k / numel
+            centre, spread = s * p, sigmas * (s * p * (1 - p)) ** 0.5 + 2
+            i_hi, i_lo = int(centre - spread), int(centre + spread) + 1
+            if i_hi >= 0:  # the (i_hi + 1)-th largest sample value
+                hi[i, j] = torch.kthvalue(sample[i], s - i_hi).values
+            if i_lo < s:
+                lo[i, j] = torch.kthvalue(sample[i], s - i_lo).values
+            todo.append((i, j))
     if not todo:
         return out
     above = {key: 0 for key in todo}
@@ -168,157 +197,9 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
 
 
 def kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest of a 1-D tensor (``1 ≤ k ≤ len``), by selection: ``kthvalue`` is O(len) where a
-    ``topk`` of a large ``k`` sorts (3-5× slower on a bracket of 10⁶ values)."""
+    """The ``k``-th largest of a 1-D tensor (``1 ≤ k ≤ len``) by selection: ``kthvalue`` is O(len), where a
+    ``topk`` of a large ``k`` (here about half the bracket) sorts, 2.5× slower on a bracket of 4·10⁵ values."""
     return torch.kthvalue(vals, vals.numel() - k + 1).values
-
-
-def brackets(ks: torch.Tensor, sample: torch.Tensor, numel: int, sigmas: float = BRACKET_SIGMAS
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """The sample's bracket ``[lo, hi)`` of each k-th largest ``|x|`` (see :func:`kth_largest_abs_bracketed`).
-
-    Returns float64 ``(n, m)`` ``lo``, ``hi``, the thresholds known without a pass (``+inf`` for ``k ≤ 0``, 0 for
-    ``k ≥ numel``, 0 elsewhere) and the ``(task, j)`` keys that need one."""
-    n, m = ks.shape
-    s = sample.shape[1]
-    sample = sample.double().cpu()
-    lo = torch.zeros(n, m, dtype=torch.float64)
-    hi = torch.full((n, m), float("inf"), dtype=torch.float64)
-    out = torch.zeros(n, m, dtype=torch.float64)
-    todo: list[tuple[int, int]] = []
-    for i in range(n):
-        for j in range(m):
-            k = int(ks[i, j])
-            if k <= 0:
-                out[i, j] = float("inf")
-                continue
-            if k >= numel:
-                continue  # 0: every entry is kept
-            p = k / numel
-            centre, spread = s * p, sigmas * (s * p * (1 - p)) ** 0.5 + 2
-            i_hi, i_lo = int(centre - spread), int(centre + spread) + 1
-            if i_hi >= 0:  # the (i_hi + 1)-th largest sample value
-                hi[i, j] = torch.kthvalue(sample[i], s - i_hi).values
-            if i_lo < s:
-                lo[i, j] = torch.kthvalue(sample[i], s - i_lo).values
-            todo.append((i, j))
-    return lo, hi, out, todo
-
-
-# A fold that would record more than this many entries of a module (max of a fraction and a floor, so small
-# modules, whose brackets are relatively wide, never give up) takes the two-pass path instead.
-FOLD_MAX_FRACTION = 0.25
-FOLD_MIN_LIMIT = 1 << 16
-
-
-class FoldedThresholds:
-    """Exact top-k magnitude thresholds found *during* the merge pass, instead of in a counting pass before it.
-
-    Each threshold ``t_ij`` (the ``k_ij``-th largest ``|x_i|``) lies in its sample bracket ``[lo, hi)``
-    (:func:`brackets`). A threshold whose kept side is ``|x| ≥ t`` (``keep_above[j]``) is applied provisionally
-    at ``hi``, one whose kept side is ``|x| < t`` at ``lo``: an entry outside every bracket is then pruned
-    exactly as it will be by the exact threshold. The positions where any task is inside a bracket (a few
-    percent) are recorded with every task's values there, and ``count(|x_i| ≥ hi)`` is counted; after the pass
-    :meth:`thresholds` selects each ``t_ij`` exactly from the recorded values (ties included, as in
-    :func:`kth_largest_abs_bracketed`), and the caller re-merges the recorded positions. ``None`` from
-    :meth:`thresholds` (or :attr:`overflow`) means the sample misled a bracket: the caller must take the exact
-    two-pass route, so the result never depends on the sample.
-
-    Cost per task entry: about five float passes over the tile stack (``|x|``, two comparisons and a count per
-    bracket, one subtraction) plus one plane sum and ``nonzero`` per tile, against a separate counting pass's
-    tile formation, comparisons and boolean gathers. Memory: the recorded positions (int32 within a tile) and
-    ``n`` values each, bounded by :data:`FOLD_MAX_FRACTION` of the module.
-    """
-
-    def __init__(self, ks: torch.Tensor, sample: torch.Tensor, numel: int, keep_above: tuple[bool, ...],
-                 dtype: torch.dtype, device: torch.device | str, *, sigmas: float = BRACKET_SIGMAS) -> None:
-        self.ks = ks
-        lo, hi, self.known, self.todo = brackets(ks, sample, numel, sigmas)
-        for i in range(ks.shape[0]):  # thresholds known up front: an empty bracket at the value itself
-            for j in range(ks.shape[1]):
-                if (i, j) not in self.todo:
-                    lo[i, j] = hi[i, j] = self.known[i, j]
-        self.dtype = dtype
-        lo, hi = lo.to(dtype), hi.to(dtype)
-        # The bracket is closed at the sample's upper bound too, [lo, hi] = [lo, hi⁺) with hi⁺ the next float:
-        # a threshold equal to hi (ties at a sampled value) then needs no fallback. A bracket at 0 (the task is
-        # mostly zero here) is made empty instead of recording every zero: pruning a zero at any threshold leaves
-        # its bits as they are, and the threshold is then 0 exactly when count(|x| > 0) < k.
-        self.zero = [(i, j) for i, j in self.todo if float(hi[i, j]) == 0.0]
-        for i, j in self.todo:
-            hi[i, j] = torch.nextafter(hi[i, j], hi.new_tensor(float("inf")))
-            if (i, j) in self.zero:
-                lo[i, j] = hi[i, j]
-        self.lo, self.hi = lo.to(device), hi.to(device)
-        self.keep_above = keep_above
-        # the provisional thresholds the pass prunes at, in the (n, m) layout of the exact ones
-        self.provisional = torch.stack([self.hi[:, j] if up else self.lo[:, j] for j, up in enumerate(keep_above)], 1)
-        self.above = torch.zeros(ks.shape, dtype=torch.float64)  # count(|x| ≥ hi⁺) = count(|x| > hi)
-        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row0, flat index in the tile, (n, len))
-        self.recorded, self.limit = 0, max(int(FOLD_MAX_FRACTION * numel), FOLD_MIN_LIMIT)
-        self.overflow = False
-
-    def prune_(self, row0: int, x: torch.Tensor, ws: Workspace) -> torch.Tensor:
-        """Prune the tile stack ``x`` in place at the provisional thresholds and record its bracket entries."""
-        ws = Workspace.for_tile(x, ws)
-        rows = x.shape[1]
-        a, _, _ = ws.stack(rows)
-        ins, h = ws.extra(0, rows), ws.extra(1, rows)
-        torch.abs(x, out=a)
-        m = len(self.keep_above)
-        for j in range(m):  # ins = Σ_j [lo_j ≤ |x| < hi_j] as 0/1 floats; counts of |x| ≥ hi_j
-            torch.ge(a, _per_task(self.lo[:, j], a), out=ins if j == 0 else h)
-            if j:
-                ins.add_(h)
-            torch.ge(a, _per_task(self.hi[:, j], a), out=h)
-            # exact: a tile's 0/1 count is an integer below 2^24
-            self.above[:, j] += h.sum((1, 2)).double().cpu()
-            ins.sub_(h)
-        if not self.overflow:
-            # the number of tasks inside a bracket, per entry (0/1 floats, so any order of adds is exact; two
-            # plane adds cost 2/3 of a sum over the task axis)
-            plane = ws.plane(0, rows)
-            if x.shape[0] == 1:
-                plane.copy_(ins[0])
-            else:
-                torch.add(ins[0], ins[1], out=plane)
-                for i in range(2, x.shape[0]):
-                    plane.add_(ins[i])
-            idx = plane.reshape(-1).nonzero().squeeze(1)
-            self.recorded += idx.numel()
-            if self.recorded > self.limit:
-                self.overflow = True
-                self.records.clear()
-            elif idx.numel():
-                self.records.append((row0, idx.to(torch.int32), x.reshape(x.shape[0], -1).index_select(1, idx)))
-        for j, up in enumerate(self.keep_above):  # 0/1 float masks (see trim_); h still holds |x| ≥ hi_{m-1}
-            if j == m - 1 and up:
-                x.mul_(h)
-            elif up:
-                x.mul_(torch.ge(a, _per_task(self.hi[:, j], a), out=ins))
-            else:
-                x.mul_(torch.lt(a, _per_task(self.lo[:, j], a), out=ins))
-        return x
-
-    def thresholds(self) -> torch.Tensor | None:
-        """The exact ``(n, m)`` thresholds in the tiles' dtype, or ``None`` where the sample misled a bracket."""
-        if self.overflow:
-            return None
-        out = self.known.to(self.dtype)
-        for i, j in self.todo:
-            if (i, j) in self.zero:
-                if int(self.ks[i, j]) <= int(self.above[i, j]):
-                    return None
-                out[i, j] = 0.0
-                continue
-            vals = torch.cat([v[i] for _, _, v in self.records]) if self.records else self.lo.new_empty(0)
-            a = vals.abs()
-            inside = a[(a >= self.lo[i, j]) & (a < self.hi[i, j])]
-            r = int(self.ks[i, j]) - int(self.above[i, j])
-            if not 0 < r <= inside.numel():
-                return None
-            out[i, j] = kth_largest(inside, r).cpu()
-        return out
 
 
 class Workspace:
@@ -331,7 +212,7 @@ class Workspace:
         self.b = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.b2 = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.planes = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(5)]
-        self._extra: list[torch.Tensor] = []
+        self._f2: torch.Tensor | None = None
 
     @staticmethod
     def for_tile(x: torch.Tensor, ws: Workspace | None) -> Workspace:
@@ -340,12 +221,12 @@ class Workspace:
             return Workspace(x.shape[0], x.shape[1], x.shape[2], x.dtype, x.device)
         return ws
 
-    def extra(self, i: int, rows: int) -> torch.Tensor:
-        """The ``i``-th extra float ``(n, rows, cols)`` stack, allocated on first use (breadcrumbs' band and the
-        folded thresholds need them)."""
-        while len(self._extra) <= i:
-            self._extra.append(torch.empty_like(self.f))
-        return self._extra[i][:, :rows]
+    @property
+    def f2(self) -> torch.Tensor:
+        """A second float ``(n, rows, cols)`` stack, allocated on first use (only breadcrumbs' band needs it)."""
+        if self._f2 is None:
+            self._f2 = torch.empty_like(self.f)
+        return self._f2
 
     def stack(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.f[:, :rows], self.b[:, :rows], self.b2[:, :rows]
@@ -377,7 +258,7 @@ def band(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ws: Workspace |
     ws = Workspace.for_tile(x, ws)
     f, _, _ = ws.stack(x.shape[1])
     torch.abs(x, out=f)
-    x.mul_(torch.lt(f, _per_task(high, x), out=ws.extra(0, x.shape[1])))  # 0/1 floats (see trim_)
+    x.mul_(torch.lt(f, _per_task(high, x), out=ws.f2[:, :x.shape[1]]))  # 0/1 floats (see trim_)
     return x.mul_(torch.ge(f, _per_task(low, x), out=f))
 
 
@@ -438,6 +319,18 @@ def disjoint_mean(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / agree.sum(0).clamp_min(1).to(x.dtype)
 
 
+def _count_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Σ_i x_i`` over the task axis for small-integer ``x`` (signs, counts), by plane adds: exact in any
+    order, and two-thirds the cost of ``torch.sum`` over the outer axis. (Sums of real values keep
+    ``torch.sum``: its order for 5+ tasks is not a chain of adds, and the bits must not change.)"""
+    if x.shape[0] == 1:
+        return out.copy_(x[0])
+    torch.add(x[0], x[1], out=out)
+    for i in range(2, x.shape[0]):
+        out.add_(x[i])
+    return out
+
+
 class SignedMerge:
     """Elect + disjoint merge over a stream of tiles, with the paper's tie rule: where ``Σ_i x_i = 0`` but some
     entry is nonzero, the elected sign is the module's majority sign ``sign(Σ γ)``, known only after the last
@@ -452,39 +345,10 @@ class SignedMerge:
     def __init__(self) -> None:
         self.sign_sum = 0.0
         self.ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # flat positions re-merged by :meth:`patch` (ascending over the calls): their tile ties are void
-        self.patched: list[torch.Tensor] = []
-        self.patch_ties: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def tile(self, row0: int, x: torch.Tensor, out: torch.Tensor | None = None,
              ws: Workspace | None = None) -> torch.Tensor:
-        """The merged ``(rows, cols)`` tile (written into ``out`` when given); ``+`` mean at ties for now."""
-        merged, sig_sum, ties = self._elect(x, out, ws)
-        self.sign_sum += sig_sum
-        if ties is not None:
-            where, neg, pos = ties
-            self.ties.append((row0, where[:, 0], where[:, 1], neg, pos))
-        return merged
-
-    def patch(self, flat: torch.Tensor, cols: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """Re-merge entries already merged by :meth:`tile`: ``old``/``new`` are the ``(n, 1, len)`` pruned task
-        values at the flat positions ``flat`` of the ``(·, cols)`` result, as the tiles had them and as they
-        should have been. Returns the new merged values (``(len,)``, the same bits :meth:`tile` gives for
-        ``new``); the majority-sign count and the tie list are corrected. Calls come in
-        ascending position order (``flat`` ascending, and after the previous call's), as the fold makes them."""
-        self.sign_sum -= float(torch.sign(torch.sum(old, 0)).sum())
-        merged, sig_sum, ties = self._elect(new, None, None)
-        self.sign_sum += sig_sum
-        self.patched.append(flat)
-        if ties is not None:
-            where, neg, pos = ties
-            at = flat[where[:, 1]]
-            self.patch_ties.append((0, at // cols, at % cols, neg, pos))
-        return merged.reshape(-1)
-
-    def _elect(self, x: torch.Tensor, out: torch.Tensor | None, ws: Workspace | None
-               ) -> tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        """The merged tile, its ``Σ sign(s)`` and its ties ``(where, −mean, +mean)`` (or ``None``).
+        """The merged ``(rows, cols)`` tile (written into ``out`` when given); ``+`` mean at ties for now.
 
         Branch-free (a ``where`` on a random mask costs 4 ns an entry on CPU): with ``σ = sign(s)``,
         ``D = Σ_i sign(x_i) = p − q`` and ``T = Σ_i |sign(x_i)| = p + q``, the agreeing mass is
@@ -497,16 +361,15 @@ class SignedMerge:
         s, P, D, T, sig = (ws.plane(i, rows) for i in range(5))
         torch.sum(x, 0, out=s)
         torch.sum(torch.clamp(x, min=0, out=f), 0, out=P)
-        torch.sum(torch.sign(x, out=f), 0, out=D)
-        torch.sum(f.abs_(), 0, out=T)
+        _count_sum(torch.sign(x, out=f), D)
+        _count_sum(f.abs_(), T)
         torch.sign(s, out=sig)
-        sig_sum = float(sig.sum())
+        self.sign_sum += float(sig.sum())
         # Ties (s = 0 with some entry nonzero) are where s = 0 but not T = 0, as {T = 0} ⊆ {s = 0}.
         # Every term of Σ T·(|σ| − 1) is ≤ 0 and it is < 0 exactly at a tie (T > 0, σ = 0), so the sum is < 0
         # iff the tile has one: two cheap float passes and a dot instead of two boolean counts (~4× the cost).
         w = torch.abs(sig, out=f[0]).sub_(1)
         n_tie = 0
-        ties = None
         if float(torch.dot(T.reshape(-1), w.reshape(-1))) < 0:
             tie = (s == 0) & (T > 0)
             n_tie = int(tie.sum())
@@ -515,14 +378,14 @@ class SignedMerge:
             p_cnt, q_cnt = (T[tie] + D[tie]) / 2, (T[tie] - D[tie]) / 2
             pos = P[tie] / p_cnt
             neg = -P[tie] / q_cnt.clamp(min=1)  # s = 0: the negative mass is −P
-            ties = (where, neg, pos)
+            self.ties.append((row0, where[:, 0], where[:, 1], neg, pos))
         num = torch.sub(s, P, alpha=2, out=P)            # s − 2P
         num = torch.addcmul(s, sig, num, value=-1, out=num)  # s − σ(s − 2P) = 2·agreeing mass
         den = torch.addcmul(T, sig, D, out=D).clamp_(min=1)  # T + σD = 2·agreeing count
         merged = torch.div(num, den, out=out) if out is not None else num / den
         if n_tie:
             merged[where[:, 0], where[:, 1]] = pos.to(merged.dtype)
-        return merged, sig_sum, ties
+        return merged
 
     def finish(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Apply the majority rule to the tie entries of the assembled result ``out`` (in place).
@@ -531,17 +394,7 @@ class SignedMerge:
         update them."""
         changes = []
         if self.sign_sum < 0:
-            # ascending: patches come in tile order, each in position order (so a binary search, not a sort)
-            patched = torch.cat(self.patched) if self.patched else None
             for row0, r, c, neg, pos in self.ties:
-                if patched is not None and patched.numel():  # a tile's tie at a position re-merged since is void
-                    key = (row0 + r) * out.shape[1] + c
-                    at = torch.searchsorted(patched, key).clamp_(max=patched.numel() - 1)
-                    keep = patched[at] != key
-                    r, c, neg, pos = r[keep], c[keep], neg[keep], pos[keep]
                 out[row0 + r, c] = neg.to(out.dtype)
                 changes.append((row0 + r, c, pos.to(out.dtype), neg.to(out.dtype)))
-            for row0, r, c, neg, pos in self.patch_ties:
-                out[r, c] = neg.to(out.dtype)
-                changes.append((r, c, pos.to(out.dtype), neg.to(out.dtype)))
         return changes

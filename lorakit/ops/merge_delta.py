@@ -120,15 +120,12 @@ class Merged:
 
 
 def merge_dense(tiles: TaskTiles, merge_tile: MergeTile, omega: torch.Tensor,
-                signer: K.SignedMerge | None = None, fold: Fold | None = None) -> Merged | None:
+                signer: K.SignedMerge | None = None) -> Merged:
     """Assemble ``M = merge(prune(τ))`` tile by tile, with ``Y = M @ Ω`` and ``‖M‖²`` taken from each tile
     while it is still in cache (the randomized SVD's first product and norm cost no extra pass over ``M``).
 
-    ``merge_tile(row0, x, out)`` writes the merged rows of one tile stack into ``out``. With a ``fold``
-    (thresholds found during this pass, :class:`Fold`), the entries inside its brackets are re-merged after the
-    last tile; with a ``signer`` (TIES election), its tie fix-ups are applied after that. Both are changes at a
-    few positions, applied to ``M``, ``Y`` and the norm alike (:func:`_apply`). ``None``: the fold's sample
-    misled it, and the caller must merge by the two-pass route.
+    ``merge_tile(row0, x, out)`` writes the merged rows of one tile stack into ``out``. With a ``signer`` (TIES
+    election), its tie fix-ups are applied after the last tile, to ``M``, ``Y`` and the norm alike.
     """
     out = tiles.shape[0]
     M = torch.empty(tiles.shape, dtype=tiles.dtype, device=omega.device)
@@ -137,16 +134,9 @@ def merge_dense(tiles: TaskTiles, merge_tile: MergeTile, omega: torch.Tensor,
     for r0, x in tiles():
         rows = M[r0:r0 + x.shape[1]]
         merge_tile(r0, x, rows)
-        if fold is not None and fold.folded.overflow:
-            return None
         torch.mm(rows, omega, out=Y[r0:r0 + x.shape[1]])
         flat = rows.reshape(-1)
         norm2 += float(torch.dot(flat, flat))
-    if fold is not None:
-        changes = fold.patch(M, signer)
-        if changes is None:
-            return None
-        norm2 += _apply(Y, omega, changes)
     if signer is not None:
         norm2 += _apply(Y, omega, signer.finish(M))
     return Merged(M, Y, omega, max(norm2, 0.0))
@@ -159,13 +149,13 @@ def _apply(Y: torch.Tensor, omega: torch.Tensor, changes: Changes) -> float:
     """``Y += ΔM Ω`` for entry changes already written to ``M``; returns ``Δ‖M‖²`` (in float64).
 
     ``ΔM`` is multiplied as a CSR matrix: ~5 ns a change with ``Ω``'s 26 columns, against ~150 for an
-    ``index_add_`` of the ``(len, k)`` rows ``Δ·Ω[c]`` (which are also never formed)."""
+    ``index_add_`` of the ``(len, k)`` rows ``Δ·Ω[c]`` (which are then never formed)."""
     changes = [ch for ch in changes if ch[0].numel()]
     if not changes:
         return 0.0
     r, c, old, new = (torch.cat(t) for t in zip(*changes))
     d2 = float((new.double() ** 2 - old.double() ** 2).sum())
-    order = torch.argsort(r, stable=True)  # CSR wants its entries by row (they almost always are already)
+    order = torch.argsort(r, stable=True)  # CSR wants its entries by row (tile order already gives that)
     r, c, delta = r[order], c[order], (new - old)[order].to(Y.dtype)
     crow = torch.zeros(Y.shape[0] + 1, dtype=torch.int64, device=Y.device)
     torch.cumsum(torch.bincount(r, minlength=Y.shape[0]), 0, out=crow[1:])
@@ -174,52 +164,6 @@ def _apply(Y: torch.Tensor, omega: torch.Tensor, changes: Changes) -> float:
         dM = torch.sparse_csr_tensor(crow, c, delta, (Y.shape[0], omega.shape[0]))
         Y += dM @ omega
     return d2
-
-
-Prune = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tile stack, (n, m) thresholds) -> pruned stack
-FOLD = True  # thresholds found during the merge pass (False: the counting pass first; benchmarks compare both)
-
-
-class Fold:
-    """Threshold pruning folded into the merge pass (:class:`lorakit.ops._kernels.FoldedThresholds`): the tiles
-    are pruned at provisional thresholds, and once the exact ones are known the recorded bracket positions are
-    pruned again with ``prune`` and re-merged, with the same kernels on a gathered stack, so ``M`` is bit for
-    bit what the two-pass route gives."""
-
-    def __init__(self, tiles: TaskTiles, counts: Sequence[int], keep_above: tuple[bool, ...], prune: Prune,
-                 seed: int) -> None:
-        ks = torch.tensor([list(counts)] * len(tiles.Bs), dtype=torch.int64)
-        sample = K.sample_abs(tiles.Bs, tiles.As, min(K.SAMPLE, 4 * tiles.numel), seed=seed)
-        self.folded = K.FoldedThresholds(ks, sample, tiles.numel, keep_above, tiles.dtype, tiles.As[0].device)
-        self.prune, self.ws = prune, tiles.workspace
-
-    def prune_(self, r0: int, x: torch.Tensor) -> None:
-        self.folded.prune_(r0, x, self.ws)
-
-    def patch(self, M: torch.Tensor, signer: K.SignedMerge | None) -> Changes | None:
-        """Re-merge the recorded positions of ``M`` with the exact thresholds (in place); the changed entries,
-        or ``None`` if the sample misled a bracket (``M`` is then left as the provisional merge)."""
-        t = self.folded.thresholds()
-        if t is None:
-            return None
-        cols = M.shape[1]
-        flat_m = M.view(-1)
-        changes: Changes = []
-        for row0, idx, vals in self.folded.records:
-            flat = idx.long().add_(row0 * cols)
-            x = vals.unsqueeze(1)  # (n, 1, len): the kernels' stack layout, so each entry gets the same bits
-            new_x = self.prune(x.clone(), t)
-            if signer is not None:
-                new = signer.patch(flat, cols, self.prune(x.clone(), self.folded.provisional), new_x)
-            else:
-                new = torch.sum(new_x, 0).reshape(-1)
-            old = flat_m.index_select(0, flat)
-            flat_m.index_copy_(0, flat, new)  # every recorded entry, so zeros get their sign bit too
-            moved = (new != old).nonzero().squeeze(1)
-            at = flat.index_select(0, moved)
-            rows = torch.div(at, cols, rounding_mode="floor")
-            changes.append((rows, at - rows * cols, old.index_select(0, moved), new.index_select(0, moved)))
-        return changes
 
 
 def probe(tiles: TaskTiles, k: int, seed: int) -> torch.Tensor:
@@ -282,12 +226,8 @@ def refactor(merged: Merged, rule: RankRule, *, lam: float, n_iter: int = POWER_
 
 
 def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile, rule: RankRule | None,
-         seed: int, lam: float, info: dict, signed: bool, fold: Fold | None = None,
-         exact: Callable[[], MergeTile] | None = None) -> MergeResult:
-    """Probe, merge (fused with the first product), refactor: the shared body of every delta method.
-
-    With a ``fold``, ``merge_tile`` prunes at its provisional thresholds; if the fold gives up, ``exact()``
-    (which finds the thresholds by their own pass) supplies the tile merge of a second, two-pass merge."""
+         seed: int, lam: float, info: dict, signed: bool) -> MergeResult:
+    """Probe, merge (fused with the first product), refactor: the shared body of every delta method."""
     first = inputs[0]
     rule = rule or default_rank(inputs)
     full = min(tiles.shape)
@@ -296,43 +236,18 @@ def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile,
     else:
         k = min(max(64, 4 * sum(f.rank for f in inputs)), full)
     omega = probe(tiles, k, seed)
-
-    def merge(prune: MergeTile, fold: Fold | None) -> Merged | None:
-        signer = K.SignedMerge() if signed else None
-        if signer is not None:
-            def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
-                prune(r0, x, out)
-                signer.tile(r0, x, out=out, ws=tiles.workspace)
-        else:
-            def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
-                prune(r0, x, out)
-                torch.sum(x, 0, out=out)
-        return merge_dense(tiles, body, omega, signer, fold)
-
-    merged = merge(merge_tile, fold)
-    if merged is None:  # the fold's sample misled it (rare): thresholds by their own pass, then merge
-        assert exact is not None
-        merged = merge(exact(), None)
-    assert merged is not None
+    signer = K.SignedMerge() if signed else None
+    if signer is not None:
+        def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
+            merge_tile(r0, x, out)
+            signer.tile(r0, x, out=out, ws=tiles.workspace)
+    else:
+        def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
+            merge_tile(r0, x, out)
+            torch.sum(x, 0, out=out)
+    merged = merge_dense(tiles, body, omega, signer)
     res = refactor(merged, rule, lam=lam, kernel=first.kernel, kind=first.kind)
     return MergeResult(res.factors, res.error, res.best_error, {**res.info, **info})
-
-
-def _thresholded(inputs: Sequence[LoraFactors], tiles: TaskTiles, counts: Sequence[int],
-                 keep_above: tuple[bool, ...], prune: Prune, rule: RankRule | None, seed: int, lam: float,
-                 info: dict, signed: bool) -> MergeResult:
-    """A merge that prunes at exact top-k magnitude thresholds (``counts``-th largest ``|τ_i|``): folded into
-    the merge pass (:class:`Fold`) unless :data:`FOLD` is off, else (and when the fold gives up) found by a
-    counting pass first (:meth:`TaskTiles.thresholds`). ``M`` is the same, bit for bit, either way."""
-    def exact() -> MergeTile:
-        t = tiles.thresholds(counts, seed=seed)
-        return lambda _r0, x, _out: prune(x, t)
-
-    if not FOLD:
-        return _run(inputs, tiles, exact(), rule, seed, lam, info, signed)
-    fold = Fold(tiles, counts, keep_above, prune, seed)
-    return _run(inputs, tiles, lambda r0, x, _out: fold.prune_(r0, x), rule, seed, lam, info, signed,
-                fold=fold, exact=exact)
 
 
 def _gens(seed: int, n: int, module: str, row0: int) -> list[torch.Generator]:
@@ -367,9 +282,9 @@ def _trimmed(
     sign election and disjoint mean."""
     check_params(density=density)
     tiles = TaskTiles(inputs, weights)
-    return _thresholded(inputs, tiles, [keep_count(density, tiles.numel)], (True,),
-                        lambda x, t: K.trim_(x, t[:, 0], tiles.workspace), rank_rule, seed, lam,
-                        {"density": density}, signed)
+    t = tiles.thresholds([keep_count(density, tiles.numel)], seed=seed)[:, 0]
+    return _run(inputs, tiles, lambda _r0, x, _out: K.trim_(x, t, tiles.workspace), rank_rule, seed, lam,
+                {"density": density}, signed)
 
 
 @register("dare_linear", description="DARE: random drop (keep density), rescale by 1/density, weighted sum",
@@ -435,7 +350,6 @@ def breadcrumbs(
     check_params(density=density, gamma=gamma)
     tiles = TaskTiles(inputs, weights)
     n_out = math.floor(gamma * tiles.numel)
-    # keep t_1 ≤ |x| < t_0: t_0 the n_out-th largest (the outliers dropped), t_1 the next keep_count-th
-    return _thresholded(inputs, tiles, [n_out, n_out + keep_count(density, tiles.numel)], (False, True),
-                        lambda x, t: K.band(x, t[:, 1], t[:, 0], tiles.workspace), rank_rule, seed, lam,
-                        {"density": density, "gamma": gamma}, False)
+    t = tiles.thresholds([n_out, n_out + keep_count(density, tiles.numel)], seed=seed)
+    return _run(inputs, tiles, lambda _r0, x, _out: K.band(x, t[:, 1], t[:, 0], tiles.workspace), rank_rule, seed, lam,
+                {"density": density, "gamma": gamma}, False)

@@ -211,100 +211,22 @@ def test_task_thresholds_equal_kthvalue_on_the_dense_bf16_module(monkeypatch, ze
             assert float(got[i, j]) == float(torch.kthvalue(dense, dense.numel() - k + 1).values)
 
 
-def _merged(monkeypatch, method, fs, ws, fold, **kw):
-    """The merged ``M`` (before λ and the refactor), ``‖M‖²``, ``Y = MΩ``, the factors' ΔW and how many
-    counting passes ran, of one delta merge with the fold on or off."""
-    seen, passes = {}, []
-    refactor, thresholds = D.refactor, D.TaskTiles.thresholds
-
-    def spy(merged, *a, **k):
-        seen.update(M=merged.M.clone(), Y=merged.Y.clone(), norm2=merged.norm2, omega=merged.omega)
-        return refactor(merged, *a, **k)
-
-    def counting(self, *a, **k):
-        passes.append(1)
-        return thresholds(self, *a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(D, "refactor", spy)
-        m.setattr(D.TaskTiles, "thresholds", counting)
-        m.setattr(D, "FOLD", fold)
-        res = getattr(D, method)(fs, ws, **kw)
-    return seen, res.factors.delta(F64), len(passes)
-
-
-def _integer_factors(out, inn, n, g, dtype):
-    """Small-integer factors: their products take few distinct magnitudes, so many entries tie at every
-    threshold and sign ties (Σ τ̂ = 0) are common."""
-    from lorakit.factors import LoraFactors
-    return [LoraFactors(torch.randint(-2, 3, (2, inn), generator=g).to(dtype),
-                        torch.randint(-2, 3, (out, 2), generator=g).to(dtype), 1.0) for _ in range(n)]
-
-
-FOLD_CASES = {
-    "ties": {"density": 0.3}, "magnitude_prune": {"density": 0.45}, "breadcrumbs": {"density": 0.5, "gamma": 0.1},
-}
-
-
-@pytest.mark.parametrize("method", list(FOLD_CASES))
-@pytest.mark.parametrize("case", ["random-f64", "random-f32-4tasks", "integer-ties", "zero-module", "one-zero-task",
-                                  "density-1", "tiny-sample", "misleading-low", "misleading-high",
-                                  "overflow", "integer-ties-negative"])
-def test_folded_thresholds_give_the_two_pass_merge_bit_for_bit(monkeypatch, method, case):
-    """Thresholds found during the merge pass (provisional prune, bracket entries re-merged afterwards) give
-    the same ``M`` to the bit as a counting pass followed by the merge pass, ties at the threshold, sign ties,
-    zero modules, density 1 and misleading samples (which must fall back to the counting pass) included; the
-    factors agree to rounding."""
-    monkeypatch.setattr(K, "TILE_ELEMENTS", 230)  # tiles of a few rows, the last one short
-    g = torch.Generator().manual_seed(11)
-    kw = dict(FOLD_CASES[method], seed=3, rank_rule=rank_rule(rank=24))
-    ws = [0.7, -0.4, 1.1, 0.9]
-    if case == "random-f64":
-        fs, ws = make(out=41, inn=24), ws[:3]
-    elif case == "random-f32-4tasks":
-        fs = [random_factors(41, 24, 3, generator=g, dtype=torch.bfloat16) for _ in range(4)]
-    elif case.startswith("integer-ties"):  # "negative": a negative majority sign, so sign ties flip
-        fs = _integer_factors(41, 24, 3, g, F64)
-        ws = [-1.0, -1.0, 1.0] if case.endswith("negative") else [1.0, 1.0, -1.0]
-    elif case in ("zero-module", "one-zero-task"):
-        fs, ws = make(out=41, inn=24)[:2], ws[:2]
-        fs = [f.with_(B=torch.zeros_like(f.B)) if case == "zero-module" or i == 1 else f for i, f in enumerate(fs)]
-    else:
-        fs, ws = make(out=41, inn=24), ws[:3]
-    if case == "density-1":
-        kw["density"] = 1.0
-        if "gamma" in kw:
-            kw["gamma"] = 0.0
-    if case == "tiny-sample":
-        monkeypatch.setattr(K, "SAMPLE", 5)
-    if case == "overflow":  # more bracket entries than the fold may record: it gives up mid-pass
-        monkeypatch.setattr(K, "FOLD_MIN_LIMIT", 0)
-        monkeypatch.setattr(K, "FOLD_MAX_FRACTION", 0.01)
-    if case.startswith("misleading"):
-        fill = 0.0 if case == "misleading-low" else 1e9
-        monkeypatch.setattr(K, "sample_abs", lambda Bs, As, count, seed=0: torch.full((len(Bs), count), fill))
-    a, fa, passes_a = _merged(monkeypatch, method, fs, ws, True, **kw)
-    b, fb, passes_b = _merged(monkeypatch, method, fs, ws, False, **kw)
-    assert passes_b == 1
-    # the fold must have done the work where the sample is sound (else this test compares the fallback)
-    assert passes_a == (1 if case.startswith("misleading") or case == "overflow" else 0)
-    assert a["M"].dtype == b["M"].dtype
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32}[a["M"].dtype]
-    assert torch.equal(a["M"].view(bits), b["M"].view(bits))  # the sign bits of zeros too
-    tol = 1e-12 if a["M"].dtype == F64 else 1e-5
-    scale = float(b["M"].abs().max()) or 1.0
-    torch.testing.assert_close(a["Y"], b["Y"], rtol=0, atol=tol * scale * 24)
-    assert abs(a["norm2"] - b["norm2"]) <= tol * max(b["norm2"], 1e-30)
-    torch.testing.assert_close(fa, fb, rtol=0, atol=tol * scale * 24)
-
-
-def test_folded_thresholds_record_only_the_bracket():
-    """Where the sample is sound, the fold records a few percent of a module's entries, not all of them."""
-    g = torch.Generator().manual_seed(2)
-    fs = [random_factors(400, 300, 8, generator=g, dtype=torch.bfloat16) for _ in range(2)]
-    tiles = D.TaskTiles(fs, [1.0, 1.0])
-    fold = D.Fold(tiles, [D.keep_count(0.5, tiles.numel)], (True,), lambda x, t: K.trim_(x, t[:, 0]), seed=0)
-    for r0, x in tiles():
-        fold.prune_(r0, x)
-    assert fold.folded.thresholds() is not None
-    assert 0 < fold.folded.recorded < 0.15 * tiles.numel
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_entry_changes_update_the_probe_product_and_norm(dtype):
+    """``_apply`` (the sign-tie fix-ups' update of ``Y = MΩ`` and ``‖M‖²``), with changes out of row order,
+    split over several lists, and an empty one: the same as recomputing from the changed ``M``."""
+    g = torch.Generator().manual_seed(7)
+    M = torch.randn(50, 30, generator=g, dtype=dtype)
+    omega = torch.randn(30, 6, generator=g, dtype=dtype)
+    Y, norm2 = M @ omega, float((M.double() ** 2).sum())
+    flat = torch.randperm(M.numel(), generator=g)[:200]
+    r, c = flat // 30, flat % 30
+    old = M[r, c].clone()
+    new = torch.randn(200, generator=g, dtype=dtype)
+    M[r, c] = new
+    changes = [(r[:120], c[:120], old[:120], new[:120]), (r[:0], c[:0], old[:0], new[:0]),
+               (r[120:], c[120:], old[120:], new[120:])]
+    norm2 += D._apply(Y, omega, changes)
+    tol = 1e-12 if dtype == F64 else 1e-4
+    torch.testing.assert_close(Y, M @ omega, rtol=tol, atol=tol)
+    assert abs(norm2 - float((M.double() ** 2).sum())) < tol * norm2
