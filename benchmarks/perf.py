@@ -275,7 +275,7 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
         for (o, name), v in kernels.items():
             setattr(o, name, v)
         for name, f in originals.items():  # the timers wrap whichever sample_abs is in place
-            setattr(owner[name], name, timed(name, getattr(K, "sample_abs") if name == "sample_abs" else f))
+            setattr(owner[name], name, timed(name, K.sample_abs if name == "sample_abs" else f))
 
     rows: list[dict[str, object]] = []
     try:
@@ -649,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", action="store_true",
                     help="only rewrite docs/benchmarks/perf.md from the numbers in docs/benchmarks/perf.json")
     ap.add_argument("--delta-stages", action="store_true",
-                    help="only print the delta methods' CPU ns per entry by stage on one 8B gate_proj and q_proj")
+                    help="only print the delta methods' CPU ns per entry by stage on one 8B gate_proj and q_proj, "
+                         "before (the kernels of commit 13a053d) and after, interleaved, best of 2")
     args = ap.parse_args(argv)
     PEER_SHAPES[:] = args.peers_on.split(",")
     if args.delta_stages:
