@@ -215,8 +215,9 @@ DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "refac
 
 def _before_delta_kernels():  # type: ignore[no-untyped-def]
     """The delta kernels as they were before the chunked index_select sample of 2^17 (was B[rows], 2^16), the
-    kthvalue selection (was topk), the CSR tie update (was index_add_) and the sign counts by plane adds (was
-    torch.sum), commit 13a053d, as replacements of the current ones: only for the before/after profile."""
+    kthvalue selection (was topk), the CSR tie update (was index_add_), the sign counts by plane adds (was
+    torch.sum) and the 2^18-entry CPU tiles of the threshold merges (were 2^21), commit 13a053d, as
+    replacements of the current ones: only for the before/after profile."""
     from lorakit.ops import _kernels as K
 
     def sample_abs(Bs, As, count, seed=0):  # type: ignore[no-untyped-def]
@@ -235,11 +236,11 @@ def _before_delta_kernels():  # type: ignore[no-untyped-def]
 
     return {(K, "sample_abs"): sample_abs, (K, "kth_largest"): lambda vals, k: torch.topk(vals, k).values[-1],
             ("merge_delta", "_apply"): apply, (K, "SAMPLE"): 1 << 16,
-            (K, "_count_sum"): lambda x, out: torch.sum(x, 0, out=out)}
+            (K, "_count_sum"): lambda x, out: torch.sum(x, 0, out=out), (K, "CPU_TILE_ELEMENTS"): K.TILE_ELEMENTS}
 
 
 def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("mlp.gate_proj", "self_attn.q_proj"),
-                        methods: tuple[str, ...] = ("ties", "magnitude_prune", "dare_ties"), repeat: int = 2
+                        methods: tuple[str, ...] = ("ties", "magnitude_prune", "dare_ties"), repeat: int = 3
                         ) -> list[dict[str, object]]:
     """CPU ns per ΔW entry of a pair, by stage, of each delta method on one module of each given kind (two r=16
     bf16 inputs made as :func:`make_adapters` makes them, density 0.5, rank 16), in this process.
@@ -650,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="only rewrite docs/benchmarks/perf.md from the numbers in docs/benchmarks/perf.json")
     ap.add_argument("--delta-stages", action="store_true",
                     help="only print the delta methods' CPU ns per entry by stage on one 8B gate_proj and q_proj, "
-                         "before (the kernels of commit 13a053d) and after, interleaved, best of 2")
+                         "before (the kernels of commit 13a053d) and after, interleaved, best of 3")
     args = ap.parse_args(argv)
     PEER_SHAPES[:] = args.peers_on.split(",")
     if args.delta_stages:

@@ -15,6 +15,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 TILE_ELEMENTS = 1 << 21  # per task: 2M floats (8 MB fp32) per tile
+# Per task on CPU, for the threshold merges: a tile stack and its scratch stacks then stay in the caches
+# between the dozen element-wise passes (TIES 30 → 22-24 ns an entry; docs/performance.md). DARE and DELLA
+# keep TILE_ELEMENTS: their random streams are drawn per tile. On a GPU the larger tiles mean fewer launches.
+CPU_TILE_ELEMENTS = 1 << 18
 HIST_BINS = 1 << 16
 SAMPLE = 1 << 17  # sampled magnitudes per task that bracket a top-k threshold (see kth_largest_abs_bracketed)
 SAMPLE_CHUNK = 1 << 13  # samples formed at a time (their (chunk, r) gathers stay small and reused)
@@ -23,9 +27,13 @@ BRACKET_SIGMAS = 6.0
 Tiles = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # yields (row0, stack (n, rows, cols)) in row order
 
 
-def tile_rows(out: int, inn: int) -> int:
-    """Rows per tile for an ``out × in`` matrix; a function of the shape only, so random masks are reproducible."""
-    return max(1, min(out, TILE_ELEMENTS // max(inn, 1)))
+def tile_rows(out: int, inn: int, *, cached: bool = False) -> int:
+    """Rows per tile for an ``out × in`` matrix; a function of the shape only, so random masks are reproducible.
+
+    ``cached``: the smaller CPU tiles of :data:`CPU_TILE_ELEMENTS`, for merges whose result does not depend on
+    the tiling (no per-tile random stream)."""
+    elements = min(TILE_ELEMENTS, CPU_TILE_ELEMENTS) if cached else TILE_ELEMENTS
+    return max(1, min(out, elements // max(inn, 1)))
 
 
 def tile_generator(seed: int, task: int, module: str, row0: int) -> torch.Generator:

@@ -62,15 +62,18 @@ class TaskTiles:
     modify a tile in place but must not keep it past the next one. Every pass forms a row's values with the
     same GEMM shapes, so they are bit for bit the same in every pass (thresholds counted in one pass hold in
     the next).
+
+    ``cached=True`` (merges without per-tile random streams) takes the smaller CPU tiles of
+    :func:`lorakit.ops._kernels.tile_rows` when the factors are on the CPU.
     """
 
-    def __init__(self, inputs: Sequence[LoraFactors], weights: Sequence[float]) -> None:
+    def __init__(self, inputs: Sequence[LoraFactors], weights: Sequence[float], *, cached: bool = False) -> None:
         check_same_shape(inputs)
         self.dtype = compute_dtype(*[f.A for f in inputs])
         self.Bs = [f.B.to(self.dtype) * (w * f.scale) for f, w in zip(inputs, weights)]
         self.As = [f.A.to(self.dtype) for f in inputs]
         self.shape = inputs[0].shape
-        self.rows = K.tile_rows(*self.shape)
+        self.rows = K.tile_rows(*self.shape, cached=cached and self.As[0].device.type == "cpu")
         self._buf: torch.Tensor | None = None
         rows = min(self.rows, self.shape[0])
         self.workspace = K.Workspace(len(self.Bs), rows, self.shape[1], self.dtype, self.As[0].device)
@@ -281,7 +284,7 @@ def _trimmed(
     """Trim every input to its top-``density`` magnitudes, then a plain sum (``signed=False``) or TIES's
     sign election and disjoint mean."""
     check_params(density=density)
-    tiles = TaskTiles(inputs, weights)
+    tiles = TaskTiles(inputs, weights, cached=True)
     t = tiles.thresholds([keep_count(density, tiles.numel)], seed=seed)[:, 0]
     return _run(inputs, tiles, lambda _r0, x, _out: K.trim_(x, t, tiles.workspace), rank_rule, seed, lam,
                 {"density": density}, signed)
@@ -348,7 +351,7 @@ def breadcrumbs(
     lam: float = 1.0, rank_rule: RankRule | None = None, seed: int = 0,
 ) -> MergeResult:
     check_params(density=density, gamma=gamma)
-    tiles = TaskTiles(inputs, weights)
+    tiles = TaskTiles(inputs, weights, cached=True)
     n_out = math.floor(gamma * tiles.numel)
     t = tiles.thresholds([n_out, n_out + keep_count(density, tiles.numel)], seed=seed)
     return _run(inputs, tiles, lambda _r0, x, _out: K.band(x, t[:, 1], t[:, 0], tiles.workspace), rank_rule, seed, lam,
