@@ -275,21 +275,50 @@ def dare(x: torch.Tensor, density: float, generators: list[torch.Generator]) -> 
     return x if density >= 1.0 else dare_(x.clone(), density, generators)
 
 
-def dare_(x: torch.Tensor, density: float, generators: list[torch.Generator], *,
-          rescale: bool = True, ws: Workspace | None = None) -> torch.Tensor:
+def dare_(x: torch.Tensor, density: float, generators: list[torch.Generator]) -> torch.Tensor:
     """:func:`dare` in place. The mask of task ``i`` is ``torch.rand(rows, cols, generator=generators[i]) <
-    density`` (the documented stream). ``rescale=False`` leaves the ``1/density`` to the caller: the delta merges
-    fold it into the module's final scale, one multiplication per module instead of one per entry."""
+    density`` (the documented stream). (The delta merges draw the same masks through :class:`StreamMasks` and
+    fold the ``1/density`` into the module's final scale.)"""
     if density >= 1.0:
         return x
-    f, _, _ = Workspace.for_tile(x, ws).stack(x.shape[1])
-    u = f if x.dtype == torch.float32 and x.device.type == "cpu" else torch.empty(x.shape, dtype=torch.float32)
+    u = torch.empty(x.shape, dtype=torch.float32)
     for i, g in enumerate(generators):
         torch.rand(x.shape[1:], generator=g, out=u[i])
     # the mask as 0/1 floats: multiplying by a bool tensor is 20-40× slower (a casting path)
-    same = u.dtype == x.dtype and u.device == x.device
-    x.mul_(torch.lt(u, density, out=u) if same else torch.lt(u.to(x.device), density).to(x.dtype))
-    return x.div_(density) if rescale else x
+    return x.mul_(torch.lt(u, density, out=u).to(device=x.device, dtype=x.dtype)).div_(density)
+
+
+class StreamMasks:
+    """DARE's keep masks as 0/1 floats, ``torch.rand(rows, cols, generator=tile_generator(seed, i, module, row0))
+    < density`` drawn per standard tile (:func:`tile_rows` rows: the documented stream) and handed out in slices
+    to the smaller processing tiles inside it (which must not straddle a standard tile, see
+    ``merge_delta.TaskTiles``). So cache-sized tiles leave the random stream, and the result, unchanged."""
+
+    def __init__(self, density: float, seed: int, module: str, n: int, shape: tuple[int, int]) -> None:
+        self.density, self.seed, self.module, self.n = density, seed, module, n
+        self.out, self.cols = shape
+        self.rows = tile_rows(*shape)
+        self.base = -1
+        self.u = torch.empty(n, min(self.rows, self.out), self.cols)  # float32 on CPU, as the stream is drawn
+
+    def __call__(self, r0: int, rows: int) -> torch.Tensor:
+        """The ``(n, rows, cols)`` masks of rows ``r0 : r0 + rows``."""
+        base = r0 - r0 % self.rows
+        if base != self.base:
+            u = self.u[:, :min(self.rows, self.out - base)]
+            for i in range(self.n):
+                torch.rand(u.shape[1:], generator=tile_generator(self.seed, i, self.module, base), out=u[i])
+            torch.lt(u, self.density, out=u)
+            self.base = base
+        if r0 + rows > base + self.rows:
+            raise ValueError(f"rows {r0}:{r0 + rows} straddle the random-stream tile at row {base}")
+        return self.u[:, r0 - base:r0 - base + rows]
+
+
+def dare_masked_(x: torch.Tensor, masks: StreamMasks, r0: int) -> torch.Tensor:
+    """:func:`dare_` with ``rescale=False`` on the tile stack of rows ``r0 :``, its masks from ``masks``."""
+    m = masks(r0, x.shape[1])
+    return x.mul_(m if m.dtype == x.dtype and m.device == x.device else m.to(device=x.device, dtype=x.dtype))
 
 
 def della(x: torch.Tensor, density: float, epsilon: float, generators: list[torch.Generator]) -> torch.Tensor:

@@ -74,6 +74,7 @@ class TaskTiles:
         self.As = [f.A.to(self.dtype) for f in inputs]
         self.shape = inputs[0].shape
         self.rows = K.tile_rows(*self.shape, cached=cached and self.As[0].device.type == "cpu")
+        self.stream_rows = K.tile_rows(*self.shape)  # tiles never straddle these (DARE's random-stream tiles)
         self._buf: torch.Tensor | None = None
         rows = min(self.rows, self.shape[0])
         self.workspace = K.Workspace(len(self.Bs), rows, self.shape[1], self.dtype, self.As[0].device)
@@ -83,11 +84,13 @@ class TaskTiles:
         if self._buf is None:
             self._buf = torch.empty(len(self.Bs), min(self.rows, out), inn, dtype=self.dtype,
                                     device=self.As[0].device)
-        for r0 in range(0, out, self.rows):
-            x = self._buf[:, : min(self.rows, out - r0)]
-            for i, (B, A) in enumerate(zip(self.Bs, self.As)):
-                torch.mm(B[r0:r0 + x.shape[1]], A, out=x[i])
-            yield r0, x
+        for s0 in range(0, out, self.stream_rows):
+            s1 = min(s0 + self.stream_rows, out)
+            for r0 in range(s0, s1, self.rows):
+                x = self._buf[:, : min(self.rows, s1 - r0)]
+                for i, (B, A) in enumerate(zip(self.Bs, self.As)):
+                    torch.mm(B[r0:r0 + x.shape[1]], A, out=x[i])
+                yield r0, x
 
     @property
     def numel(self) -> int:
@@ -316,12 +319,15 @@ def _dare(
 ) -> MergeResult:
     """DARE's drop-and-rescale on every input, then a plain sum (``signed=False``) or TIES's election."""
     check_params(density=density)
-    tiles = TaskTiles(inputs, weights)
-    n = len(inputs)
+    # cache-sized tiles; the masks are drawn per standard tile all the same (K.StreamMasks), so the stream holds
+    tiles = TaskTiles(inputs, weights, cached=True)
+    if density >= 1.0:
+        prune: MergeTile = lambda _r0, _x, _out: None
+    else:
+        masks = K.StreamMasks(density, seed, module, len(inputs), tiles.shape)
+        prune = lambda r0, x, _out: K.dare_masked_(x, masks, r0)
     # 1/density is folded into λ: the TIES election is invariant to a positive scale and the means are linear
-    return _run(inputs, tiles, lambda r0, x, _out: K.dare_(x, density, _gens(seed, n, module, r0), rescale=False,
-                                                            ws=tiles.workspace),
-                rank_rule, seed, lam / density, {"density": density}, signed)
+    return _run(inputs, tiles, prune, rank_rule, seed, lam / density, {"density": density}, signed)
 
 
 @register("della", description="DELLA: magnitude-ranked random drop (MAGPRUNE, 1/p rescale), TIES election",

@@ -28,11 +28,14 @@ def taus(fs, ws):
 FULL = rank_rule(rank=20)  # min(shape): the randomized SVD then reproduces the dense result exactly
 
 
-@pytest.fixture(params=[False, True], ids=["one-tile", "many-tiles"])
+@pytest.fixture(params=["one-tile", "many-tiles", "cache-tiles"])
 def tiling(request, monkeypatch):
-    if request.param:  # 3 rows per tile: thresholds and merges must not depend on the tiling
+    if request.param == "many-tiles":  # 3 rows per tile: thresholds and merges must not depend on the tiling
         monkeypatch.setattr(K, "TILE_ELEMENTS", 60)
-    return request.param
+    if request.param == "cache-tiles":  # CPU tiles of 2, 2, 1 rows inside 5-row random-stream tiles
+        monkeypatch.setattr(K, "TILE_ELEMENTS", 100)
+        monkeypatch.setattr(K, "CPU_TILE_ELEMENTS", 40)
+    return request.param != "one-tile"
 
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.75, 1.0])
