@@ -216,7 +216,7 @@ DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "refac
 def _before_delta_kernels():  # type: ignore[no-untyped-def]
     """The delta kernels as they were before the chunked index_select sample of 2^17 (was B[rows], 2^16), the
     kthvalue selection (was topk), the CSR tie update (was index_add_), the sign counts by plane adds (was
-    torch.sum) and the 2^18-entry CPU tiles of the threshold merges (were 2^21), commit 13a053d, as
+    torch.sum) and the 2^18-entry CPU tiles of the threshold and DARE merges (were 2^21), commit 13a053d, as
     replacements of the current ones: only for the before/after profile."""
     from lorakit.ops import _kernels as K
 
