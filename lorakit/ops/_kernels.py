@@ -15,16 +15,25 @@ from collections.abc import Callable, Iterator
 import torch
 
 TILE_ELEMENTS = 1 << 21  # per task: 2M floats (8 MB fp32) per tile
+# Per task on CPU, for the threshold merges: a tile stack and its scratch stacks then stay in the caches
+# between the dozen element-wise passes (TIES 30 → 22-24 ns an entry; docs/performance.md). DARE and DELLA
+# keep TILE_ELEMENTS: their random streams are drawn per tile. On a GPU the larger tiles mean fewer launches.
+CPU_TILE_ELEMENTS = 1 << 18
 HIST_BINS = 1 << 16
-SAMPLE = 1 << 16  # sampled magnitudes per task that bracket a top-k threshold
+SAMPLE = 1 << 17  # sampled magnitudes per task that bracket a top-k threshold (see kth_largest_abs_bracketed)
+SAMPLE_CHUNK = 1 << 13  # samples formed at a time (their (chunk, r) gathers stay small and reused)
 BRACKET_SIGMAS = 6.0
 
 Tiles = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # yields (row0, stack (n, rows, cols)) in row order
 
 
-def tile_rows(out: int, inn: int) -> int:
-    """Rows per tile for an ``out × in`` matrix; a function of the shape only, so random masks are reproducible."""
-    return max(1, min(out, TILE_ELEMENTS // max(inn, 1)))
+def tile_rows(out: int, inn: int, *, cached: bool = False) -> int:
+    """Rows per tile for an ``out × in`` matrix; a function of the shape only, so random masks are reproducible.
+
+    ``cached``: the smaller CPU tiles of :data:`CPU_TILE_ELEMENTS`, for merges whose result does not depend on
+    the tiling (no per-tile random stream)."""
+    elements = min(TILE_ELEMENTS, CPU_TILE_ELEMENTS) if cached else TILE_ELEMENTS
+    return max(1, min(out, elements // max(inn, 1)))
 
 
 def tile_generator(seed: int, task: int, module: str, row0: int) -> torch.Generator:
@@ -99,8 +108,16 @@ def sample_abs(Bs: list[torch.Tensor], As: list[torch.Tensor], count: int, seed:
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(out, (count,), generator=g).to(Bs[0].device)
     cols = torch.randint(inn, (count,), generator=g).to(Bs[0].device)
-    # gathers of whole rows of B and of Aᵀ are contiguous (a column gather of A is 2× slower)
-    return torch.stack([(B[rows] * A.T.contiguous()[cols]).sum(1).abs() for B, A in zip(Bs, As)])
+    # Gathers of whole rows of B and of Aᵀ are contiguous (a column gather of A is 2× slower), and by
+    # index_select: the same rows as B[rows], 10× faster (advanced indexing takes a generic path). In chunks
+    # of SAMPLE_CHUNK samples: the (count, r) temporaries would be fresh, page-faulted mmaps (3-4× the work).
+    out_ = torch.empty(len(Bs), count, dtype=Bs[0].dtype, device=Bs[0].device)
+    for i, (B, A) in enumerate(zip(Bs, As)):
+        At = A.T.contiguous()
+        for a in range(0, count, SAMPLE_CHUNK):
+            r, c = rows[a:a + SAMPLE_CHUNK], cols[a:a + SAMPLE_CHUNK]
+            torch.sum(B.index_select(0, r).mul_(At.index_select(0, c)), 1, out=out_[i, a:a + SAMPLE_CHUNK])
+    return out_.abs_()
 
 
 def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tensor, numel: int,
@@ -173,7 +190,7 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
         vals = torch.cat(found.pop(key))
         r = ks[key].item() - above[key]
         if 0 < r <= vals.numel():
-            out[key] = float(torch.topk(vals, int(r)).values[-1])
+            out[key] = float(kth_largest(vals, int(r)))
         else:
             missed.append(key)
     if missed:  # the sample misled the bracket (astronomically rare): the exact histogram for those tasks
@@ -185,6 +202,12 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
         for key in missed:
             out[key] = exact[key]
     return out.to(dtype or torch.float64)
+
+
+def kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest of a 1-D tensor (``1 ≤ k ≤ len``) by selection: ``kthvalue`` is O(len), where a
+    ``topk`` of a large ``k`` (here about half the bracket) sorts, 2.5× slower on a bracket of 4·10⁵ values."""
+    return torch.kthvalue(vals, vals.numel() - k + 1).values
 
 
 class Workspace:
@@ -252,21 +275,50 @@ def dare(x: torch.Tensor, density: float, generators: list[torch.Generator]) -> 
     return x if density >= 1.0 else dare_(x.clone(), density, generators)
 
 
-def dare_(x: torch.Tensor, density: float, generators: list[torch.Generator], *,
-          rescale: bool = True, ws: Workspace | None = None) -> torch.Tensor:
+def dare_(x: torch.Tensor, density: float, generators: list[torch.Generator]) -> torch.Tensor:
     """:func:`dare` in place. The mask of task ``i`` is ``torch.rand(rows, cols, generator=generators[i]) <
-    density`` (the documented stream). ``rescale=False`` leaves the ``1/density`` to the caller: the delta merges
-    fold it into the module's final scale, one multiplication per module instead of one per entry."""
+    density`` (the documented stream). (The delta merges draw the same masks through :class:`StreamMasks` and
+    fold the ``1/density`` into the module's final scale.)"""
     if density >= 1.0:
         return x
-    f, _, _ = Workspace.for_tile(x, ws).stack(x.shape[1])
-    u = f if x.dtype == torch.float32 and x.device.type == "cpu" else torch.empty(x.shape, dtype=torch.float32)
+    u = torch.empty(x.shape, dtype=torch.float32)
     for i, g in enumerate(generators):
         torch.rand(x.shape[1:], generator=g, out=u[i])
     # the mask as 0/1 floats: multiplying by a bool tensor is 20-40× slower (a casting path)
-    same = u.dtype == x.dtype and u.device == x.device
-    x.mul_(torch.lt(u, density, out=u) if same else torch.lt(u.to(x.device), density).to(x.dtype))
-    return x.div_(density) if rescale else x
+    return x.mul_(torch.lt(u, density, out=u).to(device=x.device, dtype=x.dtype)).div_(density)
+
+
+class StreamMasks:
+    """DARE's keep masks as 0/1 floats, ``torch.rand(rows, cols, generator=tile_generator(seed, i, module, row0))
+    < density`` drawn per standard tile (:func:`tile_rows` rows: the documented stream) and handed out in slices
+    to the smaller processing tiles inside it (which must not straddle a standard tile, see
+    ``merge_delta.TaskTiles``). So cache-sized tiles leave the random stream, and the result, unchanged."""
+
+    def __init__(self, density: float, seed: int, module: str, n: int, shape: tuple[int, int]) -> None:
+        self.density, self.seed, self.module, self.n = density, seed, module, n
+        self.out, self.cols = shape
+        self.rows = tile_rows(*shape)
+        self.base = -1
+        self.u = torch.empty(n, min(self.rows, self.out), self.cols)  # float32 on CPU, as the stream is drawn
+
+    def __call__(self, r0: int, rows: int) -> torch.Tensor:
+        """The ``(n, rows, cols)`` masks of rows ``r0 : r0 + rows``."""
+        base = r0 - r0 % self.rows
+        if base != self.base:
+            u = self.u[:, :min(self.rows, self.out - base)]
+            for i in range(self.n):
+                torch.rand(u.shape[1:], generator=tile_generator(self.seed, i, self.module, base), out=u[i])
+            torch.lt(u, self.density, out=u)
+            self.base = base
+        if r0 + rows > base + self.rows:
+            raise ValueError(f"rows {r0}:{r0 + rows} straddle the random-stream tile at row {base}")
+        return self.u[:, r0 - base:r0 - base + rows]
+
+
+def dare_masked_(x: torch.Tensor, masks: StreamMasks, r0: int) -> torch.Tensor:
+    """:func:`dare_` with ``rescale=False`` on the tile stack of rows ``r0 :``, its masks from ``masks``."""
+    m = masks(r0, x.shape[1])
+    return x.mul_(m if m.dtype == x.dtype and m.device == x.device else m.to(device=x.device, dtype=x.dtype))
 
 
 def della(x: torch.Tensor, density: float, epsilon: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -304,6 +356,18 @@ def disjoint_mean(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / agree.sum(0).clamp_min(1).to(x.dtype)
 
 
+def _count_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Σ_i x_i`` over the task axis for small-integer ``x`` (signs, counts), by plane adds: exact in any
+    order, and two-thirds the cost of ``torch.sum`` over the outer axis. (Sums of real values keep
+    ``torch.sum``: its order for 5+ tasks is not a chain of adds, and the bits must not change.)"""
+    if x.shape[0] == 1:
+        return out.copy_(x[0])
+    torch.add(x[0], x[1], out=out)
+    for i in range(2, x.shape[0]):
+        out.add_(x[i])
+    return out
+
+
 class SignedMerge:
     """Elect + disjoint merge over a stream of tiles, with the paper's tie rule: where ``Σ_i x_i = 0`` but some
     entry is nonzero, the elected sign is the module's majority sign ``sign(Σ γ)``, known only after the last
@@ -334,8 +398,8 @@ class SignedMerge:
         s, P, D, T, sig = (ws.plane(i, rows) for i in range(5))
         torch.sum(x, 0, out=s)
         torch.sum(torch.clamp(x, min=0, out=f), 0, out=P)
-        torch.sum(torch.sign(x, out=f), 0, out=D)
-        torch.sum(f.abs_(), 0, out=T)
+        _count_sum(torch.sign(x, out=f), D)
+        _count_sum(f.abs_(), T)
         torch.sign(s, out=sig)
         self.sign_sum += float(sig.sum())
         # Ties (s = 0 with some entry nonzero) are where s = 0 but not T = 0, as {T = 0} ⊆ {s = 0}.

@@ -28,11 +28,14 @@ def taus(fs, ws):
 FULL = rank_rule(rank=20)  # min(shape): the randomized SVD then reproduces the dense result exactly
 
 
-@pytest.fixture(params=[False, True], ids=["one-tile", "many-tiles"])
+@pytest.fixture(params=["one-tile", "many-tiles", "cache-tiles"])
 def tiling(request, monkeypatch):
-    if request.param:  # 3 rows per tile: thresholds and merges must not depend on the tiling
+    if request.param == "many-tiles":  # 3 rows per tile: thresholds and merges must not depend on the tiling
         monkeypatch.setattr(K, "TILE_ELEMENTS", 60)
-    return request.param
+    if request.param == "cache-tiles":  # CPU tiles of 2, 2, 1 rows inside 5-row random-stream tiles
+        monkeypatch.setattr(K, "TILE_ELEMENTS", 100)
+        monkeypatch.setattr(K, "CPU_TILE_ELEMENTS", 40)
+    return request.param != "one-tile"
 
 
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.75, 1.0])
@@ -209,3 +212,43 @@ def test_task_thresholds_equal_kthvalue_on_the_dense_bf16_module(monkeypatch, ze
         dense = torch.cat([B[r0:r0 + tiles.rows] @ A for r0 in range(0, 90, tiles.rows)]).abs().flatten()
         for j, k in enumerate(counts):
             assert float(got[i, j]) == float(torch.kthvalue(dense, dense.numel() - k + 1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_entry_changes_update_the_probe_product_and_norm(dtype):
+    """``_apply`` (the sign-tie fix-ups' update of ``Y = MΩ`` and ``‖M‖²``), with changes out of row order,
+    split over several lists, and an empty one: the same as recomputing from the changed ``M``."""
+    g = torch.Generator().manual_seed(7)
+    M = torch.randn(50, 30, generator=g, dtype=dtype)
+    omega = torch.randn(30, 6, generator=g, dtype=dtype)
+    Y, norm2 = M @ omega, float((M.double() ** 2).sum())
+    flat = torch.randperm(M.numel(), generator=g)[:200]
+    r, c = flat // 30, flat % 30
+    old = M[r, c].clone()
+    new = torch.randn(200, generator=g, dtype=dtype)
+    M[r, c] = new
+    changes = [(r[:120], c[:120], old[:120], new[:120]), (r[:0], c[:0], old[:0], new[:0]),
+               (r[120:], c[120:], old[120:], new[120:])]
+    norm2 += D._apply(Y, omega, changes)
+    tol = 1e-12 if dtype == F64 else 1e-4
+    torch.testing.assert_close(Y, M @ omega, rtol=tol, atol=tol)
+    assert abs(norm2 - float((M.double() ** 2).sum())) < tol * norm2
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_sign_counts_by_plane_adds_leave_the_merge_bits_unchanged(monkeypatch, n):
+    """The election's integer counts ``D``, ``T`` summed by plane adds (not ``torch.sum``) give the same merged
+    tile to the bit, zeros of both signs and sign ties included."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-2, 3, (n, 37, 29), generator=g).float() * 0.5
+    x[x == 0] = torch.where(torch.rand(int((x == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    got = K.SignedMerge()
+    a = got.tile(0, x.clone())
+    with monkeypatch.context() as m:
+        m.setattr(K, "_count_sum", lambda v, out: torch.sum(v, 0, out=out))
+        want = K.SignedMerge()
+        b = want.tile(0, x.clone())
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32)) and got.sign_sum == want.sign_sum
+    assert len(got.ties) == len(want.ties) == int(n > 1)  # the integer values make sign ties
+    for a_tie, b_tie in zip(got.ties, want.ties):
+        assert all(torch.equal(p, q) for p, q in zip(a_tie[1:], b_tie[1:]))
