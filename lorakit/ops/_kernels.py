@@ -18,6 +18,9 @@ TILE_ELEMENTS = 1 << 21  # per task: 2M floats (8 MB fp32) per tile
 # Per task on CPU, for the threshold merges: a tile stack and its scratch stacks then stay in the caches
 # between the dozen element-wise passes (TIES 30 → 22-24 ns an entry; docs/performance.md). DARE and DELLA
 # keep TILE_ELEMENTS: their random streams are drawn per tile. On a GPU the larger tiles mean fewer launches.
+# One torch thread only: with two, each small pass pays the thread pool's barrier, and next to the read-ahead
+# thread the small tiles made a whole merge 25-35% slower end to end (4 8B layers: 24.3-26.5 s against
+# 15.7-20.3 s with 2^21; one thread: 21.7 s against 23.9-24.4 s; docs/performance.md).
 CPU_TILE_ELEMENTS = 1 << 18
 HIST_BINS = 1 << 16
 SAMPLE = 1 << 17  # sampled magnitudes per task that bracket a top-k threshold (see kth_largest_abs_bracketed)
@@ -31,8 +34,9 @@ def tile_rows(out: int, inn: int, *, cached: bool = False) -> int:
     """Rows per tile for an ``out × in`` matrix; a function of the shape only, so random masks are reproducible.
 
     ``cached``: the smaller CPU tiles of :data:`CPU_TILE_ELEMENTS`, for merges whose result does not depend on
-    the tiling (no per-tile random stream)."""
-    elements = min(TILE_ELEMENTS, CPU_TILE_ELEMENTS) if cached else TILE_ELEMENTS
+    the tiling (no per-tile random stream), when torch runs one thread (see :data:`CPU_TILE_ELEMENTS`)."""
+    small = cached and torch.get_num_threads() == 1
+    elements = min(TILE_ELEMENTS, CPU_TILE_ELEMENTS) if small else TILE_ELEMENTS
     return max(1, min(out, elements // max(inn, 1)))
 
 

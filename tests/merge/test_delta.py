@@ -252,3 +252,15 @@ def test_sign_counts_by_plane_adds_leave_the_merge_bits_unchanged(monkeypatch, n
     assert len(got.ties) == len(want.ties) == int(n > 1)  # the integer values make sign ties
     for a_tie, b_tie in zip(got.ties, want.ties):
         assert all(torch.equal(p, q) for p, q in zip(a_tie[1:], b_tie[1:]))
+
+
+def test_cache_sized_tiles_only_with_one_torch_thread():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = K.tile_rows(4096, 4096, cached=True)
+        torch.set_num_threads(2)
+        two = K.tile_rows(4096, 4096, cached=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == K.CPU_TILE_ELEMENTS // 4096 < two == K.tile_rows(4096, 4096) == K.TILE_ELEMENTS // 4096
