@@ -213,43 +213,16 @@ def peers(shape: str, rank: int, inputs: list[Path]) -> dict[str, object]:
 DELTA_STAGES = ("kth_largest_abs_bracketed", "sample_abs", "merge_dense", "refactor", "probe")
 
 
-def _before_delta_kernels():  # type: ignore[no-untyped-def]
-    """The delta kernels as they were before the chunked index_select sample of 2^17 (was B[rows], 2^16), the
-    kthvalue selection (was topk), the CSR tie update (was index_add_), the sign counts by plane adds (was
-    torch.sum) and the 2^18-entry CPU tiles of the threshold and DARE merges (were 2^21), commit 13a053d, as
-    replacements of the current ones: only for the before/after profile."""
-    from lorakit.ops import _kernels as K
-
-    def sample_abs(Bs, As, count, seed=0):  # type: ignore[no-untyped-def]
-        out, inn = Bs[0].shape[0], As[0].shape[1]
-        g = torch.Generator().manual_seed(seed)
-        rows = torch.randint(out, (count,), generator=g).to(Bs[0].device)
-        cols = torch.randint(inn, (count,), generator=g).to(Bs[0].device)
-        return torch.stack([(B[rows] * A.T.contiguous()[cols]).sum(1).abs() for B, A in zip(Bs, As)])
-
-    def apply(Y, omega, changes):  # type: ignore[no-untyped-def]
-        d2 = 0.0
-        for r, c, old, new in changes:
-            Y.index_add_(0, r, (new - old).unsqueeze(1) * omega[c])
-            d2 += float((new.double() ** 2 - old.double() ** 2).sum())
-        return d2
-
-    return {(K, "sample_abs"): sample_abs, (K, "kth_largest"): lambda vals, k: torch.topk(vals, k).values[-1],
-            ("merge_delta", "_apply"): apply, (K, "SAMPLE"): 1 << 16,
-            (K, "_count_sum"): lambda x, out: torch.sum(x, 0, out=out), (K, "CPU_TILE_ELEMENTS"): K.TILE_ELEMENTS}
-
-
 def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("mlp.gate_proj", "self_attn.q_proj"),
                         methods: tuple[str, ...] = ("ties", "magnitude_prune", "dare_ties"), repeat: int = 3
                         ) -> list[dict[str, object]]:
     """CPU ns per ΔW entry of a pair, by stage, of each delta method on one module of each given kind (two r=16
-    bf16 inputs made as :func:`make_adapters` makes them, density 0.5, rank 16), in this process.
+    bf16 inputs made as :func:`make_adapters` makes them, density 0.5, rank 16), in this process, best of
+    ``repeat``.
 
     Stages are the sample and counting pass of the exact thresholds, the merge pass, the probe and the refactor
-    (``lorakit.ops.merge_delta``'s functions, timed with ``time.process_time`` by wrapping them). Each method
-    runs ``before`` (the kernels of :func:`_before_delta_kernels` swapped in) and ``after`` (the current ones)
-    interleaved, ``repeat`` times; the best total of each is kept, and the merged ``M`` of the two is compared
-    bit for bit."""
+    (``lorakit.ops.merge_delta``'s functions, timed with ``time.process_time`` by wrapping them). To compare
+    with earlier kernels, run this at both commits in one window (docs/performance.md has such a record)."""
     from lorakit.ops import _kernels as K
     from lorakit.ops import merge_delta as D
     from lorakit.ops.rank_rules import RankRule
@@ -257,57 +230,40 @@ def delta_stage_profile(shape: str = "llama3-8b", modules: tuple[str, ...] = ("m
     spent: dict[str, float] = {}
     owner = {name: (K if hasattr(K, name) else D) for name in DELTA_STAGES}
     originals = {name: getattr(owner[name], name) for name in DELTA_STAGES}
-    before = {((D if o == "merge_delta" else o), name): v for (o, name), v in _before_delta_kernels().items()}
-    current = {key: getattr(*key) for key in before}
-    merged: dict[str, torch.Tensor] = {}
 
     def timed(name: str, f):  # type: ignore[no-untyped-def]
         def g(*a, **kw):  # type: ignore[no-untyped-def]
             t0 = time.process_time()
             try:
-                if name == "refactor":
-                    merged["M"] = a[0].M
                 return f(*a, **kw)
             finally:
                 spent[name] = spent.get(name, 0.0) + time.process_time() - t0
         return g
 
-    def use(kernels):  # type: ignore[no-untyped-def]
-        for (o, name), v in kernels.items():
-            setattr(o, name, v)
-        for name, f in originals.items():  # the timers wrap whichever sample_abs is in place
-            setattr(owner[name], name, timed(name, K.sample_abs if name == "sample_abs" else f))
-
     rows: list[dict[str, object]] = []
     try:
+        for name, f in originals.items():
+            setattr(owner[name], name, timed(name, f))
         for m in modules:
             name = f"model.layers.0.{m}"
             o, i = module_shapes(shape, 1)[name]
             fs = [module_factors(name, o, i, 16, k) for k in range(2)]
             for method in methods:
-                best: dict[str, dict[str, object]] = {}
-                ms: dict[str, torch.Tensor] = {}
+                best: dict[str, object] | None = None
                 for _ in range(repeat):
-                    for variant in ("before", "after"):
-                        use(before if variant == "before" else current)
-                        spent.clear()
-                        t0 = time.process_time()
-                        res = getattr(D, method)(fs, [1.0, 1.0], density=0.5, rank_rule=RankRule("rank", 16))
-                        total = time.process_time() - t0
-                        ms[variant] = merged.pop("M")
-                        row = {"module": m, "method": method, "variant": variant,
-                               "total_ns": round(total / (o * i) * 1e9, 2),
-                               "stages_ns": {k: round(v / (o * i) * 1e9, 2) for k, v in spent.items()},
-                               "error": round(res.error, 6), "load": round(os.getloadavg()[0], 2)}
-                        if variant not in best or row["total_ns"] < best[variant]["total_ns"]:  # type: ignore[operator]
-                            best[variant] = row
-                same = torch.equal(ms["before"].view(torch.int32), ms["after"].view(torch.int32))
-                for variant in ("before", "after"):
-                    rows.append({**best[variant], "M_equal_bits": same})
-                    print(rows[-1], flush=True)
+                    spent.clear()
+                    t0 = time.process_time()
+                    res = getattr(D, method)(fs, [1.0, 1.0], density=0.5, rank_rule=RankRule("rank", 16))
+                    total = time.process_time() - t0
+                    row = {"module": m, "method": method, "total_ns": round(total / (o * i) * 1e9, 2),
+                           "stages_ns": {k: round(v / (o * i) * 1e9, 2) for k, v in spent.items()},
+                           "error": round(res.error, 6), "load": round(os.getloadavg()[0], 2)}
+                    if best is None or row["total_ns"] < best["total_ns"]:  # type: ignore[operator]
+                        best = row
+                assert best is not None
+                rows.append(best)
+                print(best, flush=True)
     finally:
-        for (o, name), v in current.items():
-            setattr(o, name, v)
         for name, f in originals.items():
             setattr(owner[name], name, f)
     return rows
@@ -650,8 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", action="store_true",
                     help="only rewrite docs/benchmarks/perf.md from the numbers in docs/benchmarks/perf.json")
     ap.add_argument("--delta-stages", action="store_true",
-                    help="only print the delta methods' CPU ns per entry by stage on one 8B gate_proj and q_proj, "
-                         "before (the kernels of commit 13a053d) and after, interleaved, best of 3")
+                    help="only print the delta methods' CPU ns per entry by stage on one 8B gate_proj and q_proj, best of 3")
     args = ap.parse_args(argv)
     PEER_SHAPES[:] = args.peers_on.split(",")
     if args.delta_stages:

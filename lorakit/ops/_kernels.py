@@ -320,7 +320,8 @@ class StreamMasks:
 
 
 def dare_masked_(x: torch.Tensor, masks: StreamMasks, r0: int) -> torch.Tensor:
-    """:func:`dare_` with ``rescale=False`` on the tile stack of rows ``r0 :``, its masks from ``masks``."""
+    """DARE's drop (no ``1/density``: the delta merges fold it into the module's scale) on the tile stack of
+    rows ``r0 :``, its masks from ``masks``."""
     m = masks(r0, x.shape[1])
     return x.mul_(m if m.dtype == x.dtype and m.device == x.device else m.to(device=x.device, dtype=x.dtype))
 
