@@ -25,3 +25,13 @@ def cli(tmp_path):
         return result.exit_code, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture
+def tiny_llama_2l():
+    """A 2-layer, hidden-64 Llama built from a config (GQA: 2 key/value heads; seed 0), in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return transformers.LlamaForCausalLM(config).eval()

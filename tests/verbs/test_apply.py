@@ -92,15 +92,12 @@ def test_apply_matches_reference_and_keeps_layout(tmp_path, cli, shards):
             torch.testing.assert_close(restored.get(k), t, atol=1e-5, rtol=1e-5)
 
 
-def test_apply_matches_peft_merge_on_a_tiny_llama(tmp_path, cli):
+def test_apply_matches_peft_merge_on_a_tiny_llama(tmp_path, cli, tiny_llama_2l):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lorakit.testing import random_adapter
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama_2l
     model.save_pretrained(tmp_path / "base")
     shapes = {f"model.layers.{i}.self_attn.{p}": s for i in range(2)
               for p, s in {"q_proj": (64, 64), "v_proj": (32, 64)}.items()}

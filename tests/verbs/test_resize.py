@@ -177,13 +177,11 @@ def test_inspect_spectrum_matches_dense(tmp_path, cli):
         assert rows[n]["eff. rank"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), abs=1e-3)
 
 
-def test_peft_loads_resized_adapter_and_logits_match_dense_reference(tmp_path, cli):
+def test_peft_loads_resized_adapter_and_logits_match_dense_reference(tmp_path, cli, tiny_llama_2l):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
-    base = transformers.LlamaForCausalLM(config).eval()
+    base = tiny_llama_2l
+    config = base.config
     shapes = {}
     for i in range(2):
         for proj, shp in {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
