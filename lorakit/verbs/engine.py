@@ -140,6 +140,28 @@ class ModuleStream(Generic[R, T]):
             yield name, self.get(name)
 
 
+def windowed(adapter: Adapter, work: Callable[[Adapter, list[str]], Mapping[str, T]], *, device: Any,
+             window_bytes: int) -> ModuleStream[LoraFactors, T]:
+    """A :class:`ModuleStream` over ``adapter``'s modules, windows of ``window_bytes`` float32 factor bytes
+    (modules of equal shape then batch), ``work(view, window)`` given the window's modules as a lazy adapter
+    ``view`` that reads through the stream (read ahead: half a window on CUDA, one module on CPU).
+
+    For the verbs whose per-window work takes an adapter (resize, ``inspect --spectrum``: the batched QR cores
+    of :mod:`lorakit.linalg`)."""
+    from functools import partial
+
+    infos = adapter.infos()
+
+    def run(window: list[str], inputs: Callable[[str], LoraFactors]) -> Mapping[str, T]:
+        view = Adapter({n: partial(inputs, n) for n in window}, adapter.meta, {n: infos[n] for n in window})
+        return work(view, window)
+
+    cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    return ModuleStream(list(adapter), adapter.__getitem__, run, nbytes=lambda n: infos[n].num_params * 4,
+                        window_bytes=window_bytes, read_ahead_bytes=window_bytes // 2 if cuda else 0,
+                        stored_bytes={n: i.num_params * i.dtype.itemsize for n, i in infos.items()})
+
+
 def streamed(adapter: Adapter, fn: Callable[[str, LoraFactors], LoraFactors] | None = None,
              infos: Mapping[str, ModuleInfo] | None = None) -> Adapter:
     """``adapter`` (its modules through ``fn(name, factors)`` when given, described by ``infos``, default the
@@ -162,4 +184,4 @@ def streamed(adapter: Adapter, fn: Callable[[str, LoraFactors], LoraFactors] | N
     return Adapter({n: partial(stream.get, n) for n in adapter}, adapter.meta, infos or in_infos)
 
 
-__all__ = ["ModuleStream", "Output", "Progress", "streamed", "write_adapter"]
+__all__ = ["ModuleStream", "Output", "Progress", "streamed", "windowed", "write_adapter"]

@@ -5,7 +5,6 @@ or ``--spectrum`` the per-module reductions that read the tensors, streamed thro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from lorakit.adapter import Adapter
 from lorakit.linalg import default_window_bytes
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import ModuleStream
+from lorakit.verbs.engine import ModuleStream, windowed
 from lorakit.verbs.store import load
 
 
@@ -30,18 +29,10 @@ def spectra(adapter: Adapter, *, device: torch.device | str = "cpu",
     """
     from lorakit.linalg import adapter_spectra
 
-    infos = adapter.infos()
     dev = torch.device(device)
     window_bytes = default_window_bytes(dev) if window_bytes is None else window_bytes
-
-    def work(window: list[str], inputs) -> dict[str, torch.Tensor]:
-        # the window's modules, read through the stream (read ahead), as an adapter for the batched cores
-        view = Adapter({n: partial(inputs, n) for n in window}, adapter.meta, {n: infos[n] for n in window})
-        return dict(adapter_spectra(view, window, device=dev))
-
-    stream = ModuleStream(list(adapter), adapter.__getitem__, work, nbytes=lambda n: infos[n].num_params * 4,
-                          window_bytes=window_bytes, read_ahead_bytes=window_bytes // 2 if dev.type == "cuda" else 0,
-                          stored_bytes={n: i.num_params * i.dtype.itemsize for n, i in infos.items()})
+    stream = windowed(adapter, lambda view, window: dict(adapter_spectra(view, window, device=dev)), device=dev,
+                      window_bytes=window_bytes)
     yield from stream
 
 

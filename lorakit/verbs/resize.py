@@ -24,7 +24,7 @@ from lorakit.ops.resize import (
 )
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
-from lorakit.verbs.engine import ModuleStream, Output, write_adapter
+from lorakit.verbs.engine import Output, windowed, write_adapter
 from lorakit.verbs.inspect import spectra as inspect_spectra
 from lorakit.verbs.store import default_output_format, load
 
@@ -58,17 +58,13 @@ def resize_stream(
     pad = int(rule.value) if expand and rule is not None else None
     rows: dict[str, ModuleResize] = {}
 
-    def work(window: list[str], inputs) -> dict[str, LoraFactors]:
-        # the window's modules, read through the stream (read ahead), as an adapter for the batched cores
-        view = Adapter({n: partial(inputs, n) for n in window}, adapter.meta, {n: infos[n] for n in window})
+    def work(view: Adapter, window: list[str]) -> dict[str, LoraFactors]:
         out: dict[str, LoraFactors] = {}
         for n, f, row in resize_modules(view, window, ranks, pad=pad, device=dev):
             out[n], rows[n] = f, row
         return out
 
-    stream = ModuleStream(list(adapter), adapter.__getitem__, work, nbytes=lambda n: infos[n].num_params * 4,
-                          window_bytes=window_bytes, read_ahead_bytes=window_bytes // 2 if dev.type == "cuda" else 0,
-                          stored_bytes={n: i.num_params * i.dtype.itemsize for n, i in infos.items()})
+    stream = windowed(adapter, work, device=dev, window_bytes=window_bytes)
     out_infos = {n: replace(i, rank=max(ranks[n], pad or 0), scale=1.0) for n, i in infos.items()}
     return Adapter({n: partial(stream.get, n) for n in adapter}, adapter.meta, out_infos), rows
 
