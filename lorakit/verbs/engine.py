@@ -11,7 +11,7 @@ residuals) keep their own ``io`` writer.
 order, how one module's inputs are read, and the work over a window of modules; the stream reads ahead in a
 background thread, cuts the windows, hands each module's result out once, trims the host heap as it goes, and
 reports progress. A lazy output adapter pulls its modules from it (``stream.get``), an eager verb iterates it;
-:func:`streamed` wraps an adapter whose per-module work is the read itself. Through it:
+:func:`streamed` wraps an adapter whose per-module work is the read itself, :func:`windowed` hands each window to the work as a lazy adapter. Through it:
 
 - ``merge`` (:func:`lorakit.pipeline.run_merge`, batched windows for an operator with a ``batched`` path),
   ``resize`` (its spectra planning pass and the resize), ``quantize``, ``extract``, ``apply``, ``lq-decompose``
