@@ -174,10 +174,18 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
     found: dict[tuple[int, int], list[torch.Tensor]] = {key: [] for key in todo}
     dtype = None
     ws = getattr(tiles, "workspace", None)
+    from lorakit.ops import _native
+
     for _, x in tiles():
         dtype = x.dtype
         ws = Workspace.for_tile(x, ws)
         a, ge_hi, inside = ws.stack(x.shape[1])
+        if _native.usable(x):  # the same counts and values in one C loop per task (no |x| stack, no masks)
+            for i, j in todo:
+                n_lo, k = _native.bracket(x[i], float(lo[i, j]), float(hi[i, j]), a[i])
+                above[(i, j)] += n_lo - k
+                found[(i, j)].append(a[i].reshape(-1)[:k].clone())
+            continue
         torch.abs(x, out=a)
         for i, j in todo:
             h, low = float(hi[i, j]), float(lo[i, j])
@@ -223,7 +231,7 @@ class Workspace:
         self.f = torch.empty(n, rows, cols, dtype=dtype, device=device)
         self.b = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
         self.b2 = torch.empty(n, rows, cols, dtype=torch.bool, device=device)
-        self.planes = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(5)]
+        self.planes = [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(8)]
         self._f2: torch.Tensor | None = None
 
     @staticmethod
@@ -361,10 +369,10 @@ def disjoint_mean(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / agree.sum(0).clamp_min(1).to(x.dtype)
 
 
-def _count_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``Σ_i x_i`` over the task axis for small-integer ``x`` (signs, counts), by plane adds: exact in any
-    order, and two-thirds the cost of ``torch.sum`` over the outer axis. (Sums of real values keep
-    ``torch.sum``: its order for 5+ tasks is not a chain of adds, and the bits must not change.)"""
+def chain_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Σ_i x_i`` over the task axis as a chain of plane adds in task order, ``((x_0 + x_1) + x_2) + …``: the
+    order the fused loop of ``_delta.c`` uses, so both paths give the same bits (``torch.sum``'s order for 5+
+    tasks is not a chain). Small-integer planes (counts) are exact in any order."""
     if x.shape[0] == 1:
         return out.copy_(x[0])
     torch.add(x[0], x[1], out=out)
@@ -374,14 +382,15 @@ def _count_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 class SignedMerge:
-    """Elect + disjoint merge over a stream of tiles, with the paper's tie rule: where ``Σ_i x_i = 0`` but some
-    entry is nonzero, the elected sign is the module's majority sign ``sign(Σ γ)``, known only after the last
-    tile. Ties are rare (measure zero for real data), so both candidates are kept for those entries only and
-    the right one is chosen in :meth:`finish`.
+    """Elect + disjoint merge over a stream of tiles, with the paper's tie rule: where the masses cancel but
+    some entry is nonzero, the elected sign is the module's majority sign ``sign(Σ γ)``, known only after the
+    last tile. Ties are rare (measure zero for real data), so both candidates are kept for those entries only
+    and the right one is chosen in :meth:`finish`.
 
-    One tile costs a handful of element-wise passes: with ``s = Σ_i x_i``, ``P = Σ_i max(x_i, 0)`` and
-    ``p``/``q`` the counts of positive/negative entries, the disjoint mean is ``P/p`` where ``s > 0`` and
-    ``(s − P)/q`` where ``s < 0``; at a tie (``s = 0``, ``P > 0``) both are at hand.
+    Per entry, with ``P``/``N`` the positive/negative masses (summed in task order) and ``p``/``q`` their
+    counts: ``γ = sign(P + N)`` (the sign of ``Σ_i x_i``; exact, as ``P + N = 0`` iff ``N = −P``), and the
+    disjoint mean is ``P/p`` where ``γ > 0``, ``N/q`` where ``γ < 0``, 0 where every entry is 0; at a tie both
+    are at hand. :mod:`lorakit.ops._native` does the same operations in one loop (float32 on CPU).
     """
 
     def __init__(self) -> None:
@@ -392,42 +401,51 @@ class SignedMerge:
              ws: Workspace | None = None) -> torch.Tensor:
         """The merged ``(rows, cols)`` tile (written into ``out`` when given); ``+`` mean at ties for now.
 
-        Branch-free (a ``where`` on a random mask costs 4 ns an entry on CPU): with ``σ = sign(s)``,
-        ``D = Σ_i sign(x_i) = p − q`` and ``T = Σ_i |sign(x_i)| = p + q``, the agreeing mass is
-        ``(s − σ·(s − 2P))/2`` (``P`` where ``σ = 1``, ``s − P`` where ``σ = −1``) and the agreeing count is
-        ``(T + σ·D)/2``; the halves cancel. Each is exact up to a rounding of the result's own size.
-        """
+        Branch-free (a ``where`` on a random mask costs 4 ns an entry on CPU): with ``g = [γ > 0]`` and
+        ``l = [γ < 0]`` as 0/1 floats, the mean is ``(P·g + N·l) / max(p·g + q·l, 1)``."""
         ws = Workspace.for_tile(x, ws)
         rows = x.shape[1]
         f, _, _ = ws.stack(rows)
-        s, P, D, T, sig = (ws.plane(i, rows) for i in range(5))
-        torch.sum(x, 0, out=s)
-        torch.sum(torch.clamp(x, min=0, out=f), 0, out=P)
-        _count_sum(torch.sign(x, out=f), D)
-        _count_sum(f.abs_(), T)
-        torch.sign(s, out=sig)
-        self.sign_sum += float(sig.sum())
-        # Ties (s = 0 with some entry nonzero) are where s = 0 but not T = 0, as {T = 0} ⊆ {s = 0}.
-        # Every term of Σ T·(|σ| − 1) is ≤ 0 and it is < 0 exactly at a tie (T > 0, σ = 0), so the sum is < 0
-        # iff the tile has one: two cheap float passes and a dot instead of two boolean counts (~4× the cost).
-        w = torch.abs(sig, out=f[0]).sub_(1)
+        P, N, p, q, s, g, lt, T = (ws.plane(i, rows) for i in range(8))
+        chain_sum(torch.gt(x, 0, out=f), p)
+        chain_sum(f.mul_(x), P)
+        chain_sum(torch.lt(x, 0, out=f), q)
+        chain_sum(f.mul_(x), N)
+        torch.add(P, N, out=s)
+        torch.gt(s, 0, out=g)
+        torch.lt(s, 0, out=lt)
+        self.sign_sum += float(g.sum()) - float(lt.sum())
+        torch.add(p, q, out=T)
+        # Ties (s = 0 with some entry nonzero): every term of Σ T·(g + l − 1) is ≤ 0 and it is < 0 exactly at a
+        # tie, so the sum is < 0 iff the tile has one: two float passes and a dot instead of boolean counts.
+        w = torch.add(g, lt, out=f[0]).sub_(1)
         n_tie = 0
         if float(torch.dot(T.reshape(-1), w.reshape(-1))) < 0:
             tie = (s == 0) & (T > 0)
             n_tie = int(tie.sum())
         if n_tie:
             where = tie.nonzero()
-            p_cnt, q_cnt = (T[tie] + D[tie]) / 2, (T[tie] - D[tie]) / 2
-            pos = P[tie] / p_cnt
-            neg = -P[tie] / q_cnt.clamp(min=1)  # s = 0: the negative mass is −P
+            pos = P[tie] / p[tie].clamp(min=1)
+            neg = N[tie] / q[tie].clamp(min=1)
             self.ties.append((row0, where[:, 0], where[:, 1], neg, pos))
-        num = torch.sub(s, P, alpha=2, out=P)            # s − 2P
-        num = torch.addcmul(s, sig, num, value=-1, out=num)  # s − σ(s − 2P) = 2·agreeing mass
-        den = torch.addcmul(T, sig, D, out=D).clamp_(min=1)  # T + σD = 2·agreeing count
+        num = torch.mul(P, g, out=P).add_(N.mul_(lt))
+        den = torch.mul(p, g, out=p).add_(q.mul_(lt)).clamp_(min=1)
         merged = torch.div(num, den, out=out) if out is not None else num / den
         if n_tie:
             merged[where[:, 0], where[:, 1]] = pos.to(merged.dtype)
         return merged
+
+    def native_tile(self, row0: int, x: torch.Tensor, out: torch.Tensor, **prune: object) -> None:
+        """:meth:`tile` after the prune ``prune`` (see :func:`lorakit.ops._native.merge`), fused in one C loop
+        over ``x`` (float32, CPU); ``x`` itself is left unpruned."""
+        from lorakit.ops import _native
+
+        sigma, idx, tie_p, tie_q = _native.merge(x, out, signed=True, **prune)  # type: ignore[arg-type]
+        self.sign_sum += sigma
+        if idx.numel():
+            cols = x.shape[2]
+            neg = -tie_p / tie_q.clamp(min=1)
+            self.ties.append((row0, idx // cols, idx % cols, neg, out.reshape(-1)[idx].clone()))
 
     def finish(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Apply the majority rule to the tie entries of the assembled result ``out`` (in place).

@@ -35,6 +35,7 @@ from lorakit.errors import OperatorParameterError
 from lorakit.factors import LoraFactors
 from lorakit.linalg import SVD, _qr, _svd, compute_dtype, fix_signs
 from lorakit.ops import _kernels as K
+from lorakit.ops import _native
 from lorakit.ops.merge_exact import check_same_shape, default_rank
 from lorakit.ops.rank_rules import RankRule
 from lorakit.ops.registry import MergeResult, register
@@ -116,6 +117,7 @@ def keep_count(density: float, numel: int) -> int:
 
 
 MergeTile = Callable[[int, torch.Tensor, torch.Tensor], object]  # (row0, tile stack, out rows) -> anything
+NativePrune = Callable[[int, torch.Tensor], dict[str, object]]  # (row0, tile stack) -> _native.merge's prune
 
 
 class Merged:
@@ -232,8 +234,11 @@ def refactor(merged: Merged, rule: RankRule, *, lam: float, n_iter: int = POWER_
 
 
 def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile, rule: RankRule | None,
-         seed: int, lam: float, info: dict, signed: bool) -> MergeResult:
-    """Probe, merge (fused with the first product), refactor: the shared body of every delta method."""
+         seed: int, lam: float, info: dict, signed: bool, native: NativePrune | None = None) -> MergeResult:
+    """Probe, merge (fused with the first product), refactor: the shared body of every delta method.
+
+    ``native(row0, x)`` names the same prune as ``merge_tile`` for the fused C loop
+    (:func:`lorakit.ops._native.merge`'s ``mode``/``lo``/``hi``/``mask``), taken for float32 CPU tiles."""
     first = inputs[0]
     rule = rule or default_rank(inputs)
     full = min(tiles.shape)
@@ -243,14 +248,22 @@ def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile,
         k = min(max(64, 4 * sum(f.rank for f in inputs)), full)
     omega = probe(tiles, k, seed)
     signer = K.SignedMerge() if signed else None
-    if signer is not None:
+    if native is not None and _native.usable(tiles.As[0]):
+        # prune and merge in one C loop over the tile (same operations as the torch kernels below)
+        def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
+            prune = native(r0, x)
+            if signer is not None:
+                signer.native_tile(r0, x, out, **prune)
+            else:
+                _native.merge(x, out, signed=False, **prune)  # type: ignore[arg-type]
+    elif signer is not None:
         def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
             merge_tile(r0, x, out)
             signer.tile(r0, x, out=out, ws=tiles.workspace)
     else:
         def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
             merge_tile(r0, x, out)
-            torch.sum(x, 0, out=out)
+            K.chain_sum(x, out)
     merged = merge_dense(tiles, body, omega, signer)
     res = refactor(merged, rule, lam=lam, kernel=first.kernel, kind=first.kind)
     return MergeResult(res.factors, res.error, res.best_error, {**res.info, **info})
@@ -290,7 +303,7 @@ def _trimmed(
     tiles = TaskTiles(inputs, weights, cached=True)
     t = tiles.thresholds([keep_count(density, tiles.numel)], seed=seed)[:, 0]
     return _run(inputs, tiles, lambda _r0, x, _out: K.trim_(x, t, tiles.workspace), rank_rule, seed, lam,
-                {"density": density}, signed)
+                {"density": density}, signed, lambda _r0, _x: {"mode": "trim", "lo": t})
 
 
 @register("dare_linear", description="DARE: random drop (keep density), rescale by 1/density, weighted sum",
@@ -323,11 +336,13 @@ def _dare(
     tiles = TaskTiles(inputs, weights, cached=True)
     if density >= 1.0:
         prune: MergeTile = lambda _r0, _x, _out: None
+        native: NativePrune = lambda _r0, _x: {"mode": "none"}
     else:
         masks = K.StreamMasks(density, seed, module, len(inputs), tiles.shape)
         prune = lambda r0, x, _out: K.dare_masked_(x, masks, r0)
+        native = lambda r0, x: {"mode": "mask", "mask": masks(r0, x.shape[1])}
     # 1/density is folded into λ: the TIES election is invariant to a positive scale and the means are linear
-    return _run(inputs, tiles, prune, rank_rule, seed, lam / density, {"density": density}, signed)
+    return _run(inputs, tiles, prune, rank_rule, seed, lam / density, {"density": density}, signed, native)
 
 
 @register("della", description="DELLA: magnitude-ranked random drop (MAGPRUNE, 1/p rescale), TIES election",
@@ -361,4 +376,5 @@ def breadcrumbs(
     n_out = math.floor(gamma * tiles.numel)
     t = tiles.thresholds([n_out, n_out + keep_count(density, tiles.numel)], seed=seed)
     return _run(inputs, tiles, lambda _r0, x, _out: K.band(x, t[:, 1], t[:, 0], tiles.workspace), rank_rule, seed, lam,
-                {"density": density, "gamma": gamma}, False)
+                {"density": density, "gamma": gamma}, False,
+                lambda _r0, _x: {"mode": "band", "lo": t[:, 1], "hi": t[:, 0]})

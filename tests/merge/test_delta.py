@@ -235,25 +235,6 @@ def test_entry_changes_update_the_probe_product_and_norm(dtype):
     assert abs(norm2 - float((M.double() ** 2).sum())) < tol * norm2
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
-def test_sign_counts_by_plane_adds_leave_the_merge_bits_unchanged(monkeypatch, n):
-    """The election's integer counts ``D``, ``T`` summed by plane adds (not ``torch.sum``) give the same merged
-    tile to the bit, zeros of both signs and sign ties included."""
-    g = torch.Generator().manual_seed(n)
-    x = torch.randint(-2, 3, (n, 37, 29), generator=g).float() * 0.5
-    x[x == 0] = torch.where(torch.rand(int((x == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
-    got = K.SignedMerge()
-    a = got.tile(0, x.clone())
-    with monkeypatch.context() as m:
-        m.setattr(K, "_count_sum", lambda v, out: torch.sum(v, 0, out=out))
-        want = K.SignedMerge()
-        b = want.tile(0, x.clone())
-    assert torch.equal(a.view(torch.int32), b.view(torch.int32)) and got.sign_sum == want.sign_sum
-    assert len(got.ties) == len(want.ties) == int(n > 1)  # the integer values make sign ties
-    for a_tie, b_tie in zip(got.ties, want.ties):
-        assert all(torch.equal(p, q) for p, q in zip(a_tie[1:], b_tie[1:]))
-
-
 def test_cache_sized_tiles_only_with_one_torch_thread():
     threads = torch.get_num_threads()
     try:

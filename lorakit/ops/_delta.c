@@ -1,0 +1,102 @@
+/* Fused element-wise loops of the delta-space merges (lorakit.ops._native loads this; see its docstring).
+ *
+ * Each function does, in one pass over a tile held in cache, what lorakit.ops._kernels does in a dozen torch
+ * passes, with the same IEEE operations in the same order, so both give the same values (tested):
+ * compile without -ffast-math and with -ffp-contract=off (no fused multiply-adds). */
+#include <math.h>
+#include <stdint.h>
+
+/* Counting pass of kth_largest_abs_bracketed for one task: returns how many |x| lie in [lo, hi) and writes
+ * them (in order) to out; *n_lo gets the number of |x| >= lo. Branch-free: store always, advance if inside. */
+int64_t lk_bracket_f32(const float *x, int64_t len, float lo, float hi, float *out, int64_t *n_lo) {
+    int64_t k = 0, c = 0;
+    for (int64_t e = 0; e < len; e++) {
+        float a = fabsf(x[e]);
+        int ge = a >= lo;
+        c += ge;
+        out[k] = a;
+        k += ge & (a < hi);
+    }
+    *n_lo = c;
+    return k;
+}
+
+/* Prune (trim to [lo, hi), or multiply by a 0/1 mask) and merge n task tiles of len entries each
+ * (task i at x + i*xs; its mask at m + i*ms).
+ *   mode 0: no prune; mode 1: keep |x| >= lo_i; mode 2: keep lo_i <= |x| < hi_i; mode 3: multiply by mask.
+ *   signed == 0: out = sum of the pruned values in task order.
+ *   signed == 1: TIES election and disjoint mean: P / Nn the positive / negative masses (task order), p / q
+ *     their counts; sigma = sign(P + Nn); out = P/p (sigma > 0), Nn/q (sigma < 0), 0 when every entry is 0;
+ *     at a sign tie (P + Nn == 0, some entry nonzero) out = P/p, and the entry's index, P and q go to ties,
+ *     tie_p and tie_q (the negative mean is -P/q: Nn == -P exactly there).
+ * Returns the number of ties written; *sigma_sum gets the sum of sigma over the tile. */
+#define BLOCK 512
+
+/* One task's pruned values of a block, v[e] for e < len (mode as in lk_merge_f32). Loops stay branch-free and
+ * the mode test outside them, so the compiler vectorises each. */
+static void pruned(const float *x, int64_t len, int mode, float lo, float hi, const float *m, float *v) {
+    if (mode == 1) {
+        for (int64_t e = 0; e < len; e++) v[e] = x[e] * (float)(fabsf(x[e]) >= lo);
+    } else if (mode == 2) {
+        for (int64_t e = 0; e < len; e++) {
+            float a = fabsf(x[e]);
+            v[e] = (x[e] * (float)(a < hi)) * (float)(a >= lo);
+        }
+    } else if (mode == 3) {
+        for (int64_t e = 0; e < len; e++) v[e] = x[e] * m[e];
+    } else {
+        for (int64_t e = 0; e < len; e++) v[e] = x[e];
+    }
+}
+
+int64_t lk_merge_f32(const float *x, int64_t n, int64_t xs, int64_t len, int mode, const float *lo,
+                     const float *hi, const float *m, int64_t ms, int sgn, float *out, int64_t *ties,
+                     float *tie_p, float *tie_q, double *sigma_sum) {
+    int64_t n_tie = 0, sig_total = 0;
+    float v[BLOCK], P[BLOCK], N[BLOCK], p[BLOCK], q[BLOCK];
+    for (int64_t b0 = 0; b0 < len; b0 += BLOCK) {
+        int64_t bl = len - b0 < BLOCK ? len - b0 : BLOCK;
+        float *o = out + b0;
+        for (int64_t i = 0; i < n; i++) {
+            pruned(x + i * xs + b0, bl, mode, lo ? lo[i] : 0.0f, hi ? hi[i] : 0.0f, m ? m + i * ms + b0 : 0, v);
+            if (!sgn) {
+                if (i == 0) for (int64_t e = 0; e < bl; e++) o[e] = v[e];
+                else for (int64_t e = 0; e < bl; e++) o[e] = o[e] + v[e];
+                continue;
+            }
+            if (i == 0) {
+                for (int64_t e = 0; e < bl; e++) {
+                    float pos = v[e] > 0.0f, neg = v[e] < 0.0f;
+                    P[e] = v[e] * pos; N[e] = v[e] * neg; p[e] = pos; q[e] = neg;
+                }
+            } else {
+                for (int64_t e = 0; e < bl; e++) {
+                    float pos = v[e] > 0.0f, neg = v[e] < 0.0f;
+                    P[e] = P[e] + v[e] * pos; N[e] = N[e] + v[e] * neg; p[e] = p[e] + pos; q[e] = q[e] + neg;
+                }
+            }
+        }
+        if (!sgn) continue;
+        int64_t any_tie = 0;
+        for (int64_t e = 0; e < bl; e++) {
+            float s = P[e] + N[e];
+            float gt = s > 0.0f, lt = s < 0.0f;
+            float num = P[e] * gt + N[e] * lt, den = p[e] * gt + q[e] * lt;
+            o[e] = num / (den < 1.0f ? 1.0f : den);
+            sig_total += (int64_t)gt - (int64_t)lt;
+            any_tie |= (s == 0.0f) & (p[e] + q[e] > 0.0f);
+        }
+        if (any_tie) {
+            for (int64_t e = 0; e < bl; e++) {
+                if (P[e] + N[e] == 0.0f && p[e] + q[e] > 0.0f) {
+                    o[e] = P[e] / (p[e] < 1.0f ? 1.0f : p[e]);
+                    tie_p[n_tie] = P[e];
+                    tie_q[n_tie] = q[e];
+                    ties[n_tie++] = b0 + e;
+                }
+            }
+        }
+    }
+    *sigma_sum = (double)sig_total;
+    return n_tie;
+}

@@ -1,0 +1,96 @@
+"""The fused C loops (``lorakit.ops._native``) against the torch kernels they replace: the same values, ties,
+signs and counts, for every prune mode and task count; and the whole delta merges with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.factors import LoraFactors
+from lorakit.ops import _kernels as K
+from lorakit.ops import _native
+from lorakit.ops import merge_delta as D
+from lorakit.ops.rank_rules import RankRule
+
+pytestmark = pytest.mark.skipif(_native.library() is None, reason="no C compiler to build lorakit's fused loops")
+
+
+def _stack(n: int, seed: int, rows: int = 37, cols: int = 29) -> torch.Tensor:
+    """Task tiles with many exact ties: small half-integers and zeros of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (n, rows, cols), generator=g).float() * 0.5
+    x[x == 0] = torch.where(torch.rand(int((x == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    return x
+
+
+def _torch_prune(x: torch.Tensor, mode: str, lo, hi, mask) -> torch.Tensor:
+    x = x.clone()
+    if mode == "trim":
+        K.trim_(x, lo)
+    elif mode == "band":
+        K.band(x, lo, hi)
+    elif mode == "mask":
+        x.mul_(mask)
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("mode", ["none", "trim", "band", "mask"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_fused_merge_equals_the_torch_kernels(n, mode, signed):
+    x = _stack(n, seed=n)
+    lo = torch.full((n,), 1.0) if mode != "band" else torch.full((n,), 0.5)
+    hi = torch.full((n,), 1.5)
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(7)) < 0.6).float()
+    want_signer, got_signer = K.SignedMerge(), K.SignedMerge()
+    pruned = _torch_prune(x, mode, lo, hi, mask)
+    if signed:
+        want = want_signer.tile(0, pruned)
+    else:
+        want = K.chain_sum(pruned, torch.empty(x.shape[1:]))
+    got = torch.empty(x.shape[1:])
+    kw = {"mode": mode, "lo": lo, "hi": hi, "mask": mask if mode == "mask" else None}
+    if signed:
+        got_signer.native_tile(0, x, got, **kw)
+    else:
+        _native.merge(x, got, signed=False, **kw)
+    assert torch.equal(got, want)  # ±0 compare equal; every nonzero value to the bit
+    assert got_signer.sign_sum == want_signer.sign_sum
+    assert len(got_signer.ties) == len(want_signer.ties)
+    for a, b in zip(got_signer.ties, want_signer.ties):
+        assert all(torch.equal(u, v) for u, v in zip(a[1:], b[1:]))
+    if signed and n > 1 and mode in ("none", "mask"):
+        assert got_signer.ties and got_signer.ties[0][1].numel() > 0  # the half-integers make sign ties
+
+
+def test_fused_bracket_counts_and_collects_in_order():
+    a = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
+    out = torch.empty(10_000)
+    n_lo, k = _native.bracket(a, 0.5, 1.25, out)
+    m = a.abs()
+    assert n_lo == int((m >= 0.5).sum())
+    assert torch.equal(out[:k], m[(m >= 0.5) & (m < 1.25)])
+    n_lo, k = _native.bracket(a, 0.5, float("inf"), out)
+    assert torch.equal(out[:k], m[m >= 0.5])
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear", "breadcrumbs"])
+def test_delta_merges_give_the_same_factors_with_and_without_the_fused_loops(monkeypatch, method):
+    g = torch.Generator().manual_seed(3)
+    fs = [LoraFactors(B=torch.randn(300, 6, generator=g).bfloat16(), A=torch.randn(6, 200, generator=g).bfloat16(),
+                      scale=0.5) for _ in range(3)]
+    kw = {"density": 0.4} if method != "breadcrumbs" else {}
+    fused = getattr(D, method)(fs, [1.0, 0.7, 1.3], rank_rule=RankRule("rank", 6), **kw)
+    monkeypatch.setitem(_native._state, "lib", None)
+    plain = getattr(D, method)(fs, [1.0, 0.7, 1.3], rank_rule=RankRule("rank", 6), **kw)
+    assert torch.equal(fused.factors.B, plain.factors.B) and torch.equal(fused.factors.A, plain.factors.A)
+    assert fused.error == plain.error
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_torch_election_is_the_papers_disjoint_mean(n):
+    """The torch tile kernel (the path without the C loop, and the one on CUDA) against the formula, tie-free."""
+    x = torch.randn(n, 41, 23, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    x[x.abs() < 0.3] = 0.0
+    want = K.disjoint_mean(x, K.elect_sign(x))
+    torch.testing.assert_close(K.SignedMerge().tile(0, x), want, rtol=1e-15, atol=1e-15)
