@@ -6,7 +6,7 @@ same IEEE operations in the same order as :mod:`lorakit.ops._kernels` (tested eq
 depend on whether the library could be built.
 
 The library is built once per source, compiler and CPU with the system C compiler (``$CC``, else ``cc`` /
-``gcc`` / ``clang``; about 0.3 s, no Python or torch headers) into ``$LORAKIT_CACHE/native`` (default
+``gcc`` / ``clang``; about 0.2 s, no Python or torch headers) into ``$LORAKIT_CACHE/native`` (default
 ``~/.cache/lorakit/native``), written to a temporary name and renamed into place, so concurrent processes
 never load a partial file. No compiler, a failed build or ``LORAKIT_NATIVE=0`` leave :func:`library` ``None``
 and the merges on their torch path. Float32 contiguous CPU tensors only.

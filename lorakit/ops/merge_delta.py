@@ -117,7 +117,47 @@ def keep_count(density: float, numel: int) -> int:
 
 
 MergeTile = Callable[[int, torch.Tensor, torch.Tensor], object]  # (row0, tile stack, out rows) -> anything
-NativePrune = Callable[[int, torch.Tensor], dict[str, object]]  # (row0, tile stack) -> _native.merge's prune
+
+
+class Prune:
+    """What a delta method keeps of each task tile, written once for both paths: the torch kernels
+    (:meth:`apply_`, in place) and the fused C loop (:meth:`native`, the arguments of
+    :func:`lorakit.ops._native.merge`).
+
+    Nothing given keeps all; ``lo`` keeps ``|x_i| ≥ lo_i`` (trim); ``lo`` and ``hi`` keep ``lo_i ≤ |x_i| < hi_i``
+    (band); ``masks`` multiplies by DARE's stream masks; ``custom(row0, x)`` prunes in place (torch only:
+    DELLA)."""
+
+    def __init__(self, *, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+                 masks: K.StreamMasks | None = None,
+                 custom: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        self.lo, self.hi, self.masks, self.custom = lo, hi, masks, custom
+
+    @property
+    def fusable(self) -> bool:
+        return self.custom is None
+
+    @property
+    def mode(self) -> str:
+        if self.masks is not None:
+            return "mask"
+        if self.lo is not None:
+            return "trim" if self.hi is None else "band"
+        return "none"
+
+    def apply_(self, r0: int, x: torch.Tensor, ws: K.Workspace) -> None:
+        if self.custom is not None:
+            self.custom(r0, x)
+        elif self.masks is not None:
+            K.dare_masked_(x, self.masks, r0)
+        elif self.lo is not None and self.hi is not None:
+            K.band(x, self.lo, self.hi, ws)
+        elif self.lo is not None:
+            K.trim_(x, self.lo, ws)
+
+    def native(self, r0: int, x: torch.Tensor) -> dict[str, object]:
+        mask = None if self.masks is None else self.masks(r0, x.shape[1])
+        return {"mode": self.mode, "lo": self.lo, "hi": self.hi, "mask": mask}
 
 
 class Merged:
@@ -233,12 +273,12 @@ def refactor(merged: Merged, rule: RankRule, *, lam: float, n_iter: int = POWER_
     return MergeResult(out, error=err, best_error=None, info={"rank": keep})
 
 
-def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile, rule: RankRule | None,
-         seed: int, lam: float, info: dict, signed: bool, native: NativePrune | None = None) -> MergeResult:
+def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, prune: Prune, rule: RankRule | None,
+         seed: int, lam: float, info: dict, signed: bool) -> MergeResult:
     """Probe, merge (fused with the first product), refactor: the shared body of every delta method.
 
-    ``native(row0, x)`` names the same prune as ``merge_tile`` for the fused C loop
-    (:func:`lorakit.ops._native.merge`'s ``mode``/``lo``/``hi``/``mask``), taken for float32 CPU tiles."""
+    The prune and merge of a tile run in one C loop for float32 CPU tiles (:mod:`lorakit.ops._native`, the
+    same operations), else as torch kernels."""
     first = inputs[0]
     rule = rule or default_rank(inputs)
     full = min(tiles.shape)
@@ -248,22 +288,19 @@ def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, merge_tile: MergeTile,
         k = min(max(64, 4 * sum(f.rank for f in inputs)), full)
     omega = probe(tiles, k, seed)
     signer = K.SignedMerge() if signed else None
-    if native is not None and _native.usable(tiles.As[0]):
-        # prune and merge in one C loop over the tile (same operations as the torch kernels below)
+    if prune.fusable and _native.usable(tiles.As[0]):
         def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
-            prune = native(r0, x)
             if signer is not None:
-                signer.native_tile(r0, x, out, **prune)
+                signer.native_tile(r0, x, out, **prune.native(r0, x))
             else:
-                _native.merge(x, out, signed=False, **prune)  # type: ignore[arg-type]
-    elif signer is not None:
-        def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
-            merge_tile(r0, x, out)
-            signer.tile(r0, x, out=out, ws=tiles.workspace)
+                _native.merge(x, out, signed=False, **prune.native(r0, x))  # type: ignore[arg-type]
     else:
         def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
-            merge_tile(r0, x, out)
-            K.chain_sum(x, out)
+            prune.apply_(r0, x, tiles.workspace)
+            if signer is not None:
+                signer.tile(r0, x, out=out, ws=tiles.workspace)
+            else:
+                K.chain_sum(x, out)
     merged = merge_dense(tiles, body, omega, signer)
     res = refactor(merged, rule, lam=lam, kernel=first.kernel, kind=first.kind)
     return MergeResult(res.factors, res.error, res.best_error, {**res.info, **info})
@@ -302,8 +339,7 @@ def _trimmed(
     check_params(density=density)
     tiles = TaskTiles(inputs, weights, cached=True)
     t = tiles.thresholds([keep_count(density, tiles.numel)], seed=seed)[:, 0]
-    return _run(inputs, tiles, lambda _r0, x, _out: K.trim_(x, t, tiles.workspace), rank_rule, seed, lam,
-                {"density": density}, signed, lambda _r0, _x: {"mode": "trim", "lo": t})
+    return _run(inputs, tiles, Prune(lo=t), rank_rule, seed, lam, {"density": density}, signed)
 
 
 @register("dare_linear", description="DARE: random drop (keep density), rescale by 1/density, weighted sum",
@@ -334,15 +370,9 @@ def _dare(
     check_params(density=density)
     # cache-sized tiles; the masks are drawn per standard tile all the same (K.StreamMasks), so the stream holds
     tiles = TaskTiles(inputs, weights, cached=True)
-    if density >= 1.0:
-        prune: MergeTile = lambda _r0, _x, _out: None
-        native: NativePrune = lambda _r0, _x: {"mode": "none"}
-    else:
-        masks = K.StreamMasks(density, seed, module, len(inputs), tiles.shape)
-        prune = lambda r0, x, _out: K.dare_masked_(x, masks, r0)
-        native = lambda r0, x: {"mode": "mask", "mask": masks(r0, x.shape[1])}
+    prune = Prune() if density >= 1.0 else Prune(masks=K.StreamMasks(density, seed, module, len(inputs), tiles.shape))
     # 1/density is folded into λ: the TIES election is invariant to a positive scale and the means are linear
-    return _run(inputs, tiles, prune, rank_rule, seed, lam / density, {"density": density}, signed, native)
+    return _run(inputs, tiles, prune, rank_rule, seed, lam / density, {"density": density}, signed)
 
 
 @register("della", description="DELLA: magnitude-ranked random drop (MAGPRUNE, 1/p rescale), TIES election",
@@ -357,10 +387,10 @@ def della(
     tiles = TaskTiles(inputs, weights)
     n = len(inputs)
 
-    def prune(r0: int, x: torch.Tensor, _out: torch.Tensor) -> None:
+    def prune(r0: int, x: torch.Tensor) -> None:
         x.copy_(K.della(x, density, epsilon, _gens(seed, n, module, r0)))
 
-    return _run(inputs, tiles, prune, rank_rule, seed, lam, {"density": density}, True)
+    return _run(inputs, tiles, Prune(custom=prune), rank_rule, seed, lam, {"density": density}, True)
 
 
 @register("breadcrumbs", description="drop the top-gamma outliers and the small tail, keep density; sum",
@@ -375,6 +405,5 @@ def breadcrumbs(
     tiles = TaskTiles(inputs, weights, cached=True)
     n_out = math.floor(gamma * tiles.numel)
     t = tiles.thresholds([n_out, n_out + keep_count(density, tiles.numel)], seed=seed)
-    return _run(inputs, tiles, lambda _r0, x, _out: K.band(x, t[:, 1], t[:, 0], tiles.workspace), rank_rule, seed, lam,
-                {"density": density, "gamma": gamma}, False,
-                lambda _r0, _x: {"mode": "band", "lo": t[:, 1], "hi": t[:, 0]})
+    return _run(inputs, tiles, Prune(lo=t[:, 1], hi=t[:, 0]), rank_rule, seed, lam,
+                {"density": density, "gamma": gamma}, False)
