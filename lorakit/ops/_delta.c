@@ -7,10 +7,31 @@
 #include <stdint.h>
 
 /* Counting pass of kth_largest_abs_bracketed for one task: returns how many |x| lie in [lo, hi) and writes
- * them (in order) to out; *n_lo gets the number of |x| >= lo. Branch-free: store always, advance if inside. */
+ * them (in order) to out; *n_lo gets the number of |x| >= lo. With AVX-512, 16 entries at a time and the
+ * bracket's values compress-stored (the scalar loop's store index is a loop-carried dependency that keeps it
+ * from vectorising); the scalar loop does the rest, and is the whole loop elsewhere. Same counts
+ * and values in the same order either way (comparisons are exact; NaN counts as neither). */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 int64_t lk_bracket_f32(const float *x, int64_t len, float lo, float hi, float *out, int64_t *n_lo) {
-    int64_t k = 0, c = 0;
-    for (int64_t e = 0; e < len; e++) {
+    int64_t k = 0, c = 0, e = 0;
+#ifdef __AVX512F__
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    for (; e + 16 <= len; e += 16) {
+        __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512((const void *)(x + e)), absmask));
+        __mmask16 ge = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ);
+        __mmask16 in = ge & _mm512_cmp_ps_mask(a, vhi, _CMP_LT_OQ);
+        c += __builtin_popcount((unsigned)ge);
+        /* compress in a register, then a full store: the compressing store is microcoded on Zen 4 (slow);
+         * the 16 lanes at out + k fit, as k <= e and out holds len values */
+        _mm512_storeu_ps(out + k, _mm512_maskz_compress_ps(in, a));
+        k += __builtin_popcount((unsigned)in);
+    }
+#endif
+    for (; e < len; e++) {
         float a = fabsf(x[e]);
         int ge = a >= lo;
         c += ge;

@@ -3,6 +3,8 @@ signs and counts, for every prune mode and task count; and the whole delta merge
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ def _torch_prune(x: torch.Tensor, mode: str, lo, hi, mask) -> torch.Tensor:
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 @pytest.mark.parametrize("mode", ["none", "trim", "band", "mask"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_fused_merge_equals_the_torch_kernels(n, mode, signed):
+def test_fused_merge_equals_the_torch_kernels(loops, n, mode, signed):
     x = _stack(n, seed=n)
     lo = torch.full((n,), 1.0) if mode != "band" else torch.full((n,), 0.5)
     hi = torch.full((n,), 1.5)
@@ -63,15 +65,32 @@ def test_fused_merge_equals_the_torch_kernels(n, mode, signed):
         assert got_signer.ties and got_signer.ties[0][1].numel() > 0  # the half-integers make sign ties
 
 
-def test_fused_bracket_counts_and_collects_in_order():
-    a = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
-    out = torch.empty(10_000)
-    n_lo, k = _native.bracket(a, 0.5, 1.25, out)
+@pytest.fixture(params=["native", "scalar"])
+def loops(request, monkeypatch, tmp_path):
+    """The library as built for this CPU, and (on x86-64) one built without AVX-512: the scalar loops that
+    CPUs without it run, which an AVX-512 machine would otherwise never test."""
+    if request.param == "scalar":
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("the scalar build is the native one off x86-64")
+        monkeypatch.setattr(_native, "FLAGS", [*_native.FLAGS, "-mno-avx512f"])
+        monkeypatch.setattr(_native, "_state", {})
+        monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+        assert _native.library() is not None
+    return request.param
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 10_003])
+def test_fused_bracket_counts_and_collects_in_order(loops, length):
+    # lengths around the 16-wide vector loop and its scalar tail; the bounds themselves, ±0, ±inf and NaN
+    a = torch.randn(length, generator=torch.Generator().manual_seed(length))
+    special = torch.tensor([0.5, -0.5, 1.25, -1.25, 0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    a[torch.randperm(length, generator=torch.Generator().manual_seed(0))[:min(length, 9)]] = special[:min(length, 9)]
+    out = torch.empty(length)
     m = a.abs()
-    assert n_lo == int((m >= 0.5).sum())
-    assert torch.equal(out[:k], m[(m >= 0.5) & (m < 1.25)])
-    n_lo, k = _native.bracket(a, 0.5, float("inf"), out)
-    assert torch.equal(out[:k], m[m >= 0.5])
+    for lo, hi in [(0.5, 1.25), (0.5, float("inf")), (0.0, 0.5)]:
+        n_lo, k = _native.bracket(a, lo, hi, out)
+        assert n_lo == int((m >= lo).sum())
+        assert torch.equal(out[:k], m[(m >= lo) & (m < hi)])
 
 
 @pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear", "breadcrumbs"])
