@@ -23,7 +23,7 @@ import torch
 
 from lorakit.algebra import cat_factors
 from lorakit.errors import IncompatibleAdaptersError
-from lorakit.factors import LayerKind, LoraFactors
+from lorakit.factors import LayerKind, LoraFactors, stored_shapes
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,11 @@ class ModuleInfo:
     @property
     def num_params(self) -> int:
         return self.rank * (self.out_features + self.in_features)
+
+    @property
+    def stored_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes a file stores the factors in (:func:`lorakit.factors.stored_shapes`)."""
+        return stored_shapes(self.out_features, self.in_features, self.rank, self.kind, self.kernel)
 
     @classmethod
     def of(cls, name: str, f: LoraFactors) -> ModuleInfo:

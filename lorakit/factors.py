@@ -154,11 +154,20 @@ class LoraFactors:
                 bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
                 raise NonFiniteError(f"{name} contains {bad}", file=file, module=module)
 
-    def conv_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The 4-D shapes ``(A, B)`` a conv layer stores: ``(r, in, kh, kw)`` and ``(out, r, 1, 1)``."""
-        assert self.kernel is not None
-        kh, kw = self.kernel
-        return (self.rank, self.in_features // (kh * kw), kh, kw), (self.out_features, self.rank, 1, 1)
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in the shapes a file stores them (:func:`stored_shapes`): views, no copy."""
+        a, b = stored_shapes(self.out_features, self.in_features, self.rank, self.kind, self.kernel)
+        return self.A.reshape(a), self.B.reshape(b)
+
+
+def stored_shapes(out_features: int, in_features: int, rank: int, kind: LayerKind,
+                  kernel: tuple[int, int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes ``(A, B)`` a file stores a module's factors in: ``(r, in)`` and ``(out, r)``, and for a conv
+    layer the 4-D ``(r, in/(kh·kw), kh, kw)`` and ``(out, r, 1, 1)``."""
+    if kind != "conv":
+        return (rank, in_features), (out_features, rank)
+    kh, kw = kernel or (1, 1)
+    return (rank, in_features // (kh * kw), kh, kw), (out_features, rank, 1, 1)
 
 
 def all_finite(t: torch.Tensor) -> bool:

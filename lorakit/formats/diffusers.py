@@ -23,7 +23,7 @@ from lorakit.adapter import Adapter, AdapterMeta
 from lorakit.errors import FormatError, KeyMappingError
 from lorakit.formats._lora import Roles, build_adapter, peft_magnitude, read_alpha
 from lorakit.formats.base import Source, group_by_module
-from lorakit.formats.peft import clean_alpha, peft_scale
+from lorakit.formats.peft import clean_alpha, factor_keys, factor_layout, peft_scale
 from lorakit.io.files import loads_json
 from lorakit.io.writer import SafetensorsWriter
 
@@ -185,15 +185,11 @@ class DiffusersFormat:
             }
             flat.update({f"{comp}.{k}": v for k, v in cfg.items()})
         meta = {"format": "pt", **metadata, META_KEY: json.dumps(flat, sort_keys=True)}
-        with SafetensorsWriter(path, meta) as w:
+        with SafetensorsWriter(path, meta, layout=factor_layout(adapter, prefix="")) as w:
             for name in adapter:
                 f = adapter[name]
-                A, B = f.A, f.B
-                if f.kind == "conv":
-                    a_shape, b_shape = f.conv_shapes()
-                    A, B = A.reshape(a_shape), B.reshape(b_shape)
-                w.add(f"{name}.lora_A.weight", A)
-                w.add(f"{name}.lora_B.weight", B)
+                for k, factor in zip(factor_keys(name, f.kind), f.stored()):
+                    w.add(k, factor)
                 if f.magnitude is not None:
                     w.add(f"{name}.lora_magnitude_vector", peft_magnitude(f, path, name))
         return path

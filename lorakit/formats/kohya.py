@@ -46,7 +46,7 @@ from lorakit.formats.keymaps import (
     writer_stems,
 )
 from lorakit.io.files import loads_json
-from lorakit.io.writer import SafetensorsWriter
+from lorakit.io.writer import Layout, SafetensorsWriter
 
 SUFFIXES = {
     ".lora_down.weight": "A",
@@ -217,6 +217,23 @@ def apply_splits(adapter: Adapter, names: Names, *, file: str | None = None) -> 
     return Adapter(modules, adapter.meta, infos)  # type: ignore[arg-type]
 
 
+def _layout(stems: list[tuple[str, ModuleInfo]]) -> Layout:
+    """What :meth:`KohyaFormat.write` stores for each ``(stem, info)``, from the infos alone, for the writer to
+    put each tensor in place (a wrong prediction, e.g. a per-input DoRA magnitude, costs only the speed)."""
+    import torch
+
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for stem, i in stems:
+        down, up = i.stored_shapes
+        layout[f"{stem}.lora_down.weight"] = (i.dtype, down)
+        layout[f"{stem}.lora_up.weight"] = (i.dtype, up)
+        layout[f"{stem}.alpha"] = (torch.float32, ())
+        if i.has_magnitude:
+            layout[f"{stem}.dora_scale"] = (i.dtype, (i.out_features, 1, 1, 1) if i.kind == "conv"
+                                            else (i.out_features, 1))
+    return layout
+
+
 class KohyaFormat:
     name = "kohya"
     description = "kohya / sd-scripts single file (lora_down / lora_up / alpha), also LyCORIS LoCon"
@@ -308,13 +325,12 @@ class KohyaFormat:
         }
         import torch
 
-        with SafetensorsWriter(path, meta) as w:
+        layout = None if adapter.meta.source_format == "kohya" and adapter.meta.passthrough else _layout(
+            [(stem, adapter.info(name) if name is not None else ModuleInfo.of(stem, load())) for stem, load, name in items])
+        with SafetensorsWriter(path, meta, layout=layout) as w:
             for stem, load, _ in items:
                 f = load()
-                A, B = f.A, f.B
-                if f.kind == "conv":
-                    a_shape, b_shape = f.conv_shapes()
-                    A, B = A.reshape(a_shape), B.reshape(b_shape)
+                A, B = f.stored()
                 w.add(f"{stem}.lora_down.weight", A)
                 w.add(f"{stem}.lora_up.weight", B)
                 # alpha = s·r keeps the effective scale: every reader computes alpha / rows(lora_down).

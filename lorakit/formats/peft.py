@@ -30,12 +30,12 @@ import torch
 
 from lorakit.adapter import Adapter, AdapterMeta, FullTensor
 from lorakit.errors import ConfigValueError, FormatError
-from lorakit.factors import LoraFactors
+from lorakit.factors import LayerKind, LoraFactors
 from lorakit.formats._lora import Roles, build_adapter, peft_magnitude
 from lorakit.formats.base import Source, group_by_module
 from lorakit.io.atomic import atomic_output
 from lorakit.io.files import loads_json
-from lorakit.io.writer import SafetensorsWriter
+from lorakit.io.writer import Layout, SafetensorsWriter
 
 PREFIX = "base_model.model."
 # A single-file PEFT adapter written by lorakit carries its adapter_config.json here.
@@ -274,6 +274,28 @@ def lora_b_bias(f: LoraFactors, file: str | Path | None, module: str) -> torch.T
     return (f.bias.to(work) / f.scale).to(f.bias.dtype)
 
 
+def factor_keys(key: str, kind: LayerKind) -> tuple[str, str]:
+    """The keys PEFT stores a module's ``A`` and ``B`` under (``key`` = the prefixed module name)."""
+    if kind == "embedding":
+        return f"{key}.lora_embedding_A", f"{key}.lora_embedding_B"
+    return f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+
+
+def factor_layout(adapter: Adapter, prefix: str = PREFIX) -> Layout:
+    """The factors and magnitudes a PEFT-keyed file (``prefix`` + module name + PEFT suffixes) stores, from the
+    module infos alone, for :class:`~lorakit.io.writer.SafetensorsWriter` to write them in place (a wrong
+    prediction costs only the speed)."""
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name, i in adapter.infos().items():
+        key = prefix + name
+        for k, shape in zip(factor_keys(key, i.kind), i.stored_shapes):
+            layout[k] = (i.dtype, shape)
+        if i.has_magnitude:  # per output row, as peft_magnitude writes it (else it refuses)
+            layout[f"{key}.lora_magnitude_vector"] = (i.dtype, (1, i.out_features, 1, 1) if i.kind == "conv"
+                                                      else (i.out_features,))
+    return layout
+
+
 class PeftFormat:
     name = "peft"
     description = "PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)"
@@ -400,20 +422,18 @@ class PeftFormat:
         self, adapter: Adapter, path: Path, config: dict[str, Any], metadata: Mapping[str, str],
         config_in_metadata: bool = False,
     ) -> None:
-        with SafetensorsWriter(path, {"format": "pt", **metadata}) as w:
+        meta = {"format": "pt", **metadata}
+        if config_in_metadata:
+            meta[CONFIG_META_KEY] = json.dumps(config, sort_keys=True)
+        # bias updates, whole tensors and tensors passed through are known only from their data
+        known = not (config["lora_bias"] or adapter.meta.full_tensors
+                     or (adapter.meta.source_format == "peft" and adapter.meta.passthrough))
+        with SafetensorsWriter(path, meta, layout=factor_layout(adapter) if known else None) as w:
             for name in adapter:
                 f = adapter[name]
                 key = PREFIX + name
-                A, B = f.A, f.B
-                if f.kind == "conv":
-                    a_shape, b_shape = f.conv_shapes()
-                    A, B = A.reshape(a_shape), B.reshape(b_shape)
-                if f.kind == "embedding":
-                    w.add(f"{key}.lora_embedding_A", A)
-                    w.add(f"{key}.lora_embedding_B", B)
-                else:
-                    w.add(f"{key}.lora_A.weight", A)
-                    w.add(f"{key}.lora_B.weight", B)
+                for k, factor in zip(factor_keys(key, f.kind), f.stored()):
+                    w.add(k, factor)
                 if f.magnitude is not None:
                     w.add(f"{key}.lora_magnitude_vector", peft_magnitude(f, path, name))
                 if config["lora_bias"]:
@@ -426,5 +446,3 @@ class PeftFormat:
             if adapter.meta.source_format == "peft":
                 for k, load in adapter.meta.passthrough.items():
                     w.add(k, load())
-            if config_in_metadata:
-                w.metadata[CONFIG_META_KEY] = json.dumps(config, sort_keys=True)

@@ -24,7 +24,7 @@ from lorakit.errors import CorruptFileError, FormatError, NotAFileError
 from lorakit.io.atomic import atomic_output
 from lorakit.io.files import loads_json, path_problem, read_bytes
 from lorakit.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
-from lorakit.io.writer import SafetensorsWriter
+from lorakit.io.writer import Layout, SafetensorsWriter
 
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 MAX_INDEX_BYTES = 256 * 2**20
@@ -136,6 +136,10 @@ class Checkpoint:
         """Shard file name → tensor names in it."""
         return {s: f.keys() for s, f in self.shards.items()}
 
+    def tensor_layout(self) -> Layout:
+        """Name → (dtype, shape) of every tensor of a dtype torch has, as stored (for a writer's layout)."""
+        return {n: (dt, self.shape(n)) for n in self.keys() if (dt := self.dtype(n)) is not None}
+
     def metadata(self, shard: str | None = None) -> dict[str, str]:
         """The ``__metadata__`` of a shard (default: the first)."""
         return dict(self.shards[shard or next(iter(self.shards))].metadata)
@@ -179,14 +183,18 @@ class CheckpointWriter:
 
     ``path`` is a ``.safetensors`` file (single-shard layouts only) or a directory, which gets the shards, an
     index when there is more than one shard, and copies of ``companions`` (e.g. the base's ``config.json``).
-    Tensors must be added shard by shard in layout order; at most one shard is open at a time.
+    Tensors must be added shard by shard in layout order; at most one shard is open at a time. ``tensors``, the
+    expected dtype and shape of each tensor (e.g. the base's, for a checkpoint written as it was read), lets each
+    shard be written in place (:class:`~lorakit.io.writer.SafetensorsWriter`'s ``layout``).
     """
 
     def __init__(self, path: str | Path, layout: Mapping[str, list[str]], *, metadata: Mapping[str, str] | None = None,
                  index_name: str = INDEX_NAMES[0], index_metadata: Mapping[str, object] | None = None,
-                 companions: list[Path] = ()) -> None:  # type: ignore[assignment]
+                 companions: list[Path] = (),  # type: ignore[assignment]
+                 tensors: Layout | None = None) -> None:
         self.path = Path(path)
         self.layout = {k: list(v) for k, v in layout.items()}
+        self.tensors = dict(tensors or {})
         self.metadata = dict(metadata or {})
         self.index_name = index_name
         self.index_metadata = dict(index_metadata or {})
@@ -220,7 +228,8 @@ class CheckpointWriter:
             except StopIteration:
                 raise FormatError(f"tensor {name!r} is not in the layout (or came out of order)",
                                   file=self.path) from None
-            w = SafetensorsWriter(self._target(shard), self.metadata)
+            planned = {n: self.tensors[n] for n in names if n in self.tensors}
+            w = SafetensorsWriter(self._target(shard), self.metadata, layout=planned or None)
             self._current = (shard, set(names), w)
         shard, _, w = self._current
         w.add(name, tensor)

@@ -74,7 +74,7 @@ def apply_file(
     meta = {**ckpt.metadata(), **provenance_metadata(make_provenance("apply", params, [adapter_path]))}
     with CheckpointWriter(out, layout, metadata=meta, index_name=ckpt.index_path.name if ckpt.index_path else
                           "model.safetensors.index.json", index_metadata=ckpt.index_metadata,
-                          companions=companion_files(ckpt)) as writer:
+                          companions=companion_files(ckpt), tensors=ckpt.tensor_layout()) as writer:
         for key, (t, row) in stream:
             if row is not None:
                 report.add_row(*row)

@@ -40,11 +40,14 @@ def test_read_every_dtype_and_layout(tmp_path, shards):
 def test_writer_keeps_layout_and_is_atomic(tmp_path):
     ts = _tensors()
     src = Checkpoint(write_checkpoint(tmp_path / "m", ts, 2))
+    for out, tensors in [(tmp_path / "copy", None), (tmp_path / "in-place", src.tensor_layout())]:
+        with CheckpointWriter(out, src.layout(), companions=[tmp_path / "m" / "config.json"], tensors=tensors) as w:
+            for names in src.layout().values():
+                for k in names:
+                    w.add(k, src.get(k))
+    for shard in src.layout():  # the dtypes and shapes given up front change nothing in the files
+        assert (tmp_path / "in-place" / shard).read_bytes() == (tmp_path / "copy" / shard).read_bytes()
     out = tmp_path / "copy"
-    with CheckpointWriter(out, src.layout(), companions=[tmp_path / "m" / "config.json"]) as w:
-        for names in src.layout().values():
-            for k in names:
-                w.add(k, src.get(k))
     copy = Checkpoint(out)
     assert copy.layout() == src.layout() and (out / "config.json").exists()
     assert all(torch.equal(copy.get(k), ts[k]) for k in ts)
@@ -59,7 +62,7 @@ def test_writer_keeps_layout_and_is_atomic(tmp_path):
     with pytest.raises(FormatError, match="missing"), CheckpointWriter(tmp_path / "short", src.layout()) as w:
         w.add(src.layout()[next(iter(src.layout()))][0], torch.zeros(1))
     assert not (tmp_path / "short").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "in-place", "m"]
 
 
 def test_bad_checkpoints(tmp_path):

@@ -142,3 +142,42 @@ def test_writer_reorders_with_or_without_copy_file_range(tmp_path, monkeypatch, 
     with safe_open(str(path), "pt") as f:
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name), t)
+
+
+@pytest.mark.parametrize("case", ["exact", "wrong shape", "missing", "extra", "metadata grew", "none"])
+def test_writer_layout_changes_the_speed_never_the_file(tmp_path, monkeypatch, case):
+    """With the layout given up front each tensor is written at its final place (no copy); a layout that turns
+    out wrong in any way makes the writer copy instead, and the bytes are the same as without a layout."""
+    from lorakit.io import writer
+
+    reference = write_safetensors(tmp_path / "reference.safetensors", TENSORS, {"k": "v"}).read_bytes()
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in TENSORS.items()}
+    if case == "wrong shape":
+        layout["b.f16"] = (torch.float16, (3, 2))
+    elif case == "missing":
+        del layout["a.bf16"]
+    elif case == "extra":
+        layout["g.unused"] = (torch.float32, (2,))
+    copies = []
+    copy_range = writer._copy_range
+    monkeypatch.setattr(writer, "_copy_range", lambda *a: copies.append(a) or copy_range(*a))
+    path = tmp_path / "out.safetensors"
+    with SafetensorsWriter(path, {"k": "v"} if case != "metadata grew" else {},
+                           layout=None if case == "none" else layout) as w:
+        for name in reversed(list(TENSORS)):  # any order
+            w.add(name, TENSORS[name])
+        if case == "metadata grew":
+            w.metadata["k"] = "v"
+    assert path.read_bytes() == reference
+    assert bool(copies) == (case != "exact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "reference.safetensors"]
+
+
+def test_writer_in_place_failure_leaves_nothing(tmp_path):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), SafetensorsWriter(path, layout={"x": (torch.float32, (3,))}) as w:
+        w.add("x", torch.ones(3))
+        raise RuntimeError("boom")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]

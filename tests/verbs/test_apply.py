@@ -58,11 +58,18 @@ def _expected(base: dict[str, torch.Tensor], adapter: Adapter, w: float) -> dict
 
 
 @pytest.mark.parametrize("shards", [1, 3])
-def test_apply_matches_reference_and_keeps_layout(tmp_path, cli, shards):
+def test_apply_matches_reference_and_keeps_layout(tmp_path, cli, shards, monkeypatch):
+    from lorakit.io import writer
+
     base = _base()
     src = write_checkpoint(tmp_path / ("base.safetensors" if shards == 1 else "base"), base, shards)
     ad = tmp_path / "lora.safetensors"
     lorakit.save(_adapter(), ad, format="peft")
+
+    def copied(*_a, **_k):
+        raise AssertionError("apply writes every tensor at its place (the base's dtypes and shapes)")
+
+    monkeypatch.setattr(writer, "_copy_range", copied)
     adapter = lorakit.load(ad)
     out = tmp_path / ("merged.safetensors" if shards == 1 else "merged")
     code, stdout, err = cli("apply", src, ad, "-o", out, "--scale", "0.7", "--json")
