@@ -20,17 +20,28 @@ from lorakit.errors import ShapeMismatchError
 from lorakit.factors import LoraFactors
 
 
-def cat_factors(factors: Sequence[LoraFactors], weights: Sequence[float], *, module: str | None = None) -> LoraFactors:
-    """Exact weighted sum of one module's factors by rank concatenation (scales folded into B)."""
+def cat_factors(factors: Sequence[LoraFactors], weights: Sequence[float], *, module: str | None = None,
+                stored_dtype: torch.dtype | None = None) -> LoraFactors:
+    """Exact weighted sum of one module's factors by rank concatenation: ``A = [A_i]``, ``B = [w_i·s_i·B_i]``,
+    scale 1; ``(Σ r_i, in)`` and ``(out, Σ r_i)``, O((out + in)·Σ r_i).
+
+    Built in float32 or the widest input dtype; or, when every input is already in ``stored_dtype`` (the dtype the
+    result will be stored in), in that dtype: the same bits, as the concatenation is exact and torch scales a
+    16-bit ``B`` in float32 and rounds once, which is what storing the float32 product does (tested), without
+    two conversions of every factor (a third of a ``cat`` merge's compute on an 8B adapter).
+    """
     first = factors[0]
     for f in factors[1:]:
         if f.shape != first.shape:
             raise ShapeMismatchError(
                 f"shapes differ between adapters: {first.shape} vs {f.shape} (different base models?)", module=module
             )
-    dtype = torch.promote_types(torch.float32, first.dtype)
-    for f in factors:
-        dtype = torch.promote_types(dtype, f.dtype)
+    if stored_dtype is not None and all(f.dtype == stored_dtype for f in factors):
+        dtype = stored_dtype
+    else:
+        dtype = torch.promote_types(torch.float32, first.dtype)
+        for f in factors:
+            dtype = torch.promote_types(dtype, f.dtype)
     A = torch.cat([f.A.to(dtype) for f in factors], dim=0)
     B = torch.cat([f.B.to(dtype) * (w * f.scale) for f, w in zip(factors, weights)], dim=1)
     mags = [f.magnitude for f in factors if f.magnitude is not None]

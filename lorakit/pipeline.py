@@ -303,7 +303,8 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     def merge_one(m: str, inputs_of) -> MergeResult:
         inputs = [factors_to(f, dev) for f in inputs_of(m)]
         kwargs = dict(plan.params)
-        engine = {"rank_rule": plan.rule, "module": m}  # ENGINE_KEYWORDS, where the signature has them
+        # ENGINE_KEYWORDS, where the signature has them
+        engine = {"rank_rule": plan.rule, "module": m, "stored_dtype": plan.output_dtype(m, dtype)}
         kwargs.update({k: v for k, v in engine.items() if spec.takes(k)})
         try:
             return spec.fn(inputs, [plan.weights[i] for i in plan.present[m]], **kwargs)

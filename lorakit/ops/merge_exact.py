@@ -50,20 +50,22 @@ def output_rank(rule: RankRule | None, ranks: Sequence[int], shape: tuple[int, i
 
 @register("cat", description="exact weighted sum by rank concatenation (rank Σr_i, no loss)", exact=True,
           space="factors", rank="sum", linear=True, homogeneous=True, lossless={})
-def cat(inputs: Sequence[LoraFactors], weights: Sequence[float]) -> MergeResult:
+def cat(inputs: Sequence[LoraFactors], weights: Sequence[float], *,
+        stored_dtype: torch.dtype | None = None) -> MergeResult:
     check_same_shape(inputs)
-    return MergeResult(cat_factors(inputs, weights), error=0.0, best_error=0.0)
+    return MergeResult(cat_factors(inputs, weights, stored_dtype=stored_dtype), error=0.0, best_error=0.0)
 
 
 @register("task_arithmetic", description="λ·Σ w_i ΔW_i, exact (rank concatenation); optional truncation",
           exact=True, space="factors", paper="https://arxiv.org/abs/2212.04089", rank="sum", rank_requested=True,
           rank_cap="sum", linear=True, homogeneous=True, lossless={})
 def task_arithmetic(
-    inputs: Sequence[LoraFactors], weights: Sequence[float], *, lam: float = 1.0, rank_rule: RankRule | None = None
+    inputs: Sequence[LoraFactors], weights: Sequence[float], *, lam: float = 1.0, rank_rule: RankRule | None = None,
+    stored_dtype: torch.dtype | None = None,
 ) -> MergeResult:
     scaled = [w * lam for w in weights]
     if rank_rule is None:
-        return cat(inputs, scaled)
+        return cat(inputs, scaled, stored_dtype=stored_dtype)
     return svd(inputs, scaled, rank_rule=rank_rule)
 
 

@@ -53,3 +53,24 @@ def test_all_finite_is_exact_on_nan_inf_and_overflowing_sums():
         assert all_finite(torch.randn(7, 3).to(dtype))
     mixed = torch.tensor([float("inf"), -float("inf")])  # sums to NaN, never to a finite number
     assert not all_finite(mixed)
+
+
+def test_cat_built_in_the_stored_16_bit_dtype_has_the_bits_of_the_float32_route():
+    """``cat_factors(..., stored_dtype=d)`` with every input in ``d`` skips the float32 round trip; stored in ``d``,
+    the result is bit for bit the float32 result (weights and scales that round, overflow and underflow)."""
+    from lorakit.algebra import cat_factors
+
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16):
+        fs = [LoraFactors((torch.randn(r, 33, generator=g) * 10.0 ** torch.randint(-6, 4, (r, 33), generator=g)).to(dt),
+                          (torch.randn(29, r, generator=g) * 10.0 ** torch.randint(-6, 4, (29, r), generator=g)).to(dt),
+                          scale) for r, scale in [(3, 2.0), (5, 1 / 3), (2, 7777.7)]]
+        for weights in ([1.0, 1.0, 1.0], [0.3, -1.7, 1e-5], [123.4, 0.0, 2.5]):
+            want = cat_factors(fs, weights)
+            got = cat_factors(fs, weights, stored_dtype=dt)
+            assert want.dtype == torch.float32 and got.dtype == dt and got.scale == want.scale == 1.0
+            assert torch.equal(got.A, want.A.to(dt)) and torch.equal(got.B, want.B.to(dt))
+        # an input of another dtype, or a wider stored dtype: built in float32 as before
+        mixed = [fs[0], fs[1].with_(A=fs[1].A.float(), B=fs[1].B.float())]
+        assert cat_factors(mixed, [1.0, 1.0], stored_dtype=dt).dtype == torch.float32
+        assert cat_factors(fs, [1.0] * 3, stored_dtype=torch.float32).dtype == torch.float32
