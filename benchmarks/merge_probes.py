@@ -131,13 +131,19 @@ def regmean(base, adapters: Sequence[lorakit.Adapter], tasks: Sequence[tt.Task],
     return merge
 
 
+def module_geometry(adapters: Sequence[lorakit.Adapter], name: str) -> tuple[list[float], float]:
+    """Of module ``name``'s task vectors ``τ_i`` (float64 dense ΔW): the pairwise cosines
+    ``⟨τ_i, τ_j⟩/(‖τ_i‖‖τ_j‖)`` (i < j) and the overshoot ratio ``‖Σ τ_i‖ / √(Σ ‖τ_i‖²)``."""
+    taus = [a[name].delta(F64) for a in adapters]
+    cos = [float((taus[i] * taus[j]).sum() / taus[i].norm() / taus[j].norm())
+           for i in range(len(taus)) for j in range(i + 1, len(taus))]
+    return cos, float(sum(taus).norm()) / sum(float(t.norm()) ** 2 for t in taus) ** 0.5
+
+
 def geometry(adapters: Sequence[lorakit.Adapter]) -> list[str]:
     lines = ["| module | pairwise cosines (6) | ‖Σ τ‖ / √Σ‖τ‖² |", "| --- | --- | ---: |"]
     for name in adapters[0]:
-        taus = [a[name].delta(F64) for a in adapters]
-        cos = [float((taus[i] * taus[j]).sum() / taus[i].norm() / taus[j].norm())
-               for i in range(len(taus)) for j in range(i + 1, len(taus))]
-        ratio = float(sum(taus).norm()) / sum(float(t.norm()) ** 2 for t in taus) ** 0.5
+        cos, ratio = module_geometry(adapters, name)
         lines.append(f"| {name.removeprefix('model.')} | {' '.join(f'{c:+.2f}' for c in cos)} | {ratio:.3f} |")
     return lines
 

@@ -29,13 +29,25 @@ beat its base):
    other adapters.)
 3. **A fixed, large held-out set** (512 per task, its own seed) and fixed training seeds.
 
+**Shared start** (``SHARED_STEPS > 0``; 0 is design v6 unchanged, cache names included). Users' adapters are
+often continued from one common LoRA (an instruction or format adapter), so their task vectors share a
+component. This regime trains one PEFT LoRA ``S`` (same rank, modules and α as the task adapters) for
+``SHARED_STEPS`` steps on the mixture of the four tasks, half the batches ``copy`` under its prefix (the usual
+copy rehearsal), then continues every task adapter from ``S``'s weights for ``ADAPTER_STEPS`` steps as above.
+Each task vector relative to the base is then ``S + δ_t``, and the plain sum of four counts ``S`` four times.
+The KL rehearsal targets of a continued adapter come from **base + S**, not from the base: an adapter must
+change its own task and as little else as possible *relative to where it started*; targets from the base would
+instead train each adapter to undo ``S`` on the other prompts, so that ``δ_t`` would carry ``−S`` there and the
+adapters would stop sharing ``S`` (the regime this set-up is for). ``S`` is cached under a name with
+``shared`` and its step count; the continued adapters' names add ``-from-sh<SHARED_STEPS>``.
+
 Accuracy is exact match of the whole answer. It is computed teacher-forced in one forward pass: every answer
 position's argmax is right iff greedy decoding reproduces the answer (decoding a right prefix is teacher
 forcing), so it equals greedy-decoding exact match at a fraction of the cost.
 
 API (also used by the quantization benchmark and the LEGO tests): :func:`make_tasks`, :func:`build_base`,
-:func:`train_adapter`, :func:`evaluate`. Models and adapters are cached under ``bench-out/tiny_tasks/`` keyed by
-their seeds and the set-up version.
+:func:`train_adapter` (and :func:`train_shared`), :func:`evaluate`. Models and adapters are cached under
+``bench-out/tiny_tasks/`` keyed by their seeds and the set-up version.
 """
 
 from __future__ import annotations
@@ -83,6 +95,9 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj"]
 HELD_OUT = 512
 BASE_STEPS = 1500
 ADAPTER_STEPS = 1000
+# > 0: every task adapter is continued from one shared LoRA trained this many steps on the four tasks' mixture
+# (the module docstring's "shared start"); 0: each adapter starts from PEFT's zero-B initialisation (design v6)
+SHARED_STEPS = 0
 
 
 @dataclass(frozen=True)
@@ -297,33 +312,81 @@ def rehearsal(base, task: Task, seed: int = 0) -> list:
     return [copy_task(seed), BaseLabelled(base, others, seed + task.seed)]
 
 
+def _peft_model(base, rank: int):
+    """A fresh PEFT LoRA (rank ``rank``, α = 2·rank, ``TARGET_MODULES`` of ``LAYERS``) on a copy of ``base``."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, lora_dropout=0.0,
+                   layers_to_transform=LAYERS),
+    )
+
+
+def _adapter_path(base, name: str, rank: int, seed: int, steps: int) -> Path:
+    """Cache folder of an adapter: the base's folder name, the adapter's name and every knob it depends on."""
+    tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
+    where = "all" if LAYERS is None else "-".join(map(str, LAYERS))
+    mods = "".join(m[0] for m in TARGET_MODULES)
+    return CACHE / "adapters" / f"{tag}-{name}-r{rank}-s{seed}-reh{steps}-lr{LR:g}-wd{WD:g}-L{where}-{mods}"
+
+
+def _fit(model, data: list, steps: int, seed: int, path: Path, what: str, verbose: bool) -> None:
+    """Train the LoRA parameters of the PEFT ``model`` on ``data`` (cycled batch by batch) and save it at ``path``."""
+    t = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = _train(model, params, data, steps, LR, seed, log=verbose, weight_decay=WD)
+    if verbose:
+        print(f"{what}: {steps} steps in {time.perf_counter() - t:.0f} s, loss {loss:.3f}")
+    model.save_pretrained(path)
+
+
+def train_shared(base, rank: int = 8, seed: int = 0, *, steps: int | None = None, verbose: bool = True) -> Adapter:
+    """The shared LoRA ``S`` of the shared-start regime (module docstring): a PEFT LoRA like
+    :func:`train_adapter`'s, trained ``steps`` (default ``SHARED_STEPS``) steps on the four tasks of
+    :func:`make_tasks` and ``copy`` in turn (half the batches ``copy``, as in the task adapters' rehearsal), cached
+    under ``bench-out/tiny_tasks/adapters/<base>-shared-r<rank>-s<seed>-reh<steps>-…`` and read back with
+    :func:`lorakit.load`. Cost: ``steps`` forward/backward passes of a 64-example batch."""
+    steps = SHARED_STEPS if steps is None else steps
+    if steps <= 0:
+        raise ValueError(f"tiny_tasks.train_shared: steps must be > 0, got {steps}")
+    path = _adapter_path(base, "shared", rank, seed, steps)
+    if not (path / "adapter_config.json").exists():
+        torch.manual_seed(seed)
+        data = [d for t in make_tasks(seed) for d in (t, copy_task(seed))]
+        _fit(_peft_model(base, rank), data, steps, 3000 + seed, path, f"shared LoRA r={rank}", verbose)
+    return lorakit.load(path)
+
+
 def train_adapter(base, task: Task, rank: int = 8, seed: int = 0, *, steps: int = ADAPTER_STEPS,
                   verbose: bool = True) -> Adapter:
     """A PEFT LoRA (rank ``rank``, α = 2·rank, on ``TARGET_MODULES`` of every layer) trained on CPU on ``task``
     (half the batches) and :func:`rehearsal` (the other half), saved in PEFT format under
-    ``bench-out/tiny_tasks/adapters/`` and read back with :func:`lorakit.load`."""
-    from peft import LoraConfig, get_peft_model
+    ``bench-out/tiny_tasks/adapters/`` and read back with :func:`lorakit.load`.
 
-    tag = base.config.name_or_path.rstrip("/").split("/")[-1] or "base"
-    where = "all" if LAYERS is None else "-".join(map(str, LAYERS))
-    mods = "".join(m[0] for m in TARGET_MODULES)
-    path = (CACHE / "adapters" / f"{tag}-{task.name}-r{rank}-s{seed}-reh{steps}-lr{LR:g}-wd{WD:g}-L{where}-{mods}"
-            f"-{REHEARSAL}")
+    With ``SHARED_STEPS > 0`` it starts from :func:`train_shared`'s weights (its lora_A/lora_B loaded into the
+    fresh PEFT model) and rehearses base + S's distribution, not the base's (why: the module docstring)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(f"{_adapter_path(base, task.name, rank, seed, steps)}-{REHEARSAL}"
+                + (f"-from-sh{SHARED_STEPS}" if SHARED_STEPS > 0 else ""))
     if not (path / "adapter_config.json").exists():
-        torch.manual_seed(seed)
-        data = [task, *rehearsal(base, task, seed)]
-        model = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, lora_dropout=0.0,
-                       layers_to_transform=LAYERS),
-        )
-        t = time.perf_counter()
-        params = [p for p in model.parameters() if p.requires_grad]
-        loss = _train(model, params, [data[0], data[1], data[0], data[2]], steps, LR,
-                      1000 + seed + task.seed, log=verbose, weight_decay=WD)
-        if verbose:
-            print(f"adapter {task.name} r={rank}: {steps} steps in {time.perf_counter() - t:.0f} s, loss {loss:.3f}")
-        model.save_pretrained(path)
+        start = base
+        if SHARED_STEPS > 0:
+            start = apply(base, train_shared(base, rank, seed, verbose=verbose))  # the rehearsal's targets
+        torch.manual_seed(seed)  # the order of v6 (seed, rehearsal, PEFT init): its adapters stay the same
+        data = [task, *rehearsal(start, task, seed)]
+        model = _peft_model(base, rank)
+        if SHARED_STEPS > 0:
+            src = _adapter_path(base, "shared", rank, seed, SHARED_STEPS) / "adapter_model.safetensors"
+            loaded = set_peft_model_state_dict(model, load_file(src))
+            missing = [k for k in loaded.missing_keys if "lora_" in k]
+            if loaded.unexpected_keys or missing:
+                raise RuntimeError(f"tiny_tasks.train_adapter: {src} does not fit the adapter "
+                                   f"(unexpected {loaded.unexpected_keys[:3]}, missing {missing[:3]})")
+        _fit(model, [data[0], data[1], data[0], data[2]], steps, 1000 + seed + task.seed, path,
+             f"adapter {task.name} r={rank}", verbose)
     return lorakit.load(path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from benchmarks import tiny_tasks as tt
@@ -74,3 +75,48 @@ def test_kl_rehearsal_targets_are_the_base_distribution_and_its_loss_vanishes_on
     labels[:, tt.ANSWER:] = answers  # integer labels still take the cross-entropy path
     with torch.no_grad():
         torch.testing.assert_close(tt._loss(base, ids, labels), base(input_ids=ids, labels=labels).loss)
+
+
+def test_shared_start_continues_each_adapter_from_s_and_rehearses_base_plus_s(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tt._config()).eval()
+    monkeypatch.setattr(tt, "CACHE", tmp_path)
+    monkeypatch.setattr(tt, "SHARED_STEPS", 3)
+    task = tt.make_tasks(0)[1]
+    seen: dict[str, object] = {}
+    fit, rehearsal = tt._fit, tt.rehearsal
+
+    def spy_fit(model, data, steps, seed, path, what, verbose):  # the PEFT model as training starts
+        if what.startswith("adapter"):
+            seen["start"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        fit(model, data, steps, seed, path, what, verbose)
+
+    def spy_rehearsal(start, t, seed=0):
+        seen["targets_from"] = start
+        return rehearsal(start, t, seed)
+
+    monkeypatch.setattr(tt, "_fit", spy_fit)
+    monkeypatch.setattr(tt, "rehearsal", spy_rehearsal)
+    adapter = tt.train_adapter(base, task, rank=2, steps=2, verbose=False)
+    shared = tt.train_shared(base, rank=2, verbose=False)
+    names = sorted(p.name for p in (tmp_path / "adapters").iterdir())
+    assert names == ["base-shared-r2-s0-reh3-lr0.005-wd0-Lall-qkv",
+                     "base-sort-r2-s0-reh2-lr0.005-wd0-Lall-qkv-kl-from-sh3"]
+    # the task adapter started at S's weights exactly, and trained away from them
+    start = seen["start"]
+    assert isinstance(start, dict)
+    for m in shared:
+        prefix = f"base_model.model.{m}."
+        assert torch.equal(start[prefix + "lora_A.default.weight"], shared[m].A)
+        assert torch.equal(start[prefix + "lora_B.default.weight"], shared[m].B)
+    assert any(not torch.allclose(adapter[m].delta(), shared[m].delta()) for m in shared)
+    assert bool(shared[next(iter(shared))].B.abs().sum() > 0)  # S trained (PEFT initialises B = 0)
+    # the KL rehearsal's targets are base + S, not the base
+    start_model = seen["targets_from"]
+    m = next(iter(shared))
+    want = base.get_submodule(m).weight + shared[m].delta()
+    torch.testing.assert_close(start_model.get_submodule(m).weight, want)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="steps must be > 0"):
+        tt.train_shared(base, rank=2, steps=0)
