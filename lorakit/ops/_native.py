@@ -21,6 +21,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,6 +90,8 @@ def library() -> ctypes.CDLL | None:
             lib.lk_merge_f32.restype = i64
             lib.lk_merge_f32.argtypes = [f32p, i64, i64, i64, ctypes.c_int, f32p, f32p, f32p, i64, ctypes.c_int,
                                          f32p, i64p, f32p, f32p, ctypes.c_void_p]
+            lib.lk_della_f32.restype = None
+            lib.lk_della_f32.argtypes = [f32p, f32p, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
         _state["lib"] = lib
     return _state["lib"]
 
@@ -143,3 +147,32 @@ def merge(x: torch.Tensor, out: torch.Tensor, *, mode: str, signed: bool, lo: to
                          0 if mask is None else mask.stride(0), int(signed), out.data_ptr(), ties.data_ptr(),
                          tie_p.data_ptr(), tie_q.data_ptr(), ctypes.byref(sigma))
     return float(sigma.value), ties[:k], tie_p[:k], tie_q[:k]
+
+
+def della_(x: torch.Tensor, u: torch.Tensor, c1: float, c2: float) -> None:
+    """DELLA's MAGPRUNE on a contiguous float32 tile ``x (rows, cols)``, in place, with its uniforms ``u`` (same
+    shape): per row, ``p = rank(|x|)·c1 + c2`` (stable ranks) and ``x = x/p where u < p, else 0`` (``_delta.c``)."""
+    lib = library()
+    assert lib is not None and x.is_contiguous() and u.is_contiguous() and u.shape == x.shape and x.ndim == 2
+    rows, cols = x.shape
+    work = torch.empty(4 * cols, dtype=torch.int32)
+    lib.lk_della_f32(x.data_ptr(), u.data_ptr(), rows, cols, c1, c2, work.data_ptr())
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_parallel(fn: Callable[[int], None], n: int) -> None:
+    """``fn(0) … fn(n−1)`` on up to ``torch.get_num_threads()`` threads (ctypes and torch's kernels release the
+    GIL), or in order in this thread when torch runs one. For independent work whose C loop is single-threaded,
+    e.g. DELLA's tasks (its sort is most of a tile's cost)."""
+    threads = min(torch.get_num_threads(), n)
+    if threads <= 1:
+        for i in range(n):
+            fn(i)
+        return
+    pool = _pools.get(threads)
+    if pool is None:
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lorakit-native")
+    for f in [pool.submit(fn, i) for i in range(n)]:
+        f.result()

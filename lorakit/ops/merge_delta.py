@@ -125,17 +125,13 @@ class Prune:
     :func:`lorakit.ops._native.merge`).
 
     Nothing given keeps all; ``lo`` keeps ``|x_i| ≥ lo_i`` (trim); ``lo`` and ``hi`` keep ``lo_i ≤ |x_i| < hi_i``
-    (band); ``masks`` multiplies by DARE's stream masks; ``custom(row0, x)`` prunes in place (torch only:
-    DELLA)."""
+    (band); ``masks`` multiplies by DARE's stream masks; ``custom(row0, x)`` prunes in place (DELLA, whose
+    kernel has its own C loop), before the fused merge of the kept values."""
 
     def __init__(self, *, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
                  masks: K.StreamMasks | None = None,
                  custom: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self.lo, self.hi, self.masks, self.custom = lo, hi, masks, custom
-
-    @property
-    def fusable(self) -> bool:
-        return self.custom is None
 
     @property
     def mode(self) -> str:
@@ -156,6 +152,9 @@ class Prune:
             K.trim_(x, self.lo, ws)
 
     def native(self, r0: int, x: torch.Tensor) -> dict[str, object]:
+        if self.custom is not None:
+            self.custom(r0, x)
+            return {"mode": "none", "lo": None, "hi": None, "mask": None}
         mask = None if self.masks is None else self.masks(r0, x.shape[1])
         return {"mode": self.mode, "lo": self.lo, "hi": self.hi, "mask": mask}
 
@@ -288,7 +287,7 @@ def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, prune: Prune, rule: Ra
         k = min(max(64, 4 * sum(f.rank for f in inputs)), full)
     omega = probe(tiles, k, seed)
     signer = K.SignedMerge() if signed else None
-    if prune.fusable and _native.usable(tiles.As[0]):
+    if _native.usable(tiles.As[0]):
         def body(r0: int, x: torch.Tensor, out: torch.Tensor) -> None:
             if signer is not None:
                 signer.native_tile(r0, x, out, **prune.native(r0, x))
@@ -388,7 +387,7 @@ def della(
     n = len(inputs)
 
     def prune(r0: int, x: torch.Tensor) -> None:
-        x.copy_(K.della(x, density, epsilon, _gens(seed, n, module, r0)))
+        K.della_(x, density, epsilon, _gens(seed, n, module, r0))
 
     return _run(inputs, tiles, Prune(custom=prune), rank_rule, seed, lam, {"density": density}, True)
 

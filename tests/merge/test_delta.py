@@ -81,8 +81,8 @@ def test_della_matches_the_formula():
     kept = []
     for i, t in enumerate(taus(fs, ws)):
         ranks = torch.empty_like(t)
-        for r in range(t.shape[0]):  # rank of |τ| inside its row, 0 = smallest
-            ranks[r, t[r].abs().argsort()] = torch.arange(t.shape[1], dtype=F64)
+        for r in range(t.shape[0]):  # rank of |τ| inside its row, 0 = smallest, ties by column
+            ranks[r, t[r].abs().argsort(stable=True)] = torch.arange(t.shape[1], dtype=F64)
         p = d - eps + 2 * eps * ranks / (t.shape[1] - 1)
         u = torch.rand(t.shape, generator=K.tile_generator(1, i, "m", 0), dtype=F64)
         kept.append(torch.where(u < p, t / p, 0.0))

@@ -93,7 +93,22 @@ def test_fused_bracket_counts_and_collects_in_order(loops, length):
         assert torch.equal(out[:k], m[(m >= lo) & (m < hi)])
 
 
-@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear", "breadcrumbs"])
+@pytest.mark.parametrize("cols", [1, 2, 3, 29, 2049, 4100])
+def test_della_loop_equals_the_torch_path_ties_included(loops, monkeypatch, cols):
+    """Ranks by the C radix sort against torch's stable integer argsort: magnitudes over every radix digit
+    (tiny to huge), exact ties and zeros of both signs, so equal magnitudes must rank by column in both."""
+    g = torch.Generator().manual_seed(cols)
+    x = _stack(3, seed=cols, rows=5, cols=cols) * 2.0 ** torch.randint(-60, 60, (3, 5, cols), generator=g).float()
+    x[:, :, ::3] = x[:, :, :1].clone()  # many equal magnitudes in every row
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    got = K.della_(x.clone(), 0.5, 0.2, gens())
+    monkeypatch.setitem(_native._state, "lib", None)
+    want = K.della_(x.clone(), 0.5, 0.2, gens())
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # to the bit, signs of zeros included
+    assert 0 < int((got != 0).sum()) < int((x != 0).sum())
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear", "breadcrumbs", "della"])
 def test_delta_merges_give_the_same_factors_with_and_without_the_fused_loops(monkeypatch, method):
     g = torch.Generator().manual_seed(3)
     fs = [LoraFactors(B=torch.randn(300, 6, generator=g).bfloat16(), A=torch.randn(6, 200, generator=g).bfloat16(),
