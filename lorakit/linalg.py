@@ -346,15 +346,16 @@ def default_window_bytes(device: torch.device | str) -> int:
 
 
 def next_window(order: Sequence[str], start: int, nbytes: Callable[[str], int], limit: int,
-                done: Container[str]) -> list[str]:
-    """``order[start]``, then the names after it that are not ``done``, until ``limit`` bytes are taken.
+                done: Container[str], max_names: int = 0) -> list[str]:
+    """``order[start]``, then the names after it that are not ``done``, until ``limit`` bytes are taken (or, with
+    ``max_names``, that many names).
 
     The window a streaming loop computes when a writer asks for ``order[start]``; always that name first, so a
     module asked for twice is computed again rather than lost.
     """
     names, size = [order[start]], nbytes(order[start])
     for n in order[start + 1:]:
-        if size >= limit:
+        if size >= limit or (max_names and len(names) >= max_names):
             break
         if n not in done:
             names.append(n)

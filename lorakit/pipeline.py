@@ -40,6 +40,7 @@ from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
+from lorakit.threads import parallel_map, workers
 from lorakit.verbs.engine import ModuleStream, Output, write_adapter
 from lorakit.verbs.store import default_output_format, load
 
@@ -282,6 +283,10 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     svd one batched :func:`~lorakit.linalg.core_svd`), so on CUDA a Llama-3-8B adapter takes a handful of batched QR/SVD
     calls instead of 224 per-module ones. Peak memory: one window of factors plus its results. On CPU each
     module's numbers equal the per-module operator's (batched LAPACK runs the same routine per matrix).
+
+    Delta-space merges on a CPU with ``n > 1`` torch threads take windows of ``8n`` modules and merge ``n`` at a
+    time, each on one torch thread (:func:`lorakit.threads.parallel_map`), so every module is the one-thread
+    result whatever ``n``; memory: ``n`` modules' working sets.
     """
     results: dict[str, MergeResult] = {}
     spec = plan.spec
@@ -312,6 +317,9 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
             raise type(e)(e.message, module=m, hint=e.hint) from e
 
     def work(window: list[str], inputs_of) -> dict[str, MergeResult]:
+        if concurrent:  # inputs read here, in order (the read-ahead is one thread); each module on one core
+            read = {m: inputs_of(m) for m in window}
+            return dict(zip(window, parallel_map(lambda m: merge_one(m, read.__getitem__), window)))
         # the declared batched path over the window; what it leaves (a non-finite batch) goes one by one
         out = _batched_window(plan, window, dev, inputs_of, dtype) if batching else {}
         if window[0] not in out:
@@ -324,8 +332,12 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     stored = {m: sum(plan.adapters[i].info(m).num_params * plan.adapters[i].info(m).dtype.itemsize
                      for i in plan.present[m]) for m in plan.modules}
     # read ahead: one module on CPU (a second core's worth of overlap, little memory), a window on CUDA
+    # delta-space merges on a multi-core CPU: as many modules at a time as torch has threads, each on one
+    # (lorakit.threads: a module's small passes do not scale over threads, whole modules do)
+    concurrent = spec.space == "delta" and dev.type == "cpu" and workers() > 1
     stream = ModuleStream(plan.modules, read_inputs, work, nbytes=float32_bytes,
-                          window_bytes=batch_bytes if batching else 0,
+                          window_bytes=batch_bytes if batching else (1 << 62 if concurrent else 0),
+                          window_modules=8 * workers() if concurrent else 0,
                           read_ahead_bytes=batch_bytes // 2 if dev.type == "cuda" else 0, stored_bytes=stored)
 
     def one(m: str) -> LoraFactors:

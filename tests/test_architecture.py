@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top. A module may import its own layer or any layer below. The longest matching prefix decides.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("lorakit.errors", "lorakit._deps", "lorakit.__version__")),
-    ("core", ("lorakit.factors", "lorakit.adapter", "lorakit.device", "lorakit.run", "lorakit.algebra", "lorakit.linalg", "lorakit.report",
+    ("core", ("lorakit.factors", "lorakit.adapter", "lorakit.device", "lorakit.threads", "lorakit.run", "lorakit.algebra", "lorakit.linalg", "lorakit.report",
               "lorakit.describe", "lorakit.card", "lorakit.testing")),
     ("io", ("lorakit.io", "lorakit.provenance")),
     # Quantization math and the quantized-module type: pure tensors, no files; the quantized format stores it.

@@ -346,6 +346,7 @@ def della_(x: torch.Tensor, density: float, epsilon: float, generators: list[tor
     integers (the same order, 25% faster than a float sort), stably, so both rank ties alike and agree.
     """
     from lorakit.ops import _native
+    from lorakit.threads import parallel_map
 
     cols = x.shape[-1]
     c1, c2 = (2 * epsilon / (cols - 1), density - epsilon) if cols > 1 else (0.0, density)
@@ -353,7 +354,7 @@ def della_(x: torch.Tensor, density: float, epsilon: float, generators: list[tor
         def task(i: int) -> None:  # its uniforms, then its loop: the tasks are independent
             _native.della_(x[i], torch.rand(x.shape[1:], generator=generators[i], dtype=x.dtype), c1, c2)
 
-        _native.run_parallel(task, len(x))
+        parallel_map(task, range(len(x)))  # the sort is most of a tile's cost, and its loop is one thread
         return x
     u = [torch.rand(x.shape[1:], generator=g, dtype=x.dtype).to(x.device) for g in generators]
     a = x.abs()

@@ -21,8 +21,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -158,21 +156,3 @@ def della_(x: torch.Tensor, u: torch.Tensor, c1: float, c2: float) -> None:
     work = torch.empty(4 * cols, dtype=torch.int32)
     lib.lk_della_f32(x.data_ptr(), u.data_ptr(), rows, cols, c1, c2, work.data_ptr())
 
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def run_parallel(fn: Callable[[int], None], n: int) -> None:
-    """``fn(0) … fn(n−1)`` on up to ``torch.get_num_threads()`` threads (ctypes and torch's kernels release the
-    GIL), or in order in this thread when torch runs one. For independent work whose C loop is single-threaded,
-    e.g. DELLA's tasks (its sort is most of a tile's cost)."""
-    threads = min(torch.get_num_threads(), n)
-    if threads <= 1:
-        for i in range(n):
-            fn(i)
-        return
-    pool = _pools.get(threads)
-    if pool is None:
-        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lorakit-native")
-    for f in [pool.submit(fn, i) for i in range(n)]:
-        f.result()

@@ -89,6 +89,7 @@ class ModuleStream(Generic[R, T]):
             it (:func:`~lorakit.linalg.next_window`) and the host heap is trimmed every 16 MB of it
             (:class:`~lorakit.device.HostMemoryTrimmer`).
         window_bytes: the window's size; ``0`` or ``1``: one module at a time.
+        window_modules: at most this many modules a window (``0``: no limit but the bytes).
         read_ahead_bytes: inputs read ahead, by ``stored_bytes`` (at least one module is read ahead).
         read_ahead: ``False``: no background reads, each module's inputs are read when its work asks for them
             (verbs over dense checkpoint matrices, where a second matrix in memory would double the peak).
@@ -101,7 +102,8 @@ class ModuleStream(Generic[R, T]):
 
     def __init__(self, order: Sequence[str], read: Callable[[str], R],
                  work: Callable[[list[str], Callable[[str], R]], Mapping[str, T]], *,
-                 nbytes: Callable[[str], int], window_bytes: int = 0, read_ahead_bytes: int = 0,
+                 nbytes: Callable[[str], int], window_bytes: int = 0, window_modules: int = 0,
+                 read_ahead_bytes: int = 0,
                  stored_bytes: Mapping[str, int] | None = None, read_ahead: bool = True,
                  progress: Progress | None = None, label: str = "") -> None:
         from lorakit.device import HostMemoryTrimmer
@@ -112,6 +114,7 @@ class ModuleStream(Generic[R, T]):
         self._work = work
         self._nbytes = nbytes
         self._window_bytes = window_bytes
+        self._window_modules = window_modules
         self._inputs = Prefetcher(read, self.order, stored_bytes or {}, read_ahead_bytes).get if read_ahead else read
         self._ready: dict[str, T] = {}  # results of the current window, popped as they are asked for
         self._done: set[str] = set()  # names computed: a later window does not compute them again
@@ -124,7 +127,8 @@ class ModuleStream(Generic[R, T]):
         from lorakit.linalg import next_window
 
         if name not in self._ready:
-            window = next_window(self.order, self._position[name], self._nbytes, self._window_bytes, self._done)
+            window = next_window(self.order, self._position[name], self._nbytes, self._window_bytes, self._done,
+                                 self._window_modules)
             results = self._work(window, self._inputs)
             self._ready.update(results)
             self._done.update(results)

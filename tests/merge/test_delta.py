@@ -245,3 +245,32 @@ def test_cache_sized_tiles_only_with_one_torch_thread():
     finally:
         torch.set_num_threads(threads)
     assert one == K.CPU_TILE_ELEMENTS // 4096 < two == K.tile_rows(4096, 4096) == K.TILE_ELEMENTS // 4096
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_modules_merged_concurrently_are_the_one_thread_results(method, monkeypatch):
+    """With two torch threads the delta merges run two modules at a time, each on one thread
+    (:mod:`lorakit.threads`): every module equals a one-thread run to the bit, whatever the threads."""
+    from lorakit import Adapter, LoraFactors
+    from lorakit import threads as T
+    from lorakit.pipeline import merge_adapters
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {f"m{i}": s for i, s in enumerate([(64, 48), (16, 48), (200, 48), (64, 200), (16, 48)])}
+    adapters = [Adapter({n: LoraFactors((torch.randn(4, i, generator=g) * 0.1).bfloat16(),
+                                        (torch.randn(o, 4, generator=g) * 0.1).bfloat16(), 2.0)
+                         for n, (o, i) in shapes.items()}) for _ in range(2)]
+    used = []
+    parallel_map = T.parallel_map
+    monkeypatch.setattr("lorakit.pipeline.parallel_map", lambda fn, xs: used.append(len(xs)) or parallel_map(fn, xs))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = merge_adapters(adapters, [1.0, 0.8], method, density=0.5, rank=4)
+        torch.set_num_threads(2)
+        two, _ = merge_adapters(adapters, [1.0, 0.8], method, density=0.5, rank=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert used == [len(shapes)]  # one window of every module, at two threads only
+    for n in shapes:
+        assert torch.equal(one[n].A, two[n].A) and torch.equal(one[n].B, two[n].B), n
