@@ -559,8 +559,10 @@ def markdown(results: list[dict[str, object]], base_rss: float, command: str, lo
     cost = extra.get("cost_table")
     if cost:
         lines += ["", "### Cost table: 2, 4, 8 adapters × rank 16/64 × 8B/70B shapes", "",
-                  (f"End to end in fresh processes ({extra.get('cost_table_threads', 1)} torch thread(s) each; load average "
-                  f"{' / '.join(f'{x:.1f}' for x in extra.get('cost_table_loadavg', [])) or '?'} at start/end, {extra.get('cost_table_minutes', '?')} min), `lorakit merge --method M` (`svd`: to the largest "
+                  (f"End to end in fresh processes ({extra.get('cost_table_threads', 1)} torch thread(s) each; "
+                  + (f"load average {' / '.join(f'{x:.1f}' for x in extra['cost_table_loadavg'])} at start/end, "
+                     f"{extra.get('cost_table_minutes', '?')} min" if extra.get("cost_table_loadavg")
+                     else "within the run above") + "), `lorakit merge --method M` (`svd`: to the largest "
                   "input rank; `ties`/`dare` = `dare_ties`: density 0.5, rank 16; `lego`: its defaults) and `lorakit "
                   "resize` of one input to rank/4. A number marked * was measured on the first `layers timed` "
                   "layers and extrapolated as start-up + (measured − start-up) × layers / layers timed (every layer "
@@ -651,7 +653,10 @@ def main(argv: list[str] | None = None) -> None:
         print(r, flush=True)
         results.append(r)
     if args.cost_table:
+        load_ct, t_ct = os.getloadavg()[0], time.perf_counter()
         extra["cost_table"] = cost_table(base_s)
+        extra.update(cost_table_loadavg=[load_ct, os.getloadavg()[0]], cost_table_threads=SETTINGS["threads"],
+                     cost_table_minutes=round((time.perf_counter() - t_ct) / 60, 1))
     loadavg = [load0, os.getloadavg()[0]]
     command = "python -m benchmarks.perf" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
     # Only a full run is the record; a partial one (--quick, --cases, --no-peers) must not overwrite it.
