@@ -268,6 +268,10 @@ class MergeRun:
     results: dict[str, MergeResult]
 
 
+# the dense float32 merges that modules merged at the same time may hold together (run_merge)
+CONCURRENT_DENSE_BYTES = 1 << 30
+
+
 def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     """The merged adapter, lazy where the output ranks are known (see the module docstring).
 
@@ -286,7 +290,8 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
 
     Delta-space merges on a CPU with ``n > 1`` torch threads take windows of ``8n`` modules and merge ``n`` at a
     time, each on one torch thread (:func:`lorakit.threads.parallel_map`), so every module is the one-thread
-    result whatever ``n``; memory: ``n`` modules' working sets.
+    result whatever ``n``; memory: ``n`` modules' working sets, and only where ``n`` of their dense float32
+    merges fit in :data:`CONCURRENT_DENSE_BYTES` (larger modules go one at a time, on every thread).
     """
     results: dict[str, MergeResult] = {}
     spec = plan.spec
@@ -319,12 +324,21 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     def work(window: list[str], inputs_of) -> dict[str, MergeResult]:
         if concurrent:  # inputs read here, in order (the read-ahead is one thread); each module on one core
             read = {m: inputs_of(m) for m in window}
-            return dict(zip(window, parallel_map(lambda m: merge_one(m, read.__getitem__), window)))
+            # each concurrent module holds its dense float32 merge: modules too large for n of them at once
+            # (a 70B gate_proj is 940 MB) go one at a time, on every thread
+            fits = [m for m in window if dense_bytes(m) * workers() <= CONCURRENT_DENSE_BYTES]
+            out = dict(zip(fits, parallel_map(lambda m: merge_one(m, read.__getitem__), fits)))
+            out.update({m: merge_one(m, read.__getitem__) for m in window if m not in out})
+            return out
         # the declared batched path over the window; what it leaves (a non-finite batch) goes one by one
         out = _batched_window(plan, window, dev, inputs_of, dtype) if batching else {}
         if window[0] not in out:
             out[window[0]] = merge_one(window[0], inputs_of)
         return out
+
+    def dense_bytes(m: str) -> int:
+        out_f, in_f = plan.adapters[plan.present[m][0]].info(m).shape
+        return out_f * in_f * 4
 
     def float32_bytes(m: str) -> int:
         return sum(plan.adapters[i].info(m).num_params for i in plan.present[m]) * 4

@@ -113,7 +113,7 @@ class SafetensorsWriter:
     Args:
         path: the final file.
         metadata: the header's ``__metadata__`` (string to string). It may still change before :meth:`close`
-            (an in-place file whose header then changes size is written by the appending route instead).
+            (an in-place file whose header then changes is written by the appending route instead).
         layout: every tensor the file will hold, to write them in place (module docstring). A tensor that is
             not in it, or differs from it, and a layout tensor never added, make :meth:`close` take the
             appending route: the layout decides only the speed, never the file.
@@ -161,7 +161,7 @@ class SafetensorsWriter:
 
     def _in_place(self) -> bool:
         """Whether the data file is already the output: every tensor of the layout was added at its place, nothing
-        else, and the header written from the final metadata has the planned size."""
+        else, and the header written from the final metadata is the planned one."""
         return (bool(self._planned) and self._entries.keys() == self._planned.keys()
                 and all(e[3] == self._planned[n][2] and e[2] == self._slots[n] for n, e in self._entries.items())
                 and _header(self.metadata, self._planned)[0] == self._header)

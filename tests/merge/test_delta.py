@@ -248,9 +248,11 @@ def test_cache_sized_tiles_only_with_one_torch_thread():
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
-def test_modules_merged_concurrently_are_the_one_thread_results(method, monkeypatch):
+@pytest.mark.parametrize("budget", [1 << 30, 2 * 64 * 48 * 4])
+def test_modules_merged_concurrently_are_the_one_thread_results(method, budget, monkeypatch):
     """With two torch threads the delta merges run two modules at a time, each on one thread
-    (:mod:`lorakit.threads`): every module equals a one-thread run to the bit, whatever the threads."""
+    (:mod:`lorakit.threads`): every module equals a one-thread run to the bit, whatever the threads. Modules
+    whose dense merges do not fit the budget two at a time go one at a time."""
     from lorakit import Adapter, LoraFactors
     from lorakit import threads as T
     from lorakit.pipeline import merge_adapters
@@ -263,6 +265,7 @@ def test_modules_merged_concurrently_are_the_one_thread_results(method, monkeypa
     used = []
     parallel_map = T.parallel_map
     monkeypatch.setattr("lorakit.pipeline.parallel_map", lambda fn, xs: used.append(len(xs)) or parallel_map(fn, xs))
+    monkeypatch.setattr("lorakit.pipeline.CONCURRENT_DENSE_BYTES", budget)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -271,6 +274,8 @@ def test_modules_merged_concurrently_are_the_one_thread_results(method, monkeypa
         two, _ = merge_adapters(adapters, [1.0, 0.8], method, density=0.5, rank=4)
     finally:
         torch.set_num_threads(threads)
-    assert used == [len(shapes)]  # one window of every module, at two threads only
+    # one window of every module, at two threads only; under the small budget, the (200, 48) and (64, 200)
+    # modules are the ones merged alone
+    assert used == [len(shapes) if budget > 1 << 20 else 3]
     for n in shapes:
         assert torch.equal(one[n].A, two[n].A) and torch.equal(one[n].B, two[n].B), n
