@@ -347,15 +347,15 @@ def default_window_bytes(device: torch.device | str) -> int:
 
 def next_window(order: Sequence[str], start: int, nbytes: Callable[[str], int], limit: int,
                 done: Container[str], max_names: int = 0) -> list[str]:
-    """``order[start]``, then the names after it that are not ``done``, until ``limit`` bytes are taken (or, with
-    ``max_names``, that many names).
+    """``order[start]``, then the names after it that are not ``done``, until ``limit`` bytes are taken, or, with
+    ``max_names``, until that many names are (``limit`` then unused).
 
     The window a streaming loop computes when a writer asks for ``order[start]``; always that name first, so a
     module asked for twice is computed again rather than lost.
     """
     names, size = [order[start]], nbytes(order[start])
     for n in order[start + 1:]:
-        if size >= limit or (max_names and len(names) >= max_names):
+        if (len(names) >= max_names) if max_names else (size >= limit):
             break
         if n not in done:
             names.append(n)

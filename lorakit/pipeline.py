@@ -350,7 +350,7 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     # (lorakit.threads: a module's small passes do not scale over threads, whole modules do)
     concurrent = spec.space == "delta" and dev.type == "cpu" and workers() > 1
     stream = ModuleStream(plan.modules, read_inputs, work, nbytes=float32_bytes,
-                          window_bytes=batch_bytes if batching else (1 << 62 if concurrent else 0),
+                          window_bytes=batch_bytes if batching else 0,
                           window_modules=8 * workers() if concurrent else 0,
                           read_ahead_bytes=batch_bytes // 2 if dev.type == "cuda" else 0, stored_bytes=stored)
 

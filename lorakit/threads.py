@@ -34,12 +34,12 @@ def workers() -> int:
     return torch.get_num_threads()
 
 
-def parallel_map(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
-    """``[fn(x) for x in items]``, on up to ``threads`` (default :func:`workers`) threads of one torch thread each,
-    results in the order of ``items``; in this thread, in order, when one thread is asked for or there is one
-    item. An exception in ``fn`` is raised here (the other items still finish first)."""
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]``, on up to :func:`workers` threads of one torch thread each, results in the order
+    of ``items``; in this thread, in order, when torch runs one thread or there is one item. An exception in
+    ``fn`` is raised here (the other items still finish first)."""
     todo = list(items)
-    threads = min(workers() if threads is None else threads, len(todo))
+    threads = min(workers(), len(todo))
     if threads <= 1:
         return [fn(x) for x in todo]
     pool = _pools.get(threads)

@@ -100,7 +100,17 @@ def peft_magnitude(f: LoraFactors, file: str | Path | None = None, module: str |
             f"({f.out_features}); PEFT has no per-input DoRA", file=file, module=module,
             hint="keep this adapter in the kohya/LyCORIS format",
         )
-    return f.magnitude.reshape(1, -1, 1, 1) if f.kind == "conv" else f.magnitude.reshape(-1)
+    return f.magnitude.reshape(peft_magnitude_shape(f.kind, f.out_features))
+
+
+def peft_magnitude_shape(kind: LayerKind, out_features: int) -> tuple[int, ...]:
+    """PEFT's stored shape of a per-output-row DoRA magnitude: ``(out,)``, or ``(1, out, 1, 1)`` for conv."""
+    return (1, out_features, 1, 1) if kind == "conv" else (out_features,)
+
+
+def kohya_magnitude_shape(kind: LayerKind, out_features: int) -> tuple[int, ...]:
+    """The LyCORIS/ComfyUI stored shape of a per-output-row DoRA magnitude: ``(out, 1)``, or ``(out, 1, 1, 1)``."""
+    return (out_features, 1, 1, 1) if kind == "conv" else (out_features, 1)
 
 
 def load_factors(source: Source, info: ModuleInfo, roles: Roles, *, flat_magnitude: bool = False) -> LoraFactors:

@@ -27,7 +27,7 @@ from pathlib import Path
 from lorakit.adapter import Adapter, AdapterMeta, ModuleInfo
 from lorakit.errors import FormatError, KeyMappingError
 from lorakit.factors import LoraFactors
-from lorakit.formats._lora import Roles, build_adapter, read_alpha
+from lorakit.formats._lora import Roles, build_adapter, kohya_magnitude_shape, read_alpha
 from lorakit.formats.base import Source, group_by_module
 from lorakit.formats.keymaps import (
     ARCHES,
@@ -228,9 +228,8 @@ def _layout(stems: list[tuple[str, ModuleInfo]]) -> Layout:
         layout[f"{stem}.lora_down.weight"] = (i.dtype, down)
         layout[f"{stem}.lora_up.weight"] = (i.dtype, up)
         layout[f"{stem}.alpha"] = (torch.float32, ())
-        if i.has_magnitude:
-            layout[f"{stem}.dora_scale"] = (i.dtype, (i.out_features, 1, 1, 1) if i.kind == "conv"
-                                            else (i.out_features, 1))
+        if i.has_magnitude:  # per output row (a per-input one differs: the appending route)
+            layout[f"{stem}.dora_scale"] = (i.dtype, kohya_magnitude_shape(i.kind, i.out_features))
     return layout
 
 
@@ -338,7 +337,7 @@ class KohyaFormat:
                 if f.magnitude is not None:
                     mag = f.magnitude
                     if mag.ndim == 1:  # per output row: LyCORIS/ComfyUI layout (out, 1) or (out, 1, 1, 1)
-                        mag = mag.reshape(-1, 1, 1, 1) if f.kind == "conv" else mag.reshape(-1, 1)
+                        mag = mag.reshape(kohya_magnitude_shape(f.kind, f.out_features))
                     w.add(f"{stem}.dora_scale", mag)
             if adapter.meta.source_format == "kohya":
                 for k, load_t in adapter.meta.passthrough.items():

@@ -31,7 +31,7 @@ import torch
 from lorakit.adapter import Adapter, AdapterMeta, FullTensor
 from lorakit.errors import ConfigValueError, FormatError
 from lorakit.factors import LayerKind, LoraFactors
-from lorakit.formats._lora import Roles, build_adapter, peft_magnitude
+from lorakit.formats._lora import Roles, build_adapter, peft_magnitude, peft_magnitude_shape
 from lorakit.formats.base import Source, group_by_module
 from lorakit.io.atomic import atomic_output
 from lorakit.io.files import loads_json
@@ -291,8 +291,7 @@ def factor_layout(adapter: Adapter, prefix: str = PREFIX) -> Layout:
         for k, shape in zip(factor_keys(key, i.kind), i.stored_shapes):
             layout[k] = (i.dtype, shape)
         if i.has_magnitude:  # per output row, as peft_magnitude writes it (else it refuses)
-            layout[f"{key}.lora_magnitude_vector"] = (i.dtype, (1, i.out_features, 1, 1) if i.kind == "conv"
-                                                      else (i.out_features,))
+            layout[f"{key}.lora_magnitude_vector"] = (i.dtype, peft_magnitude_shape(i.kind, i.out_features))
     return layout
 
 

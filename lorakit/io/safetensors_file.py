@@ -70,6 +70,11 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def tensor_bits(dtype: str, shape: tuple[int, ...]) -> int:
+    """The bits a tensor of safetensors dtype ``dtype`` and ``shape`` takes (a whole file needs them in bytes)."""
+    return math.prod(shape) * DTYPES[dtype][1]
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -138,7 +143,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raise CorruptFileError(f"tensor {name!r} has unknown dtype {dtype!r}", file=path)
         if any(d < 0 for d in shape):
             raise CorruptFileError(f"tensor {name!r} has a negative dimension {shape}", file=path)
-        bits = math.prod(shape) * DTYPES[dtype][1]
+        bits = tensor_bits(dtype, shape)
         if bits % 8:
             raise CorruptFileError(f"tensor {name!r} does not fill whole bytes", file=path)
         if end - begin != bits // 8:

@@ -30,7 +30,7 @@ import torch
 
 from lorakit.errors import OutputError
 from lorakit.io.atomic import atomic_output
-from lorakit.io.safetensors_file import DTYPES, TORCH_TO_NAME
+from lorakit.io.safetensors_file import DTYPES, TORCH_TO_NAME, tensor_bits
 
 #: ``name → (dtype, shape)`` of every tensor a file will hold.
 Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
@@ -44,13 +44,6 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     # A byte view works for every dtype, bf16 and fp8 included (numpy has neither); no copy of the data.
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * DTYPES[dtype][1] // 8
 
 
 def _header(metadata: Mapping[str, str], entries: Mapping[str, tuple[str, tuple[int, ...], int]]
@@ -136,7 +129,7 @@ class SafetensorsWriter:
         self._slots: dict[str, int] = {}  # its tensors' positions in the data file (which is then the output)
         self._header = b""
         if layout:
-            self._planned = {n: (TORCH_TO_NAME[dt], tuple(sh), _nbytes(TORCH_TO_NAME[dt], tuple(sh)))
+            self._planned = {n: (TORCH_TO_NAME[dt], tuple(sh), tensor_bits(TORCH_TO_NAME[dt], tuple(sh)) // 8)
                              for n, (dt, sh) in layout.items() if dt in TORCH_TO_NAME}
             self._header, offsets = _header(self.metadata, self._planned)
             self._slots = {n: len(self._header) + o for n, o in offsets.items()}
@@ -163,7 +156,7 @@ class SafetensorsWriter:
         """Whether the data file is already the output: every tensor of the layout was added at its place, nothing
         else, and the header written from the final metadata is the planned one."""
         return (bool(self._planned) and self._entries.keys() == self._planned.keys()
-                and all(e[3] == self._planned[n][2] and e[2] == self._slots[n] for n, e in self._entries.items())
+                and all(e[2] == self._slots[n] for n, e in self._entries.items())  # appended ones lie past the slots
                 and _header(self.metadata, self._planned)[0] == self._header)
 
     def close(self) -> Path:

@@ -89,7 +89,7 @@ class ModuleStream(Generic[R, T]):
             it (:func:`~lorakit.linalg.next_window`) and the host heap is trimmed every 16 MB of it
             (:class:`~lorakit.device.HostMemoryTrimmer`).
         window_bytes: the window's size; ``0`` or ``1``: one module at a time.
-        window_modules: at most this many modules a window (``0``: no limit but the bytes).
+        window_modules: windows of this many modules instead (``0``: cut by ``window_bytes``).
         read_ahead_bytes: inputs read ahead, by ``stored_bytes`` (at least one module is read ahead).
         read_ahead: ``False``: no background reads, each module's inputs are read when its work asks for them
             (verbs over dense checkpoint matrices, where a second matrix in memory would double the peak).
