@@ -38,6 +38,7 @@ from lorakit.linalg import group_by_shape, widest_dtype
 from lorakit.ops import _kernels
 from lorakit.ops.rank_rules import RankRule, rank_rule
 from lorakit.ops.registry import DEFAULT_MERGE, ENGINE_KEYWORDS, MergeResult, OperatorSpec, available, resolve
+from lorakit.ops.scratch import Scratch
 from lorakit.report import Report
 from lorakit.run import RunOptions, run_options
 from lorakit.threads import parallel_map, workers
@@ -300,6 +301,7 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
     batching = spec.batched is not None and batch_bytes > 0
     linear = spec.linear_weights(plan.weights, plan.params)
     bias_inputs = {m for m in plan.modules if any(plan.adapters[i].info(m).has_bias for i in plan.present[m])}
+    scratch = Scratch()  # dense buffers the modules reuse (lorakit.ops.scratch); they go with the run
 
     def read_inputs(m: str) -> list[LoraFactors]:
         inputs = []
@@ -314,7 +316,8 @@ def run_merge(plan: MergePlan, run: RunOptions | None = None) -> MergeRun:
         inputs = [factors_to(f, dev) for f in inputs_of(m)]
         kwargs = dict(plan.params)
         # ENGINE_KEYWORDS, where the signature has them
-        engine = {"rank_rule": plan.rule, "module": m, "stored_dtype": plan.output_dtype(m, dtype)}
+        engine = {"rank_rule": plan.rule, "module": m, "stored_dtype": plan.output_dtype(m, dtype),
+                  "scratch": scratch}
         kwargs.update({k: v for k, v in engine.items() if spec.takes(k)})
         try:
             return spec.fn(inputs, [plan.weights[i] for i in plan.present[m]], **kwargs)

@@ -90,6 +90,12 @@ def library() -> ctypes.CDLL | None:
                                          f32p, i64p, f32p, f32p, ctypes.c_void_p]
             lib.lk_della_f32.restype = None
             lib.lk_della_f32.argtypes = [f32p, f32p, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+            lib.lk_products.restype = ctypes.c_int
+            lib.lk_products.argtypes = []
+            lib.lk_mm_f32.restype = None
+            lib.lk_mm_f32.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, f32p, i64]
+            lib.lk_mtm_f32.restype = None
+            lib.lk_mtm_f32.argtypes = [f32p, i64, i64, i64, f32p, i64, i64, f32p, i64, f32p]
         _state["lib"] = lib
     return _state["lib"]
 
@@ -156,3 +162,80 @@ def della_(x: torch.Tensor, u: torch.Tensor, c1: float, c2: float) -> None:
     work = torch.empty(4 * cols, dtype=torch.int32)
     lib.lk_della_f32(x.data_ptr(), u.data_ptr(), rows, cols, c1, c2, work.data_ptr())
 
+
+
+def products_usable(M: torch.Tensor) -> bool:
+    """Whether :func:`mm` and :func:`mtm` apply to ``M``: float32 on the CPU, rows contiguous, and a library built
+    with AVX-512 (elsewhere the callers use torch's products)."""
+    lib = library()
+    return (M.dtype == torch.float32 and M.device.type == "cpu" and M.ndim == 2 and M.stride(1) == 1
+            and lib is not None and bool(lib.lk_products()))
+
+
+def padded(x: torch.Tensor) -> torch.Tensor:
+    """``x (n, k)`` as a contiguous float32 ``(n, 32·⌈k/32⌉)`` copy, zeros beyond ``k``."""
+    out = torch.zeros(x.shape[0], -(-x.shape[1] // 32) * 32, dtype=torch.float32)
+    out[:, :x.shape[1]] = x
+    return out
+
+
+PARALLEL_MIN = 1 << 20  # entries of M below which one product is not split over threads
+
+
+def _spans(length: int, parts: int, align: int) -> list[tuple[int, int]]:
+    step = -(-length // parts)
+    step = -(-step // align) * align
+    return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+
+def mm(M: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``M @ Z`` (``(rows, cols) @ (cols, k)``) by the AVX-512 kernel of ``_delta.c`` (see
+    :func:`products_usable`), written into ``out`` (``(rows, k)``, rows contiguous) when given. ``Z`` may come
+    as :func:`padded` already (then ``k`` is ``out``'s width), which saves its copy per call on tiles.
+
+    With several torch threads the rows are split over them (each row's sum is the same operations either
+    way, so the bits do not depend on the thread count). Cost ``2·rows·cols·k`` flops, about 0.6 ns an entry of
+    ``M`` for ``k ≤ 32`` on one Zen 4 core."""
+    from lorakit.threads import parallel_map, workers
+
+    lib = library()
+    assert lib is not None and products_usable(M) and Z.shape[0] == M.shape[1]
+    rows, cols = M.shape
+    k = Z.shape[1] if out is None else out.shape[1]
+    Y = torch.empty(rows, k, dtype=torch.float32) if out is None else out
+    assert Y.shape == (rows, k) and Y.stride(1) == 1 and Y.dtype == torch.float32
+    ready = Z.dtype == torch.float32 and Z.is_contiguous() and Z.shape[1] % 32 == 0 and Z.shape[1] >= k
+    Zp = Z if ready else padded(Z)
+
+    def part(span: tuple[int, int]) -> None:
+        r0, r1 = span
+        lib.lk_mm_f32(M[r0:].data_ptr(), r1 - r0, cols, M.stride(0), Zp.data_ptr(), Zp.stride(0), k,
+                      Y[r0:].data_ptr(), Y.stride(0))
+
+    n = workers() if M.numel() >= PARALLEL_MIN else 1
+    parallel_map(part, _spans(rows, n, 8) if rows else [])
+    return Y
+
+
+def mtm(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``Mᵀ @ Q`` (``(cols, k)``, from ``M (rows, cols)`` and ``Q (rows, k)``) by the AVX-512 kernel of
+    ``_delta.c``; with several torch threads the columns are split over them (the same bits as one thread).
+    Cost as :func:`mm`."""
+    from lorakit.threads import parallel_map, workers
+
+    lib = library()
+    assert lib is not None and products_usable(M) and Q.shape[0] == M.shape[0]
+    rows, cols = M.shape
+    k = Q.shape[1]
+    Bt = torch.empty(cols, k, dtype=torch.float32)
+    Qp = padded(Q)
+
+    def part(span: tuple[int, int]) -> None:
+        c0, c1 = span
+        work = torch.empty(64 * (c1 - c0), dtype=torch.float32)
+        lib.lk_mtm_f32(M[:, c0:].data_ptr(), rows, c1 - c0, M.stride(0), Qp.data_ptr(), Qp.stride(0), k,
+                       Bt[c0:].data_ptr(), Bt.stride(0), work.data_ptr())
+
+    n = workers() if M.numel() >= PARALLEL_MIN else 1
+    parallel_map(part, _spans(cols, n, 16) if cols else [])
+    return Bt

@@ -21,7 +21,7 @@ The spec is the operator's contract with the engine, which knows no method by na
 - ``lossless`` and ``tolerance``: the parameters at which one adapter at weight 1 comes back (``None``: never,
   e.g. Iso-C flattens its spectrum), and to what relative accuracy in float64.
 
-Keyword parameters named in :data:`ENGINE_KEYWORDS` are supplied by the engine (the rank rule, the module name, the stored dtype),
+Keyword parameters named in :data:`ENGINE_KEYWORDS` are supplied by the engine (the rank rule, the module name, the stored dtype, the run's buffers),
 not by the user; an operator receives them when its signature has them. The contract tests
 (``tests/merge/test_contract.py``) are generated from this registry, so a new registration gets them.
 """
@@ -44,8 +44,9 @@ RankDefault = Literal["sum", "max_input", "data"]
 RankCap = Literal["sum", "shape"]
 F = TypeVar("F", bound=Callable[..., Any])
 # keyword parameters the engine passes itself (where the operator's signature has them): the rank rule from
-# --rank/--energy/--error, the module's name (seeds of random masks) and the dtype its result is stored in
-ENGINE_KEYWORDS = ("rank_rule", "module", "stored_dtype")
+# --rank/--energy/--error, the module's name (seeds of random masks), the dtype its result is stored in, and
+# the run's reusable dense buffers (lorakit.ops.scratch.Scratch)
+ENGINE_KEYWORDS = ("rank_rule", "module", "stored_dtype", "scratch")
 DEFAULT_MERGE = "cat"  # the merge operator used when none is named (the exact one)
 
 

@@ -108,17 +108,75 @@ def test_della_loop_equals_the_torch_path_ties_included(loops, monkeypatch, cols
     assert 0 < int((got != 0).sum()) < int((x != 0).sum())
 
 
-@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear", "breadcrumbs", "della"])
-def test_delta_merges_give_the_same_factors_with_and_without_the_fused_loops(monkeypatch, method):
+DELTA_METHODS = ["ties", "magnitude_prune", "dare_ties", "dare_linear", "breadcrumbs", "della"]
+
+
+def _delta_inputs() -> list[LoraFactors]:
     g = torch.Generator().manual_seed(3)
-    fs = [LoraFactors(B=torch.randn(300, 6, generator=g).bfloat16(), A=torch.randn(6, 200, generator=g).bfloat16(),
-                      scale=0.5) for _ in range(3)]
+    return [LoraFactors(B=torch.randn(300, 6, generator=g).bfloat16(), A=torch.randn(6, 200, generator=g).bfloat16(),
+                        scale=0.5) for _ in range(3)]
+
+
+def _delta_merge(method: str) -> D.MergeResult:
     kw = {"density": 0.4} if method != "breadcrumbs" else {}
-    fused = getattr(D, method)(fs, [1.0, 0.7, 1.3], rank_rule=RankRule("rank", 6), **kw)
+    return getattr(D, method)(_delta_inputs(), [1.0, 0.7, 1.3], rank_rule=RankRule("rank", 6), **kw)
+
+
+@pytest.mark.parametrize("method", DELTA_METHODS)
+def test_delta_merges_give_the_same_factors_with_and_without_the_fused_loops(monkeypatch, method):
+    """The prune-and-merge loops: the same dense M to the bit, so the same factors (both runs take torch's
+    products, which the next test compares with the C ones)."""
+    monkeypatch.setattr(_native, "products_usable", lambda M: False)
+    fused = _delta_merge(method)
     monkeypatch.setitem(_native._state, "lib", None)
-    plain = getattr(D, method)(fs, [1.0, 0.7, 1.3], rank_rule=RankRule("rank", 6), **kw)
+    plain = _delta_merge(method)
     assert torch.equal(fused.factors.B, plain.factors.B) and torch.equal(fused.factors.A, plain.factors.A)
     assert fused.error == plain.error
+
+
+@pytest.mark.skipif(not _native.products_usable(torch.zeros(1, 1)), reason="lorakit's C products need AVX-512")
+@pytest.mark.parametrize("method", DELTA_METHODS)
+def test_delta_merges_with_the_c_products_equal_torchs_to_float32_rounding(monkeypatch, method):
+    fast = _delta_merge(method)
+    monkeypatch.setattr(_native, "products_usable", lambda M: False)
+    plain = _delta_merge(method)
+    dW = lambda r: (r.factors.B.double() @ r.factors.A.double()) * r.factors.scale
+    torch.testing.assert_close(dW(fast), dW(plain), rtol=1e-4, atol=1e-5 * float(dW(plain).abs().max()))
+    assert fast.error == pytest.approx(plain.error, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.skipif(not _native.products_usable(torch.zeros(1, 1)), reason="lorakit's C products need AVX-512")
+@pytest.mark.parametrize("rows,cols,k", [(1, 1, 1), (7, 33, 1), (13, 17, 16), (9, 5, 17), (333, 77, 26),
+                                         (1030, 513, 32), (50, 40, 33), (70, 1100, 70)])
+def test_skinny_products_against_float64(rows, cols, k):
+    """``M @ Z`` and ``Mᵀ @ Q`` by the AVX-512 kernels: every remainder (rows not a multiple of the 6- and
+    8-row blocks, columns of the 4-column unroll and 16-lane masks, ``k`` of one, two and three 32-column
+    blocks, sums over more than one 512-term chunk) within float32 rounding of the float64 product."""
+    g = torch.Generator().manual_seed(rows * 1000 + cols + k)
+    M, Z, Q = (torch.randn(*s, generator=g) for s in [(rows, cols), (cols, k), (rows, k)])
+    for got, want, n in [(_native.mm(M, Z), M.double() @ Z.double(), cols),
+                         (_native.mtm(M, Q), M.double().T @ Q.double(), rows)]:
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert float((got.double() - want).abs().max()) <= 8 * n ** 0.5 * 2.0 ** -24 * max(1.0, float(want.abs().max()))
+    Y = torch.full((rows, k), float("nan"))
+    _native.mm(M, _native.padded(Z), out=Y)  # Z already padded, written in place
+    torch.testing.assert_close(Y, _native.mm(M, Z), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _native.products_usable(torch.zeros(1, 1)), reason="lorakit's C products need AVX-512")
+def test_skinny_products_split_over_threads_give_the_one_thread_bits(monkeypatch):
+    monkeypatch.setattr(_native, "PARALLEL_MIN", 1)
+    g = torch.Generator().manual_seed(0)
+    M, Z, Q = torch.randn(301, 203, generator=g), torch.randn(203, 26, generator=g), torch.randn(301, 26, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _native.mm(M, Z), _native.mtm(M, Q)
+        torch.set_num_threads(3)
+        three = _native.mm(M, Z), _native.mtm(M, Q)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
