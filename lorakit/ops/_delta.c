@@ -309,3 +309,51 @@ void lk_mtm_f32(const float *M, int64_t rows, int64_t cols, int64_t ldm, const f
     (void)M; (void)rows; (void)cols; (void)ldm; (void)Q; (void)qs; (void)k; (void)Bt; (void)bs; (void)work;
 #endif
 }
+
+/* The uniforms of torch.rand(n, generator=torch.Generator().manual_seed(seed)) for float32 on the CPU, the
+ * documented random stream of DARE and DELLA, 10-20x faster than torch draws them (5 ns a value: one locked,
+ * indirect call per value). torch's generator is MT19937 seeded by init_genrand (seed & 0xffffffff), and a
+ * float32 uniform is (next32() & (2^24 - 1)) * 2^-24. Here the whole 624-word state is regenerated at once
+ * (loops the compiler vectorises: each reads words at least 227 away from the ones it writes) and tempered
+ * in blocks. lorakit.ops._native checks these against torch.rand before it uses them. */
+#define MT_N 624
+#define MT_M 397
+static void mt_seed(uint32_t *s, uint32_t seed) {
+    s[0] = seed;
+    for (uint32_t j = 1; j < MT_N; j++) s[j] = 1812433253u * (s[j - 1] ^ (s[j - 1] >> 30)) + j;
+}
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static void mt_next(uint32_t *s, uint32_t *t) {  /* regenerate the state, and the tempered outputs into t */
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ mt_twist(s[i], s[i + 1]);
+    for (; i < MT_N - 1; i++) s[i] = s[i + MT_M - MT_N] ^ mt_twist(s[i], s[i + 1]);
+    s[MT_N - 1] = s[MT_M - 1] ^ mt_twist(s[MT_N - 1], s[0]);
+    for (i = 0; i < MT_N; i++) {
+        uint32_t y = s[i];
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= y >> 18;
+        t[i] = y;
+    }
+}
+
+/* out[e] = the e-th uniform (keep < 0), or 1.0f where it is < keep and 0.0f elsewhere (DARE's mask) */
+void lk_uniform_f32(uint32_t seed, int64_t n, float keep, float *out) {
+    uint32_t s[MT_N], t[MT_N];
+    mt_seed(s, seed);
+    for (int64_t e0 = 0; e0 < n; e0 += MT_N) {
+        int64_t len = n - e0 < MT_N ? n - e0 : MT_N;
+        mt_next(s, t);
+        float *o = out + e0;
+        if (keep < 0.0f) {
+            for (int64_t e = 0; e < len; e++) o[e] = (float)(t[e] & 0xffffffu) * 0x1p-24f;
+        } else {
+            for (int64_t e = 0; e < len; e++) o[e] = (float)((float)(t[e] & 0xffffffu) * 0x1p-24f < keep);
+        }
+    }
+}

@@ -10,7 +10,7 @@ call the same kernels with the whole matrix as one tile.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -40,10 +40,26 @@ def tile_rows(out: int, inn: int, *, cached: bool = False) -> int:
     return max(1, min(out, elements // max(inn, 1)))
 
 
+def tile_seed(seed: int, task: int, module: str, row0: int) -> int:
+    """The seed of one (task, module, tile)'s RNG: independent of the order tiles are visited in."""
+    return zlib.crc32(f"{seed}:{task}:{module}:{row0}".encode())
+
+
 def tile_generator(seed: int, task: int, module: str, row0: int) -> torch.Generator:
-    """The RNG of one (task, module, tile): independent of the order tiles are visited in."""
-    key = zlib.crc32(f"{seed}:{task}:{module}:{row0}".encode())
-    return torch.Generator().manual_seed(key)
+    """The RNG of one (task, module, tile), seeded by :func:`tile_seed`."""
+    return torch.Generator().manual_seed(tile_seed(seed, task, module, row0))
+
+
+def tile_uniform_(out: torch.Tensor, seed: int, keep: float | None = None) -> torch.Tensor:
+    """``out`` filled with ``torch.rand(out.shape, generator=torch.Generator().manual_seed(seed))`` (or with
+    ``(that < keep)`` as 0/1 floats): the random stream of DARE and DELLA tiles, by the C generator where it
+    applies (:func:`lorakit.ops._native.uniform_`, the same values 13× faster), else by torch."""
+    from lorakit.ops import _native
+
+    if _native.stream_usable(out):
+        return _native.uniform_(out, seed, keep)
+    torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype, out=out)
+    return out if keep is None else torch.lt(out, keep, out=out)
 
 
 def kth_largest_abs(tiles: Tiles, ks: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -319,8 +335,7 @@ class StreamMasks:
         if base != self.base:
             u = self.u[:, :min(self.rows, self.out - base)]
             for i in range(self.n):
-                torch.rand(u.shape[1:], generator=tile_generator(self.seed, i, self.module, base), out=u[i])
-            torch.lt(u, self.density, out=u)
+                tile_uniform_(u[i], tile_seed(self.seed, i, self.module, base), keep=self.density)
             self.base = base
         if r0 + rows > base + self.rows:
             raise ValueError(f"rows {r0}:{r0 + rows} straddle the random-stream tile at row {base}")
@@ -334,11 +349,13 @@ def dare_masked_(x: torch.Tensor, masks: StreamMasks, r0: int) -> torch.Tensor:
     return x.mul_(m if m.dtype == x.dtype and m.device == x.device else m.to(device=x.device, dtype=x.dtype))
 
 
-def della_(x: torch.Tensor, density: float, epsilon: float, generators: list[torch.Generator]) -> torch.Tensor:
+def della_(x: torch.Tensor, density: float, epsilon: float, seeds: Sequence[int],
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """DELLA MAGPRUNE on the task stack ``x (n, rows, cols)``, in place: per row, keep probability
     ``p = density − ε + 2ε·rank/(cols−1)`` (rank of ``|x|`` in the row, 0 = smallest, equal magnitudes ranked by
-    column), Bernoulli keep with task ``i``'s uniforms from ``generators[i]``, kept entries divided by their ``p``
-    (the paper's rescale).
+    column), Bernoulli keep with task ``i``'s uniforms ``torch.rand(rows, cols, generator=manual_seed(seeds[i]))``
+    (:func:`tile_uniform_`), kept entries divided by their ``p`` (the paper's rescale). ``uniforms``: a reusable
+    ``(n, ≥ rows, cols)`` float32 buffer for them (else one is allocated).
 
     Runs in ``x``'s dtype (float32 for 16-bit adapters: the ranks and probabilities are exact there up to
     2^24 columns). For float32 CPU tiles one C loop per task does it (``_delta.c``: ranks by a radix sort, about
@@ -348,22 +365,27 @@ def della_(x: torch.Tensor, density: float, epsilon: float, generators: list[tor
     from lorakit.ops import _native
     from lorakit.threads import parallel_map
 
-    cols = x.shape[-1]
+    n, rows, cols = x.shape
     c1, c2 = (2 * epsilon / (cols - 1), density - epsilon) if cols > 1 else (0.0, density)
+    if uniforms is None or uniforms.dtype != x.dtype or uniforms.shape[0] < n or uniforms.shape[1] < rows:
+        uniforms = torch.empty(n, rows, cols, dtype=x.dtype)
+    u = uniforms[:n, :rows]
     if _native.usable(x) and x[0].is_contiguous():
         def task(i: int) -> None:  # its uniforms, then its loop: the tasks are independent
-            _native.della_(x[i], torch.rand(x.shape[1:], generator=generators[i], dtype=x.dtype), c1, c2)
+            _native.della_(x[i], tile_uniform_(u[i], seeds[i]), c1, c2)
 
-        parallel_map(task, range(len(x)))  # the sort is most of a tile's cost, and its loop is one thread
+        parallel_map(task, range(n))  # the sort is most of a tile's cost, and its loop is one thread
         return x
-    u = [torch.rand(x.shape[1:], generator=g, dtype=x.dtype).to(x.device) for g in generators]
+    for i in range(n):
+        tile_uniform_(u[i], seeds[i])
+    u = u.to(x.device)
     a = x.abs()
     keys = {torch.float32: torch.int32, torch.float64: torch.int64}.get(a.dtype)
     order = (a.view(keys) if keys is not None else a).argsort(dim=-1, stable=True)
     p = torch.empty_like(x)
     p.scatter_(-1, order, torch.arange(cols, dtype=x.dtype, device=x.device).expand_as(x))
     p.mul_(c1).add_(c2)
-    return x.copy_(torch.where(torch.stack(u) < p, x / p, torch.zeros((), dtype=x.dtype)))
+    return x.copy_(torch.where(u < p, x / p, torch.zeros((), dtype=x.dtype)))
 
 
 def elect_sign(x: torch.Tensor) -> torch.Tensor:

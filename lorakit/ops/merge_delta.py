@@ -326,10 +326,6 @@ def _run(inputs: Sequence[LoraFactors], tiles: TaskTiles, prune: Prune, rule: Ra
     return MergeResult(res.factors, res.error, res.best_error, {**res.info, **info})
 
 
-def _gens(seed: int, n: int, module: str, row0: int) -> list[torch.Generator]:
-    return [K.tile_generator(seed, i, module, row0) for i in range(n)]
-
-
 @register("ties", description="TIES: trim to density, elect sign by mass, disjoint mean; then rank K",
           exact=False, space="delta", paper="https://arxiv.org/abs/2306.01708", rank="max_input", rank_requested=True, rank_cap="shape",
           homogeneous=True, ranges={"density": "(0, 1]"}, lossless={"density": 1.0})
@@ -407,9 +403,10 @@ def della(
     check_params(density=density, epsilon=epsilon)
     tiles = TaskTiles(inputs, weights)
     n = len(inputs)
+    uniforms = torch.empty(n, min(tiles.rows, tiles.shape[0]), tiles.shape[1])  # float32, as the stream is drawn
 
     def prune(r0: int, x: torch.Tensor) -> None:
-        K.della_(x, density, epsilon, _gens(seed, n, module, r0))
+        K.della_(x, density, epsilon, [K.tile_seed(seed, i, module, r0) for i in range(n)], uniforms)
 
     return _run(inputs, tiles, Prune(custom=prune), rank_rule, seed, lam, {"density": density}, True, scratch)
 

@@ -100,10 +100,10 @@ def test_della_loop_equals_the_torch_path_ties_included(loops, monkeypatch, cols
     g = torch.Generator().manual_seed(cols)
     x = _stack(3, seed=cols, rows=5, cols=cols) * 2.0 ** torch.randint(-60, 60, (3, 5, cols), generator=g).float()
     x[:, :, ::3] = x[:, :, :1].clone()  # many equal magnitudes in every row
-    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
-    got = K.della_(x.clone(), 0.5, 0.2, gens())
+    seeds = [100, 101, 102]
+    got = K.della_(x.clone(), 0.5, 0.2, seeds)
     monkeypatch.setitem(_native._state, "lib", None)
-    want = K.della_(x.clone(), 0.5, 0.2, gens())
+    want = K.della_(x.clone(), 0.5, 0.2, seeds)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # to the bit, signs of zeros included
     assert 0 < int((got != 0).sum()) < int((x != 0).sum())
 
@@ -186,3 +186,24 @@ def test_torch_election_is_the_papers_disjoint_mean(n):
     x[x.abs() < 0.3] = 0.0
     want = K.disjoint_mean(x, K.elect_sign(x))
     torch.testing.assert_close(K.SignedMerge().tile(0, x), want, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5489, 2 ** 31 + 7, 2 ** 32 - 1, 123456789])
+@pytest.mark.parametrize("n", [1, 623, 624, 625, 5000, 1 << 16])
+def test_the_c_generator_is_torchs_rand_stream(seed, n):
+    """DARE's and DELLA's documented stream, ``torch.rand(n, generator=manual_seed(seed))`` in float32, drawn
+    by the C MT19937: the same values (state regenerations at 624 words, partial blocks), and DARE's mask is
+    ``rand < density`` as 0/1 floats."""
+    assert _native.stream_usable(torch.empty(1))
+    want = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(_native.uniform_(torch.empty(n), seed), want)
+    assert torch.equal(_native.uniform_(torch.empty(n), seed, keep=0.3), torch.lt(want, 0.3).float())
+    assert torch.equal(K.tile_uniform_(torch.empty(n, dtype=torch.float64), seed),
+                       torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+
+
+def test_a_c_generator_that_does_not_reproduce_torch_is_not_used(monkeypatch):
+    monkeypatch.setitem(_native._stream, "ok", False)
+    assert not _native.stream_usable(torch.empty(3))
+    want = torch.rand(700, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(K.tile_uniform_(torch.empty(700), 9), want)  # torch's own draw
