@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 TILE_ELEMENTS = 1 << 21  # per task: 2M floats (8 MB fp32) per tile
-# Per task on CPU, for the threshold merges: a tile stack and its scratch stacks then stay in the caches
-# between the dozen element-wise passes (TIES 30 → 22-24 ns an entry; docs/performance.md). DARE and DELLA
-# keep TILE_ELEMENTS: their random streams are drawn per tile. On a GPU the larger tiles mean fewer launches.
+# Per task on CPU, for every delta merge: a tile stack and its scratch stacks then stay in the caches between
+# the passes over it (TIES 30 → 22-24 ns an entry; docs/performance.md). The random streams of DARE and DELLA
+# are still drawn per TILE_ELEMENTS tile (StreamDraws slices them). On a GPU the larger tiles mean fewer launches.
 # One torch thread only: with two, each small pass pays the thread pool's barrier, and next to the read-ahead
 # thread the small tiles made a whole merge 25-35% slower end to end (4 8B layers: 24.3-26.5 s against
 # 15.7-20.3 s with 2^21; one thread: 21.7 s against 23.9-24.4 s; docs/performance.md).
@@ -33,8 +33,8 @@ Tiles = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # yields (row0, stack 
 def tile_rows(out: int, inn: int, *, cached: bool = False) -> int:
     """Rows per tile for an ``out × in`` matrix; a function of the shape only, so random masks are reproducible.
 
-    ``cached``: the smaller CPU tiles of :data:`CPU_TILE_ELEMENTS`, for merges whose result does not depend on
-    the tiling (no per-tile random stream), when torch runs one thread (see :data:`CPU_TILE_ELEMENTS`)."""
+    ``cached``: the smaller CPU tiles of :data:`CPU_TILE_ELEMENTS` when torch runs one thread (see there), for
+    merges whose result does not depend on the tiling (random streams drawn per standard tile, :class:`StreamDraws`)."""
     small = cached and torch.get_num_threads() == 1
     elements = min(TILE_ELEMENTS, CPU_TILE_ELEMENTS) if small else TILE_ELEMENTS
     return max(1, min(out, elements // max(inn, 1)))
@@ -321,46 +321,48 @@ def dare_(x: torch.Tensor, density: float, generators: list[torch.Generator]) ->
     return x.mul_(torch.lt(u, density, out=u).to(device=x.device, dtype=x.dtype)).div_(density)
 
 
-class StreamMasks:
-    """DARE's keep masks as 0/1 floats, ``torch.rand(rows, cols, generator=tile_generator(seed, i, module, row0))
-    < density`` drawn per standard tile (:func:`tile_rows` rows: the documented stream) and handed out in slices
-    to the smaller processing tiles inside it (which must not straddle a standard tile, see
-    ``merge_delta.TaskTiles``). So cache-sized tiles leave the random stream, and the result, unchanged."""
+class StreamDraws:
+    """The random draws of the delta merges' tiles, per standard tile (:func:`tile_rows` rows: the documented
+    stream) and handed out in slices to the smaller processing tiles inside it (which must not straddle a
+    standard tile, see ``merge_delta.TaskTiles``), so cache-sized tiles leave the stream, and the result,
+    unchanged. Task ``i``'s draw of the tile at ``row0`` is ``u = torch.rand(rows, cols,
+    generator=tile_generator(seed, i, module, row0))`` (:func:`tile_uniform_`): DARE takes its keep masks
+    ``u < keep`` as 0/1 floats, DELLA (``keep=None``) the uniforms, in its compute dtype (``dtype``: float32 for
+    16-bit inputs, float64 for float64 ones). Drawn on the CPU."""
 
-    def __init__(self, density: float, seed: int, module: str, n: int, shape: tuple[int, int]) -> None:
-        self.density, self.seed, self.module, self.n = density, seed, module, n
+    def __init__(self, keep: float | None, seed: int, module: str, n: int, shape: tuple[int, int],
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.keep, self.seed, self.module, self.n = keep, seed, module, n
         self.out, self.cols = shape
         self.rows = tile_rows(*shape)
         self.base = -1
-        self.u = torch.empty(n, min(self.rows, self.out), self.cols)  # float32 on CPU, as the stream is drawn
+        self.u = torch.empty(n, min(self.rows, self.out), self.cols, dtype=dtype)
 
     def __call__(self, r0: int, rows: int) -> torch.Tensor:
-        """The ``(n, rows, cols)`` masks of rows ``r0 : r0 + rows``."""
+        """The ``(n, rows, cols)`` draws of rows ``r0 : r0 + rows``."""
         base = r0 - r0 % self.rows
         if base != self.base:
             u = self.u[:, :min(self.rows, self.out - base)]
             for i in range(self.n):
-                tile_uniform_(u[i], tile_seed(self.seed, i, self.module, base), keep=self.density)
+                tile_uniform_(u[i], tile_seed(self.seed, i, self.module, base), keep=self.keep)
             self.base = base
         if r0 + rows > base + self.rows:
             raise ValueError(f"rows {r0}:{r0 + rows} straddle the random-stream tile at row {base}")
         return self.u[:, r0 - base:r0 - base + rows]
 
 
-def dare_masked_(x: torch.Tensor, masks: StreamMasks, r0: int) -> torch.Tensor:
+def dare_masked_(x: torch.Tensor, masks: StreamDraws, r0: int) -> torch.Tensor:
     """DARE's drop (no ``1/density``: the delta merges fold it into the module's scale) on the tile stack of
     rows ``r0 :``, its masks from ``masks``."""
     m = masks(r0, x.shape[1])
     return x.mul_(m if m.dtype == x.dtype and m.device == x.device else m.to(device=x.device, dtype=x.dtype))
 
 
-def della_(x: torch.Tensor, density: float, epsilon: float, seeds: Sequence[int],
-           uniforms: torch.Tensor | None = None) -> torch.Tensor:
+def della_(x: torch.Tensor, density: float, epsilon: float, uniforms: torch.Tensor) -> torch.Tensor:
     """DELLA MAGPRUNE on the task stack ``x (n, rows, cols)``, in place: per row, keep probability
     ``p = density − ε + 2ε·rank/(cols−1)`` (rank of ``|x|`` in the row, 0 = smallest, equal magnitudes ranked by
-    column), Bernoulli keep with task ``i``'s uniforms ``torch.rand(rows, cols, generator=manual_seed(seeds[i]))``
-    (:func:`tile_uniform_`), kept entries divided by their ``p`` (the paper's rescale). ``uniforms``: a reusable
-    ``(n, ≥ rows, cols)`` float32 buffer for them (else one is allocated).
+    column), Bernoulli keep ``u < p`` with the ``(n, rows, cols)`` CPU ``uniforms`` (the merge draws them by
+    :class:`StreamDraws`, in ``x``'s dtype), kept entries divided by their ``p`` (the paper's rescale).
 
     Runs in ``x``'s dtype (float32 for 16-bit adapters: the ranks and probabilities are exact there up to
     2^24 columns). For float32 CPU tiles one C loop per task does it (``_delta.c``: ranks by a radix sort, about
@@ -371,19 +373,15 @@ def della_(x: torch.Tensor, density: float, epsilon: float, seeds: Sequence[int]
     from lorakit.threads import parallel_map
 
     n, rows, cols = x.shape
+    assert uniforms.shape == x.shape
     c1, c2 = (2 * epsilon / (cols - 1), density - epsilon) if cols > 1 else (0.0, density)
-    if uniforms is None or uniforms.dtype != x.dtype or uniforms.shape[0] < n or uniforms.shape[1] < rows:
-        uniforms = torch.empty(n, rows, cols, dtype=x.dtype)
-    u = uniforms[:n, :rows]
-    if _native.usable(x) and x[0].is_contiguous():
-        def task(i: int) -> None:  # its uniforms, then its loop: the tasks are independent
-            _native.della_(x[i], tile_uniform_(u[i], seeds[i]), c1, c2)
+    if _native.usable(x, uniforms) and x[0].is_contiguous() and uniforms[0].is_contiguous():
+        def task(i: int) -> None:  # the tasks are independent
+            _native.della_(x[i], uniforms[i], c1, c2)
 
         parallel_map(task, range(n))  # the sort is most of a tile's cost, and its loop is one thread
         return x
-    for i in range(n):
-        tile_uniform_(u[i], seeds[i])
-    u = u.to(x.device)
+    u = uniforms.to(device=x.device, dtype=x.dtype)
     a = x.abs()
     keys = {torch.float32: torch.int32, torch.float64: torch.int64}.get(a.dtype)
     order = (a.view(keys) if keys is not None else a).argsort(dim=-1, stable=True)

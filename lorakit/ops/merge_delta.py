@@ -65,8 +65,8 @@ class TaskTiles:
     same GEMM shapes, so they are bit for bit the same in every pass (thresholds counted in one pass hold in
     the next).
 
-    ``cached=True`` (merges without per-tile random streams) takes the smaller CPU tiles of
-    :func:`lorakit.ops._kernels.tile_rows` when the factors are on the CPU.
+    ``cached=True`` takes the smaller CPU tiles of :func:`lorakit.ops._kernels.tile_rows` when the factors are
+    on the CPU (the random streams stay per standard tile: :class:`lorakit.ops._kernels.StreamDraws`).
     """
 
     def __init__(self, inputs: Sequence[LoraFactors], weights: Sequence[float], *, cached: bool = False) -> None:
@@ -76,7 +76,7 @@ class TaskTiles:
         self.As = [f.A.to(self.dtype) for f in inputs]
         self.shape = inputs[0].shape
         self.rows = K.tile_rows(*self.shape, cached=cached and self.As[0].device.type == "cpu")
-        self.stream_rows = K.tile_rows(*self.shape)  # tiles never straddle these (DARE's random-stream tiles)
+        self.stream_rows = K.tile_rows(*self.shape)  # tiles never straddle these (the random-stream tiles)
         self._buf: torch.Tensor | None = None
         rows = min(self.rows, self.shape[0])
         self.workspace = K.Workspace(len(self.Bs), rows, self.shape[1], self.dtype, self.As[0].device)
@@ -130,7 +130,7 @@ class Prune:
     kernel has its own C loop), before the fused merge of the kept values."""
 
     def __init__(self, *, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
-                 masks: K.StreamMasks | None = None,
+                 masks: K.StreamDraws | None = None,
                  custom: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self.lo, self.hi, self.masks, self.custom = lo, hi, masks, custom
 
@@ -384,9 +384,9 @@ def _dare(
 ) -> MergeResult:
     """DARE's drop-and-rescale on every input, then a plain sum (``signed=False``) or TIES's election."""
     check_params(density=density)
-    # cache-sized tiles; the masks are drawn per standard tile all the same (K.StreamMasks), so the stream holds
+    # cache-sized tiles; the masks are drawn per standard tile all the same (K.StreamDraws), so the stream holds
     tiles = TaskTiles(inputs, weights, cached=True)
-    prune = Prune() if density >= 1.0 else Prune(masks=K.StreamMasks(density, seed, module, len(inputs), tiles.shape))
+    prune = Prune() if density >= 1.0 else Prune(masks=K.StreamDraws(density, seed, module, len(inputs), tiles.shape))
     # 1/density is folded into λ: the TIES election is invariant to a positive scale and the means are linear
     return _run(inputs, tiles, prune, rank_rule, seed, lam / density, {"density": density}, signed, scratch)
 
@@ -401,12 +401,12 @@ def della(
     scratch: Scratch | None = None,
 ) -> MergeResult:
     check_params(density=density, epsilon=epsilon)
-    tiles = TaskTiles(inputs, weights)
-    n = len(inputs)
-    uniforms = torch.empty(n, min(tiles.rows, tiles.shape[0]), tiles.shape[1])  # float32, as the stream is drawn
+    # cache-sized tiles; the uniforms are drawn per standard tile all the same (K.StreamDraws)
+    tiles = TaskTiles(inputs, weights, cached=True)
+    draws = K.StreamDraws(None, seed, module, len(inputs), tiles.shape, tiles.dtype)
 
     def prune(r0: int, x: torch.Tensor) -> None:
-        K.della_(x, density, epsilon, [K.tile_seed(seed, i, module, r0) for i in range(n)], uniforms)
+        K.della_(x, density, epsilon, draws(r0, x.shape[1]))
 
     return _run(inputs, tiles, Prune(custom=prune), rank_rule, seed, lam, {"density": density}, True, scratch)
 

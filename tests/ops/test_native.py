@@ -100,10 +100,10 @@ def test_della_loop_equals_the_torch_path_ties_included(loops, monkeypatch, cols
     g = torch.Generator().manual_seed(cols)
     x = _stack(3, seed=cols, rows=5, cols=cols) * 2.0 ** torch.randint(-60, 60, (3, 5, cols), generator=g).float()
     x[:, :, ::3] = x[:, :, :1].clone()  # many equal magnitudes in every row
-    seeds = [100, 101, 102]
-    got = K.della_(x.clone(), 0.5, 0.2, seeds)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(100))
+    got = K.della_(x.clone(), 0.5, 0.2, u)
     monkeypatch.setitem(_native._state, "lib", None)
-    want = K.della_(x.clone(), 0.5, 0.2, seeds)
+    want = K.della_(x.clone(), 0.5, 0.2, u)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # to the bit, signs of zeros included
     assert 0 < int((got != 0).sum()) < int((x != 0).sum())
 
