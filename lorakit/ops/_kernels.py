@@ -10,7 +10,7 @@ call the same kernels with the whole matrix as one tile.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -372,7 +372,7 @@ def della_(x: torch.Tensor, density: float, epsilon: float, uniforms: torch.Tens
     from lorakit.ops import _native
     from lorakit.threads import parallel_map
 
-    n, rows, cols = x.shape
+    n, cols = x.shape[0], x.shape[-1]
     assert uniforms.shape == x.shape
     c1, c2 = (2 * epsilon / (cols - 1), density - epsilon) if cols > 1 else (0.0, density)
     if _native.usable(x, uniforms) and x[0].is_contiguous() and uniforms[0].is_contiguous():
