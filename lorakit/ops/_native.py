@@ -173,7 +173,7 @@ def della_(x: torch.Tensor, u: torch.Tensor, c1: float, c2: float) -> None:
     lib = library()
     assert lib is not None and x.is_contiguous() and u.is_contiguous() and u.shape == x.shape and x.ndim == 2
     rows, cols = x.shape
-    work = torch.empty(4 * cols, dtype=torch.int32)
+    work = torch.empty(5 * cols, dtype=torch.int32)
     lib.lk_della_f32(x.data_ptr(), u.data_ptr(), rows, cols, c1, c2, work.data_ptr())
 
 
