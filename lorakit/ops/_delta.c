@@ -189,7 +189,7 @@ int lk_products(void) {
 }
 
 #ifdef __AVX512F__
-#define MM_ROWS 6
+#define MM_ROWS 8
 /* Y[r, 0:kk] for MM_ROWS (or rb < MM_ROWS) rows: broadcast M[r, c], multiply-add into two 16-lane
  * accumulators per row with Z[c, 0:32]. */
 static inline __attribute__((always_inline)) void mm_rows(const float *M, int64_t ldm, int64_t cols,
@@ -233,7 +233,7 @@ void lk_mm_f32(const float *M, int64_t rows, int64_t cols, int64_t ldm, const fl
         int64_t r = 0;
         for (; r + MM_ROWS <= rows; r += MM_ROWS)
             mm_rows(M + r * ldm, ldm, cols, Z + j0, zs, Y + r * ys + j0, ys, MM_ROWS, m0, m1);
-        for (; r < rows; r++) mm_rows(M + r * ldm, ldm, cols, Z + j0, zs, Y + r * ys + j0, ys, 1, m0, m1);
+        if (r < rows) mm_rows(M + r * ldm, ldm, cols, Z + j0, zs, Y + r * ys + j0, ys, (int)(rows - r), m0, m1);
     }
 #else
     (void)M; (void)rows; (void)cols; (void)ldm; (void)Z; (void)zs; (void)k; (void)Y; (void)ys;

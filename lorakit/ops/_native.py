@@ -226,7 +226,7 @@ def mm(M: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None = None) -> tor
         lib.lk_mm_f32(M[r0:].data_ptr(), r1 - r0, cols, M.stride(0), Zp.data_ptr(), Zp.stride(0), k,
                       Y[r0:].data_ptr(), Y.stride(0))
 
-    n = workers() if M.numel() >= PARALLEL_MIN else 1
+    n = workers() if max(M.numel(), Y.numel()) >= PARALLEL_MIN else 1
     parallel_map(part, _spans(rows, n, 8) if rows else [])
     return Y
 

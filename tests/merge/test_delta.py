@@ -208,8 +208,10 @@ def test_task_thresholds_equal_kthvalue_on_the_dense_bf16_module(monkeypatch, ze
     counts = [1, 7, D.keep_count(0.5, tiles.numel), tiles.numel - 1]
     got = tiles.thresholds(counts, seed=3)
     assert got.dtype == torch.float32
+    formed = torch.cat([x.clone() for _, x in tiles()], dim=1)  # the tiles' own values (C or torch GEMM)
     for i, (B, A) in enumerate(zip(tiles.Bs, tiles.As)):
-        dense = torch.cat([B[r0:r0 + tiles.rows] @ A for r0 in range(0, 90, tiles.rows)]).abs().flatten()
+        torch.testing.assert_close(formed[i], B @ A, rtol=1e-5, atol=1e-6)
+        dense = formed[i].abs().flatten()
         for j, k in enumerate(counts):
             assert float(got[i, j]) == float(torch.kthvalue(dense, dense.numel() - k + 1).values)
 
