@@ -1,7 +1,7 @@
 """What every benchmark records: the machine, the versions, wall time and peak memory of a command.
 
-Peak memory of a child process is the kernel's high-water mark of its resident set (``wait4``'s
-``ru_maxrss``, nothing polls it while it runs); in-process peaks use ``resource.getrusage`` high-water marks,
+Peak memory of a child process is the kernel's high-water mark of its resident set (``ru_maxrss``, taken by a small
+launcher around it; nothing polls it while it runs); in-process peaks use ``resource.getrusage`` high-water marks,
 which never go down, so every measurement that needs its own peak runs in a fresh process.
 """
 
@@ -12,7 +12,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,30 +99,37 @@ class Measured:
     stderr: str
 
 
+# Runs argv[2:], then writes "wall_seconds maxrss_kb returncode" to argv[1]. It is small (~10 MB), and a child's
+# ru_maxrss starts at its parent's resident set when forked, so a child of the benchmark process itself (hundreds
+# of MB after loading PEFT) would report that instead of its own peak.
+_LAUNCHER = """
+import resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+dt = time.perf_counter() - t
+with open(sys.argv[1], "w") as f:
+    f.write(f"{dt} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {rc}")
+"""
+
+
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None) -> Measured:
-    """Run ``cmd``; return its wall time and peak resident memory (the kernel's ``ru_maxrss`` of the child and the
-    descendants it waited for, from ``wait4``, as ``/usr/bin/time`` reports it).
+    """Run ``cmd``; return its wall time and peak resident memory (the kernel's ``ru_maxrss`` of it and the
+    descendants it waited for, as ``/usr/bin/time`` reports it), both taken by a small launcher process
+    (:data:`_LAUNCHER`) around it, so neither includes the launcher's own start.
 
     Nothing polls the child while it runs: a sampler at 5 ms intervals (the earlier harness) took a quarter of
     a core, which on a 2-core machine slowed the two-thread runs it measured."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    streams: dict[str, str] = {}
+    import tempfile
 
-    def drain(name: str, stream) -> None:  # type: ignore[no-untyped-def]
-        streams[name] = stream.read()
-
-    readers = [threading.Thread(target=drain, args=(n, s), daemon=True)
-               for n, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for th in readers:
-        th.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    for th in readers:
-        th.join()
-    return Measured(elapsed, usage.ru_maxrss / 1024, proc.returncode, streams.get("out", ""), streams.get("err", ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "measured"
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(report), *cmd], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+        try:
+            wall, maxrss_kb, rc = report.read_text().split()
+        except (OSError, ValueError):  # the launcher itself failed
+            return Measured(float("nan"), float("nan"), proc.returncode or 1, proc.stdout, proc.stderr)
+    return Measured(float(wall), int(maxrss_kb) / 1024, int(rc), proc.stdout, proc.stderr)
 
 
 def python_cmd(module_or_code: str, *args: str, code: bool = False) -> list[str]:
