@@ -57,6 +57,23 @@ def check_params(
                                      parameter="gamma")
 
 
+def products(M: torch.Tensor, Z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``M @ Z`` for a skinny ``Z`` (a tile's factor ``A``, the range finder's test matrices), written into
+    ``out`` when given: the AVX-512 kernel where it applies (:func:`lorakit.ops._native.mm`, 2.5× MKL's
+    1.5 ns an entry of ``M`` for 26 columns), else torch. ``Z`` may carry zero columns past ``out``'s width
+    (:func:`operand`)."""
+    if _native.products_usable(M):
+        return _native.mm(M, Z, out=out)
+    k = Z.shape[1] if out is None else out.shape[1]
+    return M @ Z[:, :k] if out is None else torch.mm(M, Z[:, :k], out=out)
+
+
+def operand(Z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``Z`` as :func:`products` with ``M`` (or row blocks of it) takes it fastest, for a ``Z`` used many times:
+    padded once to whole vectors for the C kernel (:func:`lorakit.ops._native.padded`), else as it is."""
+    return _native.padded(Z) if _native.products_usable(M) else Z
+
+
 class TaskTiles:
     """Row tiles of the weighted task vectors ``w_i·s_i·B_i[rows]@A_i``, stacked ``(n, rows, in)``.
 
@@ -75,9 +92,8 @@ class TaskTiles:
         self.Bs = [f.B.to(self.dtype) * (w * f.scale) for f, w in zip(inputs, weights)]
         self.As = [f.A.to(self.dtype) for f in inputs]
         self.shape = inputs[0].shape
-        # the tiles' GEMMs by the C kernel where it applies (A padded once here): 85 against MKL's 58 GFLOP/s
-        self._fast = _native.products_usable(self.Bs[0])
-        self._As_padded = [_native.padded(A) for A in self.As] if self._fast else self.As
+        # the tiles' GEMMs by the C kernel where it applies: 85 against MKL's 58 GFLOP/s
+        self._operands = [operand(A, self.Bs[0]) for A in self.As]
         self.rows = K.tile_rows(*self.shape, cached=cached and self.As[0].device.type == "cpu")
         self.stream_rows = K.tile_rows(*self.shape)  # tiles never straddle these (the random-stream tiles)
         self._buf: torch.Tensor | None = None
@@ -93,11 +109,8 @@ class TaskTiles:
             s1 = min(s0 + self.stream_rows, out)
             for r0 in range(s0, s1, self.rows):
                 x = self._buf[:, : min(self.rows, s1 - r0)]
-                for i, (B, A) in enumerate(zip(self.Bs, self._As_padded)):
-                    if self._fast:
-                        _native.mm(B[r0:r0 + x.shape[1]], A, out=x[i])
-                    else:
-                        torch.mm(B[r0:r0 + x.shape[1]], A, out=x[i])
+                for i, (B, A) in enumerate(zip(self.Bs, self._operands)):
+                    products(B[r0:r0 + x.shape[1]], A, out=x[i])
                 yield r0, x
 
     @property
@@ -186,15 +199,11 @@ def merge_dense(tiles: TaskTiles, merge_tile: MergeTile, omega: torch.Tensor,
     assert M.shape == tiles.shape and M.dtype == tiles.dtype and M.is_contiguous()
     Y = torch.empty(tiles.shape[0], omega.shape[1], dtype=tiles.dtype, device=omega.device)
     norm2 = 0.0
-    fast = _native.products_usable(M)
-    omega_p = _native.padded(omega) if fast else omega
+    omega_op = operand(omega, M)
     for r0, x in tiles():
         rows = M[r0:r0 + x.shape[1]]
         merge_tile(r0, x, rows)
-        if fast:
-            _native.mm(rows, omega_p, out=Y[r0:r0 + x.shape[1]])
-        else:
-            torch.mm(rows, omega, out=Y[r0:r0 + x.shape[1]])
+        products(rows, omega_op, out=Y[r0:r0 + x.shape[1]])
         flat = rows.reshape(-1)
         norm2 += float(torch.dot(flat, flat))
     if signer is not None:
@@ -244,12 +253,6 @@ def probe(tiles: TaskTiles, k: int, seed: int) -> torch.Tensor:
         return Qa @ G
     G = torch.randn(inn, k - R, generator=gen, dtype=Qa.dtype).to(Qa.device)
     return torch.cat([Qa, G], dim=1)
-
-
-def products(M: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """``M @ Z`` for the skinny ``Z`` of the range finder: the AVX-512 kernel where it applies
-    (:func:`lorakit.ops._native.mm`, 2.5× MKL's 1.5 ns an entry of ``M`` for 26 columns), else torch."""
-    return _native.mm(M, Z) if _native.products_usable(M) else M @ Z
 
 
 def products_t(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

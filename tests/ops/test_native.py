@@ -149,8 +149,8 @@ def test_delta_merges_with_the_c_products_equal_torchs_to_float32_rounding(monke
 @pytest.mark.parametrize("rows,cols,k", [(1, 1, 1), (7, 33, 1), (13, 17, 16), (9, 5, 17), (333, 77, 26),
                                          (1030, 513, 32), (50, 40, 33), (70, 1100, 70)])
 def test_skinny_products_against_float64(rows, cols, k):
-    """``M @ Z`` and ``Mᵀ @ Q`` by the AVX-512 kernels: every remainder (rows not a multiple of the 6- and
-    8-row blocks, columns of the 4-column unroll and 16-lane masks, ``k`` of one, two and three 32-column
+    """``M @ Z`` and ``Mᵀ @ Q`` by the AVX-512 kernels: every remainder (rows not a multiple of the 8-row
+    blocks, columns of the 4-column unroll and 16-lane masks, ``k`` of one, two and three 32-column
     blocks, sums over more than one 512-term chunk) within float32 rounding of the float64 product."""
     g = torch.Generator().manual_seed(rows * 1000 + cols + k)
     M, Z, Q = (torch.randn(*s, generator=g) for s in [(rows, cols), (cols, k), (rows, k)])
