@@ -22,7 +22,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Self
 
@@ -34,6 +34,25 @@ from lorakit.io.safetensors_file import DTYPES, TORCH_TO_NAME, tensor_bits
 
 #: ``name → (dtype, shape)`` of every tensor a file will hold.
 Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+class DeferredText(str):
+    """A metadata value settled later at the length it has now: ``str`` of it is a placeholder of the final
+    text's length, and :meth:`final` waits for the text. A writer that lays a file out before the value is known
+    (:class:`SafetensorsWriter`) writes the final text over the placeholder when it closes."""
+
+    _resolve: Callable[[], str]
+
+    def __new__(cls, placeholder: str, resolve: Callable[[], str]) -> Self:
+        obj = super().__new__(cls, placeholder)
+        obj._resolve = resolve
+        return obj
+
+    def final(self) -> str:
+        text = str(self._resolve())
+        if len(text.encode()) != len(str(self).encode()):
+            raise ValueError("a deferred metadata value changed its length")
+        return text
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -106,7 +125,9 @@ class SafetensorsWriter:
     Args:
         path: the final file.
         metadata: the header's ``__metadata__`` (string to string). It may still change before :meth:`close`
-            (an in-place file whose header then changes is written by the appending route instead).
+            (an in-place file whose header then changes length is written by the appending route instead). A
+            :class:`DeferredText` value is settled at :meth:`close` (it keeps its length, so
+            the file stays in place: the input hashing of a provenance overlaps the writing).
         layout: every tensor the file will hold, to write them in place (module docstring). A tensor that is
             not in it, or differs from it, and a layout tensor never added, make :meth:`close` take the
             appending route: the layout decides only the speed, never the file.
@@ -117,7 +138,7 @@ class SafetensorsWriter:
     def __init__(self, path: str | Path, metadata: Mapping[str, str] | None = None,
                  layout: Layout | None = None) -> None:
         self.path = Path(path)
-        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self.metadata = {str(k): v if isinstance(v, DeferredText) else str(v) for k, v in (metadata or {}).items()}
         parent = self.path.parent if str(self.path.parent) else Path(".")
         fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=parent)
         self._data_path = Path(name)
@@ -152,19 +173,21 @@ class SafetensorsWriter:
             self._offset += len(blob)
         self._entries[name] = (dtype, shape, at, len(blob))
 
-    def _in_place(self) -> bool:
+    def _in_place(self, header: bytes) -> bool:
         """Whether the data file is already the output: every tensor of the layout was added at its place, nothing
-        else, and the header written from the final metadata is the planned one."""
+        else, and the final ``header`` has the planned one's length (so the planned offsets hold)."""
         return (bool(self._planned) and self._entries.keys() == self._planned.keys()
                 and all(e[2] == self._slots[n] for n, e in self._entries.items())  # appended ones lie past the slots
-                and _header(self.metadata, self._planned)[0] == self._header)
+                and len(header) == len(self._header))
 
     def close(self) -> Path:
         """Publish the file: rename the in-place data file, or write header + data in order to a new one."""
         try:
-            if self._in_place():
+            self.metadata = {k: v.final() if isinstance(v, DeferredText) else v for k, v in self.metadata.items()}
+            header = _header(self.metadata, self._planned)[0] if self._planned else b""
+            if self._in_place(header):
                 self._data.seek(0)
-                self._data.write(self._header)
+                self._data.write(header)
                 self._data.close()
                 with atomic_output(self.path) as tmp:
                     os.replace(self._data_path, tmp)

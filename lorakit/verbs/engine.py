@@ -63,7 +63,8 @@ class Output:
 
 def write_adapter(adapter: Adapter, out: Output) -> Path:
     """Write ``adapter`` atomically to ``out.path`` with its provenance; returns the written path."""
-    prov = make_provenance(out.operation, out.params, list(out.inputs) if out.hash_inputs else ())
+    # hashed while the output is written (the safetensors writer settles the digests when it closes)
+    prov = make_provenance(out.operation, out.params, list(out.inputs) if out.hash_inputs else (), background=True)
     return save(adapter, out.path, format=out.format, provenance=prov, inputs=out.inputs)
 
 

@@ -181,3 +181,29 @@ def test_writer_in_place_failure_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_writer_settles_deferred_metadata_in_place(tmp_path, monkeypatch):
+    """A metadata value known only at close (a :class:`DeferredText`, as the provenance's input digests are while
+    they are hashed) keeps the file in place and gives the bytes of writing its final text from the start; one
+    that changes length is refused and leaves nothing."""
+    from lorakit.io import writer
+    from lorakit.io.writer import DeferredText
+
+    final = "f" * 64
+    reference = write_safetensors(tmp_path / "reference.safetensors", TENSORS, {"k": final}).read_bytes()
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in TENSORS.items()}
+    copies: list[object] = []
+    monkeypatch.setattr(writer, "_copy_range", lambda *a: copies.append(a))
+    path = tmp_path / "out.safetensors"
+    with SafetensorsWriter(path, {"k": DeferredText("0" * 64, lambda: final)}, layout=layout) as w:
+        for name, t in TENSORS.items():
+            w.add(name, t)
+    assert path.read_bytes() == reference and not copies
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(ValueError, match="length"), \
+            SafetensorsWriter(bad, {"k": DeferredText("0" * 64, lambda: "short")}, layout=layout) as w:
+        for name, t in TENSORS.items():
+            w.add(name, t)
+    assert not bad.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "reference.safetensors"]

@@ -59,3 +59,32 @@ def test_io_formats_and_provenance_import_without_the_hub_package():
             "print(sorted(m for m in sys.modules if m.startswith('lorakit.hub') or m == 'huggingface_hub'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_provenance_hashed_in_the_background_is_the_eager_record(tmp_path, monkeypatch):
+    """``make_provenance(background=True)``: placeholders of the digests' length at once, the eager record from
+    :meth:`final`, and as metadata a deferred text of the eager text's length that settles to it."""
+    from lorakit.io.writer import DeferredText
+    from lorakit.provenance import PendingProvenance, provenance_metadata
+
+    cached = tmp_path / "models--org--repo" / "snapshots" / COMMIT / "w.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"abc" * 1000)
+    plain = tmp_path / "copy.safetensors"
+    plain.write_bytes(b"xyz")
+    eager = make_provenance("op", {"k": 1}, [cached, plain, tmp_path / "absent"])
+    pending = make_provenance("op", {"k": 1}, [cached, plain, tmp_path / "absent"], background=True)
+    assert isinstance(pending, PendingProvenance) and pending.final() == eager
+    assert [r["sha256"] for r in pending["inputs"]] == ["0" * 64] * 2
+    text = provenance_metadata(pending)["lorakit.provenance"]
+    assert isinstance(text, DeferredText)
+    assert text.final() == provenance_metadata(eager)["lorakit.provenance"] and len(text) == len(text.final())
+    import lorakit.provenance as prov
+
+    def unreadable(path, chunk=0):
+        raise OSError(f"cannot read {path}")
+
+    monkeypatch.setattr(prov, "file_sha256", unreadable)
+    late = make_provenance("op", {}, [plain], background=True)
+    with pytest.raises(OSError, match="cannot read"):  # the writer then leaves nothing (its close raises)
+        late.final()
