@@ -7,22 +7,22 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-
 from lorakit.report import Report
 
 T = TypeVar("T")
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True)
+_consoles: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``stdout`` and ``stderr``: rich consoles made on first use, so that a run that prints nothing (``--quiet``,
+    ``--json``) never imports rich (45 ms of a ``merge``'s start-up)."""
+    if name not in ("stdout", "stderr"):
+        raise AttributeError(name)
+    if name not in _consoles:
+        from rich.console import Console
+
+        _consoles[name] = Console(soft_wrap=True) if name == "stdout" else Console(stderr=True)
+    return _consoles[name]
 
 
 def fmt(value: Any) -> str:
@@ -48,6 +48,10 @@ def emit(report: Report, *, as_json: bool = False, quiet: bool = False, max_rows
         return
     if quiet:
         return
+    from rich.console import Console
+    from rich.table import Table
+
+    stdout, stderr = __getattr__("stdout"), __getattr__("stderr")
     if report.rows:
         table = Table(title=report.title, title_justify="left", show_edge=False, pad_edge=False)
         for i, c in enumerate(report.columns):
@@ -71,12 +75,21 @@ def emit(report: Report, *, as_json: bool = False, quiet: bool = False, max_rows
 
 def progress(items: Iterable[T], total: int, description: str, *, quiet: bool = False) -> Iterator[T]:
     """Iterate with a progress bar and ETA on stderr (hidden with ``--quiet`` or when not a terminal)."""
-    if quiet or not stderr.is_terminal:
+    if quiet or not __getattr__("stderr").is_terminal:
         yield from items
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*columns, console=__getattr__("stderr"), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item
