@@ -7,6 +7,7 @@ which never go down, so every measurement that needs its own peak runs in a fres
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -112,16 +113,12 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-_compiled: list[bool] = []
-
-
+@functools.cache
 def precompile_lorakit() -> None:
     """Byte-compile lorakit's sources once per benchmark process, as an installed lorakit has them (pip compiles
     a wheel's modules; a first import writes them). Where ``PYTHONDONTWRITEBYTECODE`` is set (this machine
     sets it) nothing writes them, so every measured process compiled the ~50 modules a merge imports: 0.12 s
     of a ``cat`` merge, against ``import torch``'s installed bytecode. Processes still may not write any."""
-    if _compiled:
-        return
     import compileall
     import importlib.util
 
@@ -129,7 +126,6 @@ def precompile_lorakit() -> None:
         spec = importlib.util.find_spec(name)
         for root in (spec.submodule_search_locations or []) if spec else []:
             compileall.compile_dir(root, quiet=1)
-    _compiled.append(True)
 
 
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None) -> Measured:

@@ -13,16 +13,21 @@ T = TypeVar("T")
 _consoles: dict[str, Any] = {}
 
 
-def __getattr__(name: str) -> Any:
-    """``stdout`` and ``stderr``: rich consoles made on first use, so that a run that prints nothing (``--quiet``,
-    ``--json``) never imports rich (45 ms of a ``merge``'s start-up)."""
-    if name not in ("stdout", "stderr"):
-        raise AttributeError(name)
+def _console(name: str) -> Any:
+    """The rich console ``stdout`` or ``stderr``, made on first use, so that a run that prints nothing
+    (``--quiet``, ``--json``) never imports rich (45 ms of a ``merge``'s start-up)."""
     if name not in _consoles:
         from rich.console import Console
 
         _consoles[name] = Console(soft_wrap=True) if name == "stdout" else Console(stderr=True)
     return _consoles[name]
+
+
+def __getattr__(name: str) -> Any:
+    """The module's ``stdout`` and ``stderr`` (:func:`_console`)."""
+    if name not in ("stdout", "stderr"):
+        raise AttributeError(name)
+    return _console(name)
 
 
 def fmt(value: Any) -> str:
@@ -51,7 +56,7 @@ def emit(report: Report, *, as_json: bool = False, quiet: bool = False, max_rows
     from rich.console import Console
     from rich.table import Table
 
-    stdout, stderr = __getattr__("stdout"), __getattr__("stderr")
+    stdout, stderr = _console("stdout"), _console("stderr")
     if report.rows:
         table = Table(title=report.title, title_justify="left", show_edge=False, pad_edge=False)
         for i, c in enumerate(report.columns):
@@ -75,7 +80,7 @@ def emit(report: Report, *, as_json: bool = False, quiet: bool = False, max_rows
 
 def progress(items: Iterable[T], total: int, description: str, *, quiet: bool = False) -> Iterator[T]:
     """Iterate with a progress bar and ETA on stderr (hidden with ``--quiet`` or when not a terminal)."""
-    if quiet or not __getattr__("stderr").is_terminal:
+    if quiet or not _console("stderr").is_terminal:
         yield from items
         return
     from rich.progress import (
@@ -89,7 +94,7 @@ def progress(items: Iterable[T], total: int, description: str, *, quiet: bool = 
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=__getattr__("stderr"), transient=True) as bar:
+    with Progress(*columns, console=_console("stderr"), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

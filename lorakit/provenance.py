@@ -46,13 +46,8 @@ def make_provenance(
     from lorakit import __version__
 
     record = {"lorakit_version": __version__, "operation": operation, "parameters": dict(parameters or {})}
-    present = [p for p in inputs if Path(p).exists()]
-    if background:
-        return PendingProvenance(record, [(p, origins) for p in present])
-    from lorakit.threads import parallel_map
-
-    # the inputs hashed at once on torch's threads (hashlib releases the GIL): two 8B adapters 0.13-0.19 → 0.07 s
-    return {**record, "inputs": parallel_map(lambda p: input_record(p, origins), present)}
+    pending = PendingProvenance(record, [(p, origins) for p in inputs if Path(p).exists()])
+    return pending if background else pending.final()
 
 
 _PLACEHOLDER = "0" * 64  # a sha256 hex digest's length
@@ -61,7 +56,9 @@ _PLACEHOLDER = "0" * 64  # a sha256 hex digest's length
 class PendingProvenance(dict):
     """A provenance record whose input digests are still being computed (``make_provenance(background=True)``).
 
-    As a mapping it holds placeholders of the digests' length; :meth:`final` waits for the real record."""
+    As a mapping it holds placeholders of the digests' length; :meth:`final` waits for the real record. The
+    inputs are hashed at once on up to torch's thread count of threads (hashlib releases the GIL): two 8B
+    adapters 0.13-0.19 → 0.07 s on two threads."""
 
     def __init__(self, record: Mapping[str, Any], inputs: Sequence[tuple[str | Path, Origins | None]]) -> None:
         from concurrent.futures import ThreadPoolExecutor
